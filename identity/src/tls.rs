@@ -1,0 +1,168 @@
+//! rustls configurations with the project's security defaults.
+//!
+//! TLS 1.3 is preferred; TLS 1.2 is offered only with ECDHE key exchange and AEAD ciphers. The
+//! crypto provider is the caller's choice (the broker uses aws-lc-rs, the device agent ring), so
+//! this crate pulls in neither.
+
+use std::sync::Arc;
+
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::time_provider::TimeProvider;
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedCipherSuite};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+
+/// Protocol versions offered, most preferred first.
+pub static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// No trust anchor was given.
+    #[error("no CA certificate to trust")]
+    NoTrustAnchors,
+    /// A CA certificate could not be used as a trust anchor.
+    #[error("CA certificate #{index} cannot be used as a trust anchor: {source}")]
+    BadTrustAnchor {
+        /// Position of the certificate in the bundle, from 0.
+        index: usize,
+        /// What rustls said.
+        source: rustls::Error,
+    },
+    /// The certificate verifier could not be built (for instance a CRL that does not parse).
+    #[error("cannot build the certificate verifier: {0}")]
+    Verifier(#[from] rustls::client::VerifierBuilderError),
+    /// The certificate chain and private key cannot be used together.
+    #[error("certificate and private key are unusable together: {0}")]
+    CertificateKey(rustls::Error),
+    /// The provider offers none of the allowed protocol versions or suites.
+    #[error("crypto provider unusable: {0}")]
+    Provider(rustls::Error),
+}
+
+/// The provider restricted to TLS 1.3 suites and TLS 1.2 ECDHE + AEAD suites.
+pub fn hardened_provider(provider: CryptoProvider) -> Arc<CryptoProvider> {
+    let cipher_suites = provider
+        .cipher_suites
+        .iter()
+        .copied()
+        .filter(is_allowed_suite)
+        .collect();
+    Arc::new(CryptoProvider {
+        cipher_suites,
+        ..provider
+    })
+}
+
+fn is_allowed_suite(suite: &SupportedCipherSuite) -> bool {
+    match suite {
+        SupportedCipherSuite::Tls13(_) => true,
+        SupportedCipherSuite::Tls12(_) => {
+            let name = format!("{:?}", suite.suite());
+            name.contains("_ECDHE_")
+                && (name.ends_with("_GCM_SHA256")
+                    || name.ends_with("_GCM_SHA384")
+                    || name.contains("CHACHA20_POLY1305"))
+        }
+    }
+}
+
+/// A root store holding exactly `anchors`: never the system or webpki roots.
+pub fn root_store(anchors: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
+    if anchors.is_empty() {
+        return Err(TlsError::NoTrustAnchors);
+    }
+    let mut roots = RootCertStore::empty();
+    for (index, anchor) in anchors.iter().enumerate() {
+        roots
+            .add(anchor.clone())
+            .map_err(|source| TlsError::BadTrustAnchor { index, source })?;
+    }
+    Ok(roots)
+}
+
+/// The standard client-certificate verifier: chains to one of `client_cas`, checked against `crls`.
+///
+/// Only the end entity's revocation is checked, and a certificate whose issuer has no CRL is not
+/// rejected for that (so a second CA during a rollover works before its first CRL exists). A CRL
+/// past its nextUpdate is still enforced: a stale CRL never locks the fleet out.
+pub fn client_verifier(
+    provider: Arc<CryptoProvider>,
+    client_cas: &[CertificateDer<'static>],
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let roots = Arc::new(root_store(client_cas)?);
+    Ok(WebPkiClientVerifier::builder_with_provider(roots, provider)
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()?)
+}
+
+/// A server configuration that requires a client certificate accepted by `verifier`.
+pub fn server_config(
+    provider: Arc<CryptoProvider>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerConfig, TlsError> {
+    ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .map_err(TlsError::Provider)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(TlsError::CertificateKey)
+}
+
+/// The standard server-certificate verifier: chains to one of `server_cas`, name checked.
+pub fn server_verifier(
+    provider: Arc<CryptoProvider>,
+    server_cas: &[CertificateDer<'static>],
+) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
+    let roots = Arc::new(root_store(server_cas)?);
+    Ok(WebPkiServerVerifier::builder_with_provider(roots, provider).build()?)
+}
+
+/// A client configuration that presents `chain`/`key` and trusts what `verifier` accepts.
+///
+/// `time` is the clock certificates are validated against (devices without a real-time clock
+/// substitute a floor; see the device agent).
+pub fn client_config(
+    provider: Arc<CryptoProvider>,
+    time: Arc<dyn TimeProvider>,
+    verifier: Arc<dyn ServerCertVerifier>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ClientConfig, TlsError> {
+    ClientConfig::builder_with_details(provider, time)
+        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .map_err(TlsError::Provider)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .map_err(TlsError::CertificateKey)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hardened_provider_keeps_only_tls13_and_ecdhe_aead_suites() {
+        let provider = hardened_provider(rustls::crypto::ring::default_provider());
+        assert!(!provider.cipher_suites.is_empty());
+        for suite in &provider.cipher_suites {
+            let name = format!("{:?}", suite.suite());
+            assert!(name.starts_with("TLS13_") || name.contains("_ECDHE_"), "{name}");
+        }
+    }
+
+    #[test]
+    fn an_empty_trust_store_is_refused() {
+        assert!(matches!(root_store(&[]), Err(TlsError::NoTrustAnchors)));
+    }
+}

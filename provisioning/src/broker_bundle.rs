@@ -1,0 +1,119 @@
+//! The broker's server certificate and a ready-to-run broker configuration.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use time::OffsetDateTime;
+
+use crate::error::{GenerateContext, IoContext, Result};
+use crate::issue::issued_record;
+use crate::key_type::KeyType;
+use crate::output::{create_private_dir, ensure_writable, write_new, Overwrite, KEY_MODE, PUBLIC_MODE};
+use crate::pki::{Pki, DEVICE_CA_CERT};
+use crate::registry::Issued;
+
+/// Default validity of a broker certificate: two years.
+pub const DEFAULT_BROKER_VALIDITY_DAYS: u32 = 2 * 365;
+/// The files `provision broker` writes.
+pub const BROKER_FILES: [&str; 4] = ["broker.crt", "broker.key", DEVICE_CA_CERT, "broker.toml"];
+
+/// What the broker certificate names.
+#[derive(Clone, Debug)]
+pub struct BrokerRequest {
+    /// DNS names devices use to reach the broker.
+    pub dns: Vec<String>,
+    /// IP addresses devices use to reach the broker.
+    pub ips: Vec<IpAddr>,
+    /// Certificate validity.
+    pub validity_days: u32,
+    /// Replace existing files.
+    pub overwrite: Overwrite,
+}
+
+/// Issues a broker certificate and writes `broker.crt`, `broker.key`, `device-ca.crt` and
+/// `broker.toml` into `out`.
+pub fn issue_broker(pki: &mut Pki, out: &Path, request: &BrokerRequest) -> Result<Issued> {
+    for file in BROKER_FILES {
+        ensure_writable(&out.join(file), request.overwrite)?;
+    }
+    let params = crate::profile::broker(&pki.fleet, &request.dns, &request.ips, request.validity_days)?;
+    let key = KeyType::EcdsaP256.generate()?;
+    let cert = params
+        .signed_by(&key, &pki.broker_ca.issuer)
+        .generating("the broker certificate")?;
+    let name = request
+        .dns
+        .first()
+        .cloned()
+        .or_else(|| request.ips.first().map(IpAddr::to_string))
+        .unwrap_or_default();
+    let issued = issued_record(&name, "broker", cert.der())?;
+    let crl = pki.crl_path().canonicalize().at(pki.crl_path())?;
+    let config = broker_config(&crl);
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    pki.registry.record(std::slice::from_ref(&issued), false, now, || {
+        create_private_dir(out)?;
+        write_new(
+            &out.join("broker.crt"),
+            cert.pem().as_bytes(),
+            PUBLIC_MODE,
+            request.overwrite,
+        )?;
+        write_new(
+            &out.join("broker.key"),
+            key.serialize_pem().as_bytes(),
+            KEY_MODE,
+            request.overwrite,
+        )?;
+        write_new(
+            &out.join(DEVICE_CA_CERT),
+            pki.device_ca.cert_pem.as_bytes(),
+            PUBLIC_MODE,
+            request.overwrite,
+        )?;
+        write_new(
+            &out.join("broker.toml"),
+            config.as_bytes(),
+            PUBLIC_MODE,
+            request.overwrite,
+        )
+    })?;
+    Ok(issued)
+}
+
+/// The broker configuration: these files, the PKI's CRL, and the documented defaults.
+pub fn broker_config(crl: &Path) -> String {
+    format!(
+        r##"# Broker configuration written by `provision broker`.
+# Relative paths resolve against this file's folder. Environment variables override any key,
+# e.g. BROKER__LISTEN=0.0.0.0:8883 or BROKER__LIMITS__MAX_CONNECTIONS=20000.
+listen = ["0.0.0.0:8883"]
+server_cert = "broker.crt"
+server_key = "broker.key"
+client_ca = "device-ca.crt"
+# The device CA's CRL. The broker re-reads it when it changes; `provision revoke` rewrites it.
+crl = "{crl}"
+
+[acl]
+# Topic filter templates; {{id}} is the certificate's id. A SUBSCRIBE filter is granted only if
+# every topic it can match is covered by one of these.
+device_publish = ["devices/{{id}}/#"]
+device_subscribe = ["devices/{{id}}/#"]
+service_publish = ["#"]
+service_subscribe = ["#"]
+# "drop" (acknowledge and discard, logged) or "disconnect".
+on_denied_publish = "drop"
+
+[limits]
+max_connections = 10000
+handshake_timeout_ms = 10000
+connect_timeout_ms = 10000
+max_packet_bytes = 262144
+
+[log]
+# "text" or "json"
+format = "text"
+"##,
+        crl = crl.display()
+    )
+}

@@ -1,0 +1,547 @@
+//! `provision`: the operator's tool for the fleet PKI. A thin CLI over the `provisioning` library.
+
+use std::io::{IsTerminal, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fleet_identity::{BrokerUrl, DeviceId, Identity, Role};
+use provisioning::batch::{issue_devices, manifest_ids, numbered_ids, write_manifest, IssueOptions, MANIFEST};
+use provisioning::broker_bundle::{issue_broker, BrokerRequest, DEFAULT_BROKER_VALIDITY_DAYS};
+use provisioning::csr::{read_csr, sign_device_csr};
+use provisioning::issue::{mint_client, move_into_place, write_bundle, DEFAULT_LEAF_VALIDITY_DAYS};
+use provisioning::key_type::KeyType;
+use provisioning::output::{create_private_dir, ensure_writable, write_new, Overwrite, PUBLIC_MODE};
+use provisioning::pki::{InitOptions, Pki};
+use provisioning::registry::{ListFilter, Record, RevokeTarget};
+use provisioning::revocation::{publish_crl, Reason, DEFAULT_NEXT_UPDATE_DAYS};
+use provisioning::serial::normalize_hex;
+use provisioning::{Error, Result};
+use time::OffsetDateTime;
+
+/// Default CA validity: ten years.
+const DEFAULT_CA_VALIDITY_DAYS: u32 = 3650;
+/// Written into `agent.toml` when `--broker-url` is not given.
+const DEFAULT_BROKER_URL: &str = "mqtts://localhost:8883";
+
+/// Fleet PKI for MQTT devices: two CAs, per-device identities, CSR signing, revocation and an
+/// inventory of everything issued.
+///
+/// The device CA signs device and service certificates and the CRL; the broker trusts it for
+/// clients. The broker CA signs the broker's server certificate; devices trust only it.
+#[derive(Parser)]
+#[command(name = "provision", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new PKI: writes device-ca.crt/.key, broker-ca.crt/.key, an empty crl.pem and
+    /// registry.db into --pki. Refuses a directory that already holds a PKI.
+    Init(InitArgs),
+    /// Issue the broker's server certificate: writes broker.crt, broker.key, device-ca.crt (the
+    /// client trust anchor) and a ready broker.toml into --out.
+    Broker(BrokerArgs),
+    /// Issue one device identity: writes OUT/<id>/device.crt, device.key, broker-ca.crt and
+    /// agent.toml.
+    Device(DeviceArgs),
+    /// Issue many device identities on all cores: a bundle per device as for `device`, plus
+    /// OUT/manifest.csv (id, serial, sha256, not_after). A progress bar on a terminal only.
+    Batch(BatchArgs),
+    /// Issue a backend service identity (may use all topics by default): writes
+    /// OUT/<name>/service.crt, service.key and broker-ca.crt.
+    Service(ServiceArgs),
+    /// Sign a device's CSR (the key never leaves the device): checks the signature, takes the id
+    /// from the CN, writes the certificate to --out.
+    SignCsr(SignCsrArgs),
+    /// Revoke certificates and rewrite crl.pem atomically (the broker picks it up live).
+    Revoke(RevokeArgs),
+    /// Re-sign crl.pem with the same revoked set and a fresh nextUpdate (run it from cron).
+    Crl(CrlArgs),
+    /// List the inventory: a table, or JSON for scripts.
+    List(ListArgs),
+}
+
+#[derive(Args)]
+struct PkiArg {
+    /// The PKI directory made by `provision init`.
+    #[arg(long, value_name = "DIR")]
+    pki: PathBuf,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    #[command(flatten)]
+    pki: PkiArg,
+    /// Organisation name written into every certificate.
+    #[arg(long, default_value = "fleet")]
+    fleet: String,
+    /// Key type of both CAs.
+    #[arg(long, value_enum, default_value_t = KeyType::EcdsaP256)]
+    key_type: KeyType,
+    /// Validity of both CAs, in days.
+    #[arg(long, default_value_t = DEFAULT_CA_VALIDITY_DAYS)]
+    ca_validity_days: u32,
+}
+
+#[derive(Args)]
+struct BrokerArgs {
+    #[command(flatten)]
+    pki: PkiArg,
+    /// Output directory.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// A DNS name devices use to reach the broker (repeatable).
+    #[arg(long = "dns", value_name = "NAME")]
+    dns: Vec<String>,
+    /// An IP address devices use to reach the broker (repeatable).
+    #[arg(long = "ip", value_name = "ADDR")]
+    ip: Vec<IpAddr>,
+    /// Certificate validity in days.
+    #[arg(long, default_value_t = DEFAULT_BROKER_VALIDITY_DAYS)]
+    validity_days: u32,
+    /// Replace existing output files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct IssueArgs {
+    /// Certificate validity in days.
+    #[arg(long, default_value_t = DEFAULT_LEAF_VALIDITY_DAYS)]
+    validity_days: u32,
+    /// Device key type.
+    #[arg(long, value_enum, default_value_t = KeyType::EcdsaP256)]
+    key_type: KeyType,
+    /// Broker address written into each agent.toml.
+    #[arg(long, value_name = "mqtts://HOST:PORT", default_value = DEFAULT_BROKER_URL)]
+    broker_url: BrokerUrl,
+    /// Replace existing bundles.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct DeviceArgs {
+    #[command(flatten)]
+    pki: PkiArg,
+    /// Device id: 1-64 of [A-Za-z0-9._-], not starting with '.' or '-'.
+    #[arg(long)]
+    id: String,
+    /// Output directory; the bundle goes into OUT/<id>/.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    #[command(flatten)]
+    issue: IssueArgs,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["count", "manifest"])))]
+struct BatchArgs {
+    #[command(flatten)]
+    pki: PkiArg,
+    /// Output directory; one OUT/<id>/ bundle per device plus OUT/manifest.csv.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Number of devices, named <prefix>00001, <prefix>00002, ...
+    #[arg(long, requires = "prefix")]
+    count: Option<usize>,
+    /// Id prefix for --count.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// A CSV file with an `id` column: one device per row.
+    #[arg(long, value_name = "FILE.csv")]
+    manifest: Option<PathBuf>,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    jobs: Option<usize>,
+    #[command(flatten)]
+    issue: IssueArgs,
+}
+
+#[derive(Args)]
+struct ServiceArgs {
+    #[command(flatten)]
+    pki: PkiArg,
+    /// Service name (same rules as a device id).
+    #[arg(long)]
+    name: String,
+    /// Output directory; the bundle goes into OUT/<name>/.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Certificate validity in days.
+    #[arg(long, default_value_t = DEFAULT_LEAF_VALIDITY_DAYS)]
+    validity_days: u32,
+    /// Replace an existing bundle.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct SignCsrArgs {
+    #[command(flatten)]
+    pki: PkiArg,
+    /// The CSR (PEM or DER); its CN is the device id.
+    #[arg(long, value_name = "FILE")]
+    csr: PathBuf,
+    /// Where to write the signed certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Certificate validity in days.
+    #[arg(long, default_value_t = DEFAULT_LEAF_VALIDITY_DAYS)]
+    validity_days: u32,
+    /// Allow a second active certificate for the id (re-keying): the old one records the new one
+    /// as its successor and both stay valid until the old one expires or is revoked.
+    #[arg(long)]
+    rotate: bool,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["id", "serial"])))]
+struct RevokeArgs {
+    #[command(flatten)]
+    pki: PkiArg,
+    /// Revoke every active certificate of this device or service id.
+    #[arg(long)]
+    id: Option<String>,
+    /// Revoke the certificate with this serial (hex, colons allowed).
+    #[arg(long, value_name = "HEX")]
+    serial: Option<String>,
+    /// Recorded in the registry and the CRL.
+    #[arg(long, value_enum, default_value_t = Reason::Unspecified)]
+    reason: Reason,
+    /// The new CRL's nextUpdate, in days from now.
+    #[arg(long, default_value_t = DEFAULT_NEXT_UPDATE_DAYS)]
+    next_update_days: u32,
+}
+
+#[derive(Args)]
+struct CrlArgs {
+    #[command(flatten)]
+    pki: PkiArg,
+    /// The CRL's nextUpdate, in days from now.
+    #[arg(long, default_value_t = DEFAULT_NEXT_UPDATE_DAYS)]
+    next_update_days: u32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StatusFilter {
+    Active,
+    Revoked,
+    Expired,
+}
+
+#[derive(Args)]
+struct ListArgs {
+    #[command(flatten)]
+    pki: PkiArg,
+    /// Only certificates with this status.
+    #[arg(long, value_enum)]
+    status: Option<StatusFilter>,
+    /// Only active certificates that expire within this many days.
+    #[arg(long, value_name = "N")]
+    expiring_within_days: Option<u32>,
+    /// Print JSON (an array of records) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Init(args) => init(args),
+        Command::Broker(args) => broker(args),
+        Command::Device(args) => device(args),
+        Command::Batch(args) => batch(args),
+        Command::Service(args) => service(args),
+        Command::SignCsr(args) => sign_csr(args),
+        Command::Revoke(args) => revoke(args),
+        Command::Crl(args) => crl(args),
+        Command::List(args) => list(args),
+    }
+}
+
+fn overwrite(force: bool) -> Overwrite {
+    if force {
+        Overwrite::Replace
+    } else {
+        Overwrite::Refuse
+    }
+}
+
+fn now() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn parse_id(value: &str, origin: &str) -> Result<DeviceId> {
+    DeviceId::parse(value).map_err(|source| Error::InvalidId {
+        value: value.into(),
+        origin: origin.into(),
+        source,
+    })
+}
+
+fn init(args: InitArgs) -> Result<()> {
+    let options = InitOptions {
+        fleet: args.fleet,
+        key_type: args.key_type,
+        ca_validity_days: args.ca_validity_days,
+    };
+    Pki::init(&args.pki.pki, &options)?;
+    println!(
+        "created PKI for fleet {:?} in {}",
+        options.fleet,
+        args.pki.pki.display()
+    );
+    Ok(())
+}
+
+fn broker(args: BrokerArgs) -> Result<()> {
+    let mut pki = Pki::open(&args.pki.pki)?;
+    let request = BrokerRequest {
+        dns: args.dns,
+        ips: args.ip,
+        validity_days: args.validity_days,
+        overwrite: overwrite(args.force),
+    };
+    let issued = issue_broker(&mut pki, &args.out, &request)?;
+    println!(
+        "broker certificate {} (serial {}) written to {}; start it with: broker --config {}",
+        issued.id,
+        issued.serial,
+        args.out.display(),
+        args.out.join("broker.toml").display()
+    );
+    Ok(())
+}
+
+fn issue_options(issue: &IssueArgs, jobs: usize, progress: bool) -> IssueOptions {
+    IssueOptions {
+        broker_url: issue.broker_url.clone(),
+        validity_days: issue.validity_days,
+        key_type: issue.key_type,
+        jobs,
+        overwrite: overwrite(issue.force),
+        progress,
+    }
+}
+
+fn device(args: DeviceArgs) -> Result<()> {
+    let id = parse_id(&args.id, "--id")?;
+    let mut pki = Pki::open(&args.pki.pki)?;
+    let issued = issue_devices(
+        &mut pki,
+        std::slice::from_ref(&id),
+        &args.out,
+        &issue_options(&args.issue, 1, false),
+    )?;
+    println!(
+        "device {id} (serial {}) written to {}",
+        issued[0].serial,
+        args.out.join(id.as_str()).display()
+    );
+    Ok(())
+}
+
+fn batch(args: BatchArgs) -> Result<()> {
+    let ids = match (&args.manifest, args.count, &args.prefix) {
+        (Some(manifest), _, _) => manifest_ids(manifest)?,
+        (None, Some(count), Some(prefix)) => numbered_ids(prefix, count)?,
+        _ => {
+            return Err(Error::BadArgument {
+                flag: "--count/--manifest",
+                reason: "give --count N --prefix P, or --manifest FILE.csv".into(),
+            })
+        }
+    };
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let options = issue_options(&args.issue, jobs, std::io::stderr().is_terminal());
+    ensure_writable(&args.out.join(MANIFEST), options.overwrite)?;
+    let mut pki = Pki::open(&args.pki.pki)?;
+    let started = std::time::Instant::now();
+    let issued = issue_devices(&mut pki, &ids, &args.out, &options)?;
+    let manifest = write_manifest(&args.out, &issued, options.overwrite)?;
+    println!(
+        "{} devices issued in {:.2} s; manifest: {}",
+        issued.len(),
+        started.elapsed().as_secs_f64(),
+        manifest.display()
+    );
+    Ok(())
+}
+
+fn service(args: ServiceArgs) -> Result<()> {
+    let id = parse_id(&args.name, "--name")?;
+    let overwrite = overwrite(args.force);
+    let target = args.out.join(id.as_str());
+    ensure_writable(&target, overwrite)?;
+    let mut pki = Pki::open(&args.pki.pki)?;
+    if let Some(serial) = pki.registry.active_serial(Role::Service.as_str(), id.as_str(), now())? {
+        return Err(Error::AlreadyActive {
+            role: "service".into(),
+            id: id.to_string(),
+            serial,
+        });
+    }
+    let identity = Identity {
+        role: Role::Service,
+        id: id.clone(),
+    };
+    let minted = mint_client(
+        &pki.device_ca,
+        &pki.fleet,
+        identity,
+        KeyType::EcdsaP256,
+        args.validity_days,
+    )?;
+    create_private_dir(&args.out)?;
+    let staged = args.out.join(format!(".staging-{}-{id}", std::process::id()));
+    let result = write_bundle(&staged, &minted, &pki.broker_ca, None).and_then(|()| {
+        pki.registry
+            .record(std::slice::from_ref(&minted.issued), false, now(), || {
+                move_into_place(&staged, &target, overwrite)
+            })
+    });
+    let _ = std::fs::remove_dir_all(&staged);
+    result?;
+    println!(
+        "service {id} (serial {}) written to {}",
+        minted.issued.serial,
+        target.display()
+    );
+    Ok(())
+}
+
+fn sign_csr(args: SignCsrArgs) -> Result<()> {
+    let overwrite = overwrite(args.force);
+    ensure_writable(&args.out, overwrite)?;
+    let csr = read_csr(&args.csr)?;
+    let mut pki = Pki::open(&args.pki.pki)?;
+    let minted = sign_device_csr(&pki, csr, args.validity_days)?;
+    pki.registry
+        .record(std::slice::from_ref(&minted.issued), args.rotate, now(), || {
+            write_new(&args.out, minted.cert_pem.as_bytes(), PUBLIC_MODE, overwrite)
+        })?;
+    println!(
+        "device {} (serial {}) certificate written to {}",
+        minted.identity.id,
+        minted.issued.serial,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn revoke(args: RevokeArgs) -> Result<()> {
+    let target = match (&args.id, &args.serial) {
+        (Some(id), _) => RevokeTarget::Id(parse_id(id, "--id")?.to_string()),
+        (None, Some(serial)) => RevokeTarget::Serial(normalize_hex(serial).ok_or_else(|| Error::BadArgument {
+            flag: "--serial",
+            reason: format!("{serial:?} is not a hexadecimal serial number"),
+        })?),
+        (None, None) => {
+            return Err(Error::BadArgument {
+                flag: "--id/--serial",
+                reason: "say which certificate to revoke".into(),
+            })
+        }
+    };
+    let mut pki = Pki::open(&args.pki.pki)?;
+    let crl_path = pki.crl_path();
+    let Pki {
+        registry, device_ca, ..
+    } = &mut pki;
+    let revoked = registry.revoke(&target, args.reason.as_str(), now(), |number, set| {
+        publish_crl(&crl_path, device_ca, number, set, args.next_update_days)
+    })?;
+    println!("revoked {}; {} rewritten", revoked.join(", "), crl_path.display());
+    Ok(())
+}
+
+fn crl(args: CrlArgs) -> Result<()> {
+    let mut pki = Pki::open(&args.pki.pki)?;
+    let crl_path = pki.crl_path();
+    let Pki {
+        registry, device_ca, ..
+    } = &mut pki;
+    registry.reissue_crl(|number, set| publish_crl(&crl_path, device_ca, number, set, args.next_update_days))?;
+    println!(
+        "{} re-signed, next update in {} days",
+        crl_path.display(),
+        args.next_update_days
+    );
+    Ok(())
+}
+
+fn list(args: ListArgs) -> Result<()> {
+    let pki = Pki::open(&args.pki.pki)?;
+    let filter = ListFilter {
+        status: args.status.map(|s| {
+            s.to_possible_value()
+                .map(|v| v.get_name().to_owned())
+                .unwrap_or_default()
+        }),
+        expiring_before: args.expiring_within_days.map(|days| now() + i64::from(days) * 86_400),
+    };
+    let records = pki.registry.list(&filter, now())?;
+    let mut out = std::io::stdout().lock();
+    let written = if args.json {
+        serde_json::to_writer_pretty(&mut out, &records)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(out))
+    } else {
+        write_table(&mut out, &records)
+    };
+    match written {
+        // A reader that stops early (`provision list | head`) is not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.map_err(|source| Error::Io {
+            path: "standard output".into(),
+            source,
+        }),
+    }
+}
+
+fn date(unix: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .map(|t| t.date().to_string())
+        .unwrap_or_else(|_| unix.to_string())
+}
+
+fn write_table(out: &mut impl Write, records: &[Record]) -> std::io::Result<()> {
+    let width = records.iter().map(|r| r.id.len()).max().unwrap_or(2).max(2);
+    writeln!(
+        out,
+        "{:<7}  {:<width$}  {:<32}  {:<7}  {:<10}  SUCCESSOR",
+        "ROLE", "ID", "SERIAL", "STATUS", "NOT_AFTER"
+    )?;
+    for r in records {
+        writeln!(
+            out,
+            "{:<7}  {:<width$}  {:<32}  {:<7}  {:<10}  {}",
+            r.role,
+            r.id,
+            r.serial,
+            r.status,
+            date(r.not_after),
+            r.successor.as_deref().unwrap_or("-")
+        )?;
+    }
+    Ok(())
+}

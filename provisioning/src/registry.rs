@@ -1,0 +1,412 @@
+//! The inventory of everything the PKI issued: a SQLite database in the PKI directory.
+//!
+//! Every change happens in an immediate (write-locked) transaction with a busy timeout, so two
+//! `provision` processes on the same PKI serialise instead of failing or losing rows, and the
+//! "one active certificate per id" rule is checked and enforced in the same transaction.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// How long a writer waits for another process's transaction before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial      TEXT PRIMARY KEY,
+    id          TEXT NOT NULL,
+    role        TEXT NOT NULL CHECK (role IN ('device', 'service', 'broker')),
+    fingerprint TEXT NOT NULL UNIQUE,
+    not_before  INTEGER NOT NULL,
+    not_after   INTEGER NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    issued_at   INTEGER NOT NULL,
+    revoked_at  INTEGER,
+    reason      TEXT,
+    successor   TEXT REFERENCES certificates (serial)
+);
+CREATE INDEX IF NOT EXISTS certificates_by_id ON certificates (role, id);
+";
+
+/// A certificate about to be recorded.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    /// Device id, service name, or the broker's first name.
+    pub id: String,
+    /// `device`, `service` or `broker`.
+    pub role: &'static str,
+    /// Lower-case hex serial.
+    pub serial: String,
+    /// SHA-256 of the DER certificate, lower-case hex.
+    pub fingerprint: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+/// One row of the inventory.
+#[derive(Clone, Debug, Serialize)]
+pub struct Record {
+    /// Device id, service name, or broker name.
+    pub id: String,
+    /// `device`, `service` or `broker`.
+    pub role: String,
+    /// Lower-case hex serial.
+    pub serial: String,
+    /// SHA-256 fingerprint, lower-case hex.
+    pub fingerprint: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// `active`, `revoked`, or `expired` (active but past notAfter).
+    pub status: String,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds, if revoked.
+    pub revoked_at: Option<i64>,
+    /// Revocation reason, if revoked.
+    pub reason: Option<String>,
+    /// Serial of the certificate that superseded this one by rotation.
+    pub successor: Option<String>,
+}
+
+/// What `revoke` selects.
+#[derive(Clone, Debug)]
+pub enum RevokeTarget {
+    /// Every active device or service certificate of this id.
+    Id(String),
+    /// The certificate with this (normalised) serial.
+    Serial(String),
+}
+
+/// A revoked certificate as the CRL lists it.
+#[derive(Clone, Debug)]
+pub struct RevokedEntry {
+    /// Lower-case hex serial.
+    pub serial: String,
+    /// Unix seconds.
+    pub revoked_at: i64,
+    /// The reason word.
+    pub reason: String,
+}
+
+/// Filters for [`Registry::list`].
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    /// Only this status (`active`, `revoked`, `expired`).
+    pub status: Option<String>,
+    /// Only active certificates expiring before this Unix time.
+    pub expiring_before: Option<i64>,
+}
+
+/// An open registry.
+pub struct Registry {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Registry {
+    /// Creates a new registry for `fleet`. Fails if the file already exists.
+    pub fn create(path: &Path, fleet: &str) -> Result<Self> {
+        if path.exists() {
+            return Err(Error::OutputExists(path.to_owned()));
+        }
+        let registry = Self::connect(path)?;
+        registry.sql(|c| c.execute_batch(SCHEMA))?;
+        registry.sql(|c| {
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES ('fleet', ?1), ('crl_number', '1')",
+                [fleet],
+            )
+        })?;
+        Ok(registry)
+    }
+
+    /// Opens an existing registry.
+    pub fn open(path: &Path) -> Result<Self> {
+        let registry = Self::connect(path)?;
+        registry.sql(|c| c.execute_batch(SCHEMA))?;
+        Ok(registry)
+    }
+
+    fn connect(path: &Path) -> Result<Self> {
+        let fail = |source| Error::Registry {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(fail)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(fail)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(fail)?;
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    fn sql<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        f(&self.conn).map_err(|source| Error::Registry {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn fail(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
+        |source| Error::Registry {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The fleet name given at `init`.
+    pub fn fleet(&self) -> Result<String> {
+        self.sql(|c| c.query_row("SELECT value FROM meta WHERE key = 'fleet'", [], |r| r.get(0)))
+    }
+
+    /// Records newly issued certificates in one transaction.
+    ///
+    /// A device or service id that already has an active, unexpired certificate is refused, unless
+    /// `rotate` is set: then the old certificates get the new one as their successor and both stay
+    /// valid. `before_commit` runs inside the transaction (to move files into place), so a failure
+    /// there leaves no row behind.
+    pub fn record(
+        &mut self,
+        issued: &[Issued],
+        rotate: bool,
+        now: i64,
+        before_commit: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let fail = |source| Error::Registry {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        {
+            let mut active = tx
+                .prepare_cached("SELECT serial FROM certificates WHERE role = ?1 AND id = ?2 AND status = 'active' AND not_after > ?3 AND role != 'broker'")
+                .map_err(fail)?;
+            let mut insert = tx
+                .prepare_cached("INSERT INTO certificates (serial, id, role, fingerprint, not_before, not_after, status, issued_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'active', ?7)")
+                .map_err(fail)?;
+            let mut succeed = tx
+                .prepare_cached("UPDATE certificates SET successor = ?1 WHERE serial = ?2")
+                .map_err(fail)?;
+            for cert in issued {
+                let existing: Vec<String> = active
+                    .query_map(params![cert.role, cert.id, now], |r| r.get(0))
+                    .and_then(|rows| rows.collect())
+                    .map_err(fail)?;
+                if let (Some(serial), false) = (existing.first(), rotate) {
+                    return Err(Error::AlreadyActive {
+                        role: cert.role.into(),
+                        id: cert.id.clone(),
+                        serial: serial.clone(),
+                    });
+                }
+                insert
+                    .execute(params![
+                        cert.serial,
+                        cert.id,
+                        cert.role,
+                        cert.fingerprint,
+                        cert.not_before,
+                        cert.not_after,
+                        now
+                    ])
+                    .map_err(fail)?;
+                for old in &existing {
+                    succeed.execute(params![cert.serial, old]).map_err(fail)?;
+                }
+            }
+        }
+        before_commit()?;
+        tx.commit().map_err(fail)
+    }
+
+    /// The active, unexpired certificate serial of `role`/`id`, if any.
+    pub fn active_serial(&self, role: &str, id: &str, now: i64) -> Result<Option<String>> {
+        self.sql(|c| {
+            c.query_row(
+                "SELECT serial FROM certificates WHERE role = ?1 AND id = ?2 AND status = 'active' AND not_after > ?3",
+                params![role, id, now],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    /// Revokes what `target` selects and, in the same transaction, hands the new CRL number and
+    /// the full revoked set to `publish` (which signs and writes the CRL). Returns the serials
+    /// revoked.
+    pub fn revoke(
+        &mut self,
+        target: &RevokeTarget,
+        reason: &str,
+        now: i64,
+        publish: impl FnOnce(u64, &[RevokedEntry]) -> Result<()>,
+    ) -> Result<Vec<String>> {
+        let path = self.path.clone();
+        let fail = |source| Error::Registry {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        let (serials, broker): (Vec<String>, bool) = match target {
+            RevokeTarget::Id(id) => {
+                let mut stmt = tx
+                    .prepare("SELECT serial FROM certificates WHERE id = ?1 AND role != 'broker' AND status = 'active'")
+                    .map_err(fail)?;
+                let serials = stmt
+                    .query_map([id], |r| r.get(0))
+                    .and_then(|rows| rows.collect())
+                    .map_err(fail)?;
+                (serials, false)
+            }
+            RevokeTarget::Serial(serial) => {
+                let row: Option<(String, String)> = tx
+                    .query_row(
+                        "SELECT role, status FROM certificates WHERE serial = ?1",
+                        [serial],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(fail)?;
+                match row {
+                    None => {
+                        return Err(Error::NotFound(format!(
+                            "no certificate with serial {serial} in the registry"
+                        )))
+                    }
+                    Some((_, status)) if status == "revoked" => {
+                        return Err(Error::NotFound(format!("certificate {serial} is already revoked")))
+                    }
+                    Some((role, _)) => (vec![serial.clone()], role == "broker"),
+                }
+            }
+        };
+        if broker {
+            return Err(Error::BadArgument {
+                flag: "--serial",
+                reason: "that is a broker certificate: devices do not read the device CA's CRL for it; issue a new broker certificate and, if its key leaked, roll the broker CA".into(),
+            });
+        }
+        if serials.is_empty() {
+            let RevokeTarget::Id(id) = target else {
+                unreachable!("a serial target found a row above")
+            };
+            return Err(Error::NotFound(format!(
+                "no active certificate for id {id:?} in the registry"
+            )));
+        }
+        for serial in &serials {
+            tx.execute(
+                "UPDATE certificates SET status = 'revoked', revoked_at = ?1, reason = ?2 WHERE serial = ?3",
+                params![now, reason, serial],
+            )
+            .map_err(fail)?;
+        }
+        let crl_number = next_crl_number(&tx).map_err(fail)?;
+        let revoked = revoked_set(&tx).map_err(fail)?;
+        publish(crl_number, &revoked)?;
+        tx.commit().map_err(fail)?;
+        Ok(serials)
+    }
+
+    /// Hands a fresh CRL number and the unchanged revoked set to `publish`, in one transaction.
+    pub fn reissue_crl(&mut self, publish: impl FnOnce(u64, &[RevokedEntry]) -> Result<()>) -> Result<()> {
+        let path = self.path.clone();
+        let fail = |source| Error::Registry {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        let crl_number = next_crl_number(&tx).map_err(fail)?;
+        let revoked = revoked_set(&tx).map_err(fail)?;
+        publish(crl_number, &revoked)?;
+        tx.commit().map_err(fail)
+    }
+
+    /// Lists the inventory, oldest issue first.
+    pub fn list(&self, filter: &ListFilter, now: i64) -> Result<Vec<Record>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, role, serial, fingerprint, not_before, not_after,
+                        CASE WHEN status = 'active' AND not_after <= ?1 THEN 'expired' ELSE status END,
+                        issued_at, revoked_at, reason, successor
+                 FROM certificates ORDER BY issued_at, rowid",
+            )
+            .map_err(self.fail())?;
+        let rows = stmt
+            .query_map([now], |r| {
+                Ok(Record {
+                    id: r.get(0)?,
+                    role: r.get(1)?,
+                    serial: r.get(2)?,
+                    fingerprint: r.get(3)?,
+                    not_before: r.get(4)?,
+                    not_after: r.get(5)?,
+                    status: r.get(6)?,
+                    issued_at: r.get(7)?,
+                    revoked_at: r.get(8)?,
+                    reason: r.get(9)?,
+                    successor: r.get(10)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(self.fail())?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| filter.status.as_ref().is_none_or(|s| *s == r.status))
+            .filter(|r| {
+                filter
+                    .expiring_before
+                    .is_none_or(|t| r.status == "active" && r.not_after <= t)
+            })
+            .collect())
+    }
+}
+
+fn next_crl_number(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<u64> {
+    let current: String = tx.query_row("SELECT value FROM meta WHERE key = 'crl_number'", [], |r| r.get(0))?;
+    let next = current.parse::<u64>().unwrap_or(0) + 1;
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'crl_number'",
+        [next.to_string()],
+    )?;
+    Ok(next)
+}
+
+fn revoked_set(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Vec<RevokedEntry>> {
+    let mut stmt = tx.prepare(
+        "SELECT serial, revoked_at, reason FROM certificates WHERE status = 'revoked' ORDER BY revoked_at, serial",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(RevokedEntry {
+            serial: r.get(0)?,
+            revoked_at: r.get(1)?,
+            reason: r.get(2)?,
+        })
+    })?;
+    rows.collect()
+}
