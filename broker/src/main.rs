@@ -1,1 +1,152 @@
-fn main() {}
+//! `broker`: the gateway MQTT broker. `broker --config broker.toml` runs it;
+//! `broker check-config --config broker.toml` validates every file and prints a summary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use broker::config::LogFormat;
+use broker::listener::crypto_provider;
+use broker::tls::{TlsFiles, TlsMaterial};
+use broker::{Broker, BrokerConfig};
+use clap::{Parser, Subcommand};
+use time::OffsetDateTime;
+use tracing_subscriber::EnvFilter;
+
+/// MQTT broker for a device fleet: mutual TLS only, client id bound to the certificate, each
+/// device confined to its own topics, revocation and certificate reload without a restart.
+#[derive(Parser)]
+#[command(name = "broker", version)]
+struct Cli {
+    /// The configuration file (written by `provision broker`). Environment variables
+    /// BROKER__<KEY> override it, e.g. BROKER__LISTEN=0.0.0.0:8883.
+    #[arg(long, global = true, value_name = "FILE", default_value = "broker.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration and every file it names, print a summary, exit non-zero on
+    /// any problem.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match BrokerConfig::load(&cli.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Some(Command::CheckConfig) => check_config(&cli.config, &config),
+        None => serve(config),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(config: BrokerConfig) -> ExitCode {
+    init_logging(config.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let broker = Broker::bind(&config).await?;
+        broker.run(stop_signal()).await?;
+        Ok::<_, anyhow::Error>(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+fn date(unix: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .map(|t| t.date().to_string())
+        .unwrap_or_else(|_| unix.to_string())
+}
+
+fn check_config(path: &std::path::Path, config: &BrokerConfig) -> ExitCode {
+    let files = TlsFiles {
+        server_cert: config.server_cert.clone(),
+        server_key: config.server_key.clone(),
+        client_ca: config.client_ca.clone(),
+        crl: config.crl.clone(),
+    };
+    let material = match TlsMaterial::load(&files, &crypto_provider()) {
+        Ok(material) => material,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let listen: Vec<String> = config.listen.iter().map(ToString::to_string).collect();
+    println!("{}: OK", path.display());
+    println!("listen: {}", listen.join(", "));
+    println!(
+        "server certificate {}: names {}; expires {} ({} days)",
+        files.server_cert.display(),
+        material.server.names.join(", "),
+        date(material.server.not_after),
+        (material.server.not_after - now) / 86_400
+    );
+    println!("client CAs {}:", files.client_ca.display());
+    for subject in &material.client_ca_subjects {
+        println!("  {subject}");
+    }
+    match (&material.crl, &files.crl) {
+        (Some(crl), Some(crl_path)) => println!(
+            "CRL {}: {} revoked, number {}, next update {}{}",
+            crl_path.display(),
+            crl.revoked.len(),
+            crl.number.as_deref().unwrap_or("-"),
+            crl.next_update.map(date).unwrap_or_else(|| "-".into()),
+            if crl.is_stale(now) {
+                " (STALE: still enforced; run `provision crl`)"
+            } else {
+                ""
+            }
+        ),
+        _ => println!("CRL: none configured (revocation disabled)"),
+    }
+    ExitCode::SUCCESS
+}

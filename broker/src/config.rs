@@ -1,0 +1,193 @@
+//! The broker's configuration: one serde struct, loaded by the `config` crate from the TOML file
+//! and then from `BROKER__*` environment variables (e.g. `BROKER__LISTEN=0.0.0.0:8883`,
+//! `BROKER__LIMITS__MAX_CONNECTIONS=20000`). Relative paths resolve against the file's folder.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::acl::AclConfig;
+
+/// Everything `broker.toml` can say.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Addresses to listen on (IPv4 and/or IPv6); one address or a list. Port 0 picks a free port.
+    #[serde(deserialize_with = "one_or_many")]
+    pub listen: Vec<SocketAddr>,
+    /// The broker's certificate chain (leaf first), PEM.
+    pub server_cert: PathBuf,
+    /// The broker's private key, PEM.
+    pub server_key: PathBuf,
+    /// The device CA bundle clients must chain to (several CAs allowed for a rollover), PEM.
+    pub client_ca: PathBuf,
+    /// The device CA's CRL (PEM or DER). Checked at every handshake and watched for changes.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+    /// Topic ACL templates.
+    #[serde(default)]
+    pub acl: AclConfig,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[limits]`: what one peer, or all of them, may cost.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Open sessions (and handshakes in progress) at most. Default 10000.
+    pub max_connections: usize,
+    /// Deadline for the TLS handshake, per connection. Default 10000 ms.
+    pub handshake_timeout_ms: u64,
+    /// Deadline for CONNECT after the handshake. Default 10000 ms.
+    pub connect_timeout_ms: u64,
+    /// Largest MQTT packet accepted (remaining length), bytes. Default 256 KiB.
+    pub max_packet_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            handshake_timeout_ms: 10_000,
+            connect_timeout_ms: 10_000,
+            max_packet_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (the default).
+    #[default]
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+/// `[metrics]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where to serve Prometheus text metrics (any path), e.g. `127.0.0.1:9090`. Off if unset.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment override is unreadable or malformed.
+    #[error("{}: {source}", path.display())]
+    Load {
+        /// The configuration file.
+        path: PathBuf,
+        /// What the config crate said.
+        source: config::ConfigError,
+    },
+    /// A value is out of range.
+    #[error("{}: {field}: {reason}", path.display())]
+    Invalid {
+        /// The configuration file.
+        path: PathBuf,
+        /// The key.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl BrokerConfig {
+    /// Loads `path`, applies `BROKER__*` overrides, resolves relative paths and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let load_error = |source| ConfigError::Load {
+            path: path.to_owned(),
+            source,
+        };
+        let mut loaded: BrokerConfig = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("BROKER")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(load_error)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for file in [&mut loaded.server_cert, &mut loaded.server_key, &mut loaded.client_ca] {
+            *file = base.join(&*file);
+        }
+        if let Some(crl) = &mut loaded.crl {
+            *crl = base.join(&*crl);
+        }
+        loaded.validate(path)?;
+        Ok(loaded)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason: reason.into(),
+        };
+        if self.listen.is_empty() {
+            return Err(invalid("listen", "give at least one address, e.g. \"0.0.0.0:8883\""));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if self.limits.handshake_timeout_ms == 0 || self.limits.connect_timeout_ms == 0 {
+            return Err(invalid("limits", "timeouts must be at least 1 ms"));
+        }
+        if self.limits.max_packet_bytes < 64 {
+            return Err(invalid("limits.max_packet_bytes", "must be at least 64"));
+        }
+        self.acl.validate().map_err(|e| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: "acl",
+            reason: e.to_string(),
+        })
+    }
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<SocketAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let texts = match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(one) => one.split(',').map(str::trim).map(str::to_owned).collect(),
+        OneOrMany::Many(many) => many,
+    };
+    texts
+        .iter()
+        .map(|t| {
+            t.parse().map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "listen: {t:?} is not an address like 0.0.0.0:8883 or [::]:8883: {e}"
+                ))
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,198 @@
+//! The broker as a whole: binds the listeners, owns the connection limit and graceful shutdown,
+//! and spawns a session task per accepted connection. It never does TLS itself.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tracing::{info, warn};
+
+use crate::audit::{Audit, RejectReason};
+use crate::config::BrokerConfig;
+use crate::live::LiveSessions;
+use crate::metrics::Metrics;
+use crate::reload::{Reloader, TlsState};
+use crate::router::RouterHandle;
+use crate::session::{serve, SessionContext};
+use crate::tls::{TlsFiles, TlsLoadError, TlsMaterial};
+
+/// How long shutdown waits for sessions to close before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The TLS files are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsLoadError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The operating system's reason.
+        source: std::io::Error,
+    },
+}
+
+/// The crypto provider for the broker: aws-lc-rs (cheaper handshakes, post-quantum hybrid key
+/// exchange), restricted to TLS 1.3 and ECDHE + AEAD TLS 1.2 suites.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    fleet_identity::tls::hardened_provider(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// A bound, not yet running broker.
+pub struct Broker {
+    listeners: Vec<TcpListener>,
+    ctx: Arc<SessionContext>,
+    reloader: Reloader,
+    shutdown: watch::Sender<bool>,
+    permits: Arc<Semaphore>,
+    max_connections: usize,
+    metrics: Arc<Metrics>,
+    metrics_listen: Option<SocketAddr>,
+}
+
+impl Broker {
+    /// Loads the TLS material, starts the router and binds every listen address.
+    pub async fn bind(config: &BrokerConfig) -> Result<Self, StartError> {
+        let provider = crypto_provider();
+        let files = TlsFiles {
+            server_cert: config.server_cert.clone(),
+            server_key: config.server_key.clone(),
+            client_ca: config.client_ca.clone(),
+            crl: config.crl.clone(),
+        };
+        let tls = Arc::new(TlsState::new(TlsMaterial::load(&files, &provider)?));
+        let mut listeners = Vec::new();
+        for addr in &config.listen {
+            listeners.push(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: *addr, source })?,
+            );
+        }
+        let metrics = Arc::new(Metrics::default());
+        let audit = Audit::new(metrics.clone());
+        let sessions = Arc::new(LiveSessions::default());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let max_connections = config.limits.max_connections;
+        let ctx = Arc::new(SessionContext {
+            tls: tls.clone(),
+            acl: Arc::new(config.acl.clone()),
+            limits: config.limits.clone(),
+            router: RouterHandle::spawn(max_connections + 16),
+            sessions: sessions.clone(),
+            audit: audit.clone(),
+            shutdown: shutdown_rx,
+        });
+        Ok(Self {
+            listeners,
+            reloader: Reloader::new(files, provider, tls, sessions, audit),
+            ctx,
+            shutdown,
+            permits: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            metrics,
+            metrics_listen: config.metrics.listen,
+        })
+    }
+
+    /// The addresses actually bound (with the real port where the config said 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// Serves until `stop` completes, then stops accepting, closes every session and returns.
+    pub async fn run(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
+        let shutdown_rx = self.ctx.shutdown.clone();
+        tokio::spawn(self.reloader.run(shutdown_rx.clone()));
+        let _metrics_task = match self.metrics_listen {
+            Some(addr) => {
+                let (bound, task) = crate::metrics::serve(addr, self.metrics.clone(), self.ctx.tls.clone()).await?;
+                info!(event = "metrics", addr = %bound, "metrics on http://{bound}/metrics");
+                Some(AbortOnDrop(task))
+            }
+            None => None,
+        };
+        for listener in self.listeners {
+            let addr = listener.local_addr()?;
+            info!(event = "listening", %addr, "listening on {addr}");
+            tokio::spawn(accept_loop(
+                listener,
+                self.ctx.clone(),
+                self.permits.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+        stop.await;
+        info!(event = "shutdown", "shutting down: closing sessions");
+        let _ = self.shutdown.send(true);
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.permits.acquire_many(all))
+            .await
+            .is_err()
+        {
+            warn!(
+                event = "shutdown",
+                open = self.ctx.sessions.len(),
+                "sessions still open after the grace period"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<SessionContext>,
+    permits: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|down| *down) => return,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                // Without it every small MQTT packet waits for a delayed ACK (about 40 ms).
+                let _ = tcp.set_nodelay(true);
+                match permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let ctx = ctx.clone();
+                        // A panic in one session ends that task only; the permit is released.
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            serve(tcp, peer, ctx).await;
+                        });
+                    }
+                    Err(_) => ctx.audit.reject(
+                        peer,
+                        RejectReason::TooManyConnections,
+                        "limits.max_connections reached",
+                        None,
+                    ),
+                }
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(event = "accept_error", error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Hot reload: the TLS configuration in force, and the watcher that replaces it when the CRL,
+//! the client CA bundle or the server certificate or key change (or on SIGHUP).
+//!
+//! New files are loaded and checked completely before anything is swapped; if they do not parse
+//! or do not fit together, the old configuration stays in force and the error is logged. A bad
+//! file never locks the fleet out.
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls::crypto::CryptoProvider;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::audit::Audit;
+use crate::live::LiveSessions;
+use crate::tls::{TlsFiles, TlsMaterial};
+
+/// How often the watched files are checked. A revoked device is kicked within this plus the
+/// time to load the new files, well inside the 2 seconds promised.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a stale CRL is reported again.
+const STALE_REMINDER: Duration = Duration::from_secs(3600);
+
+/// The TLS material in force, swappable while handshakes run.
+pub struct TlsState {
+    current: RwLock<Arc<TlsMaterial>>,
+}
+
+impl TlsState {
+    /// Starts with `material`.
+    pub fn new(material: TlsMaterial) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(material)),
+        }
+    }
+
+    /// The material for the next handshake.
+    pub fn current(&self) -> Arc<TlsMaterial> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn replace(&self, material: TlsMaterial) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(material);
+    }
+
+    /// Whether the certificate with `serial` is revoked by the CRL in force.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.current()
+            .crl
+            .as_ref()
+            .is_some_and(|crl| crl.revoked.contains(serial))
+    }
+}
+
+/// A file's identity and version, to notice a change (including an atomic rename over it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+fn stamp(path: &std::path::Path) -> Option<FileStamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        inode: meta.ino(),
+        len: meta.len(),
+        modified: meta.modified().ok(),
+    })
+}
+
+/// Watches the TLS files and swaps in new material.
+pub struct Reloader {
+    files: TlsFiles,
+    provider: Arc<CryptoProvider>,
+    state: Arc<TlsState>,
+    sessions: Arc<LiveSessions>,
+    audit: Audit,
+    stamps: Vec<Option<FileStamp>>,
+    stale_reported: Option<Instant>,
+}
+
+impl Reloader {
+    /// A watcher for `files`, whose material is already in `state`.
+    pub fn new(
+        files: TlsFiles,
+        provider: Arc<CryptoProvider>,
+        state: Arc<TlsState>,
+        sessions: Arc<LiveSessions>,
+        audit: Audit,
+    ) -> Self {
+        let stamps = files.all().iter().map(|(_, p)| stamp(p)).collect();
+        Self {
+            files,
+            provider,
+            state,
+            sessions,
+            audit,
+            stamps,
+            stale_reported: None,
+        }
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut hangup = signal(SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        self.report_if_stale();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Some(changed) = self.changed_files() {
+                        self.reload(&changed);
+                    }
+                }
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    self.stamps = self.files.all().iter().map(|(_, p)| stamp(p)).collect();
+                    self.reload("all files (SIGHUP)");
+                }
+                _ = shutdown.changed() => return,
+            }
+            self.report_if_stale();
+        }
+    }
+
+    fn changed_files(&mut self) -> Option<String> {
+        let fresh: Vec<Option<FileStamp>> = self.files.all().iter().map(|(_, p)| stamp(p)).collect();
+        let changed: Vec<&str> = self
+            .files
+            .all()
+            .iter()
+            .zip(self.stamps.iter().zip(&fresh))
+            .filter(|(_, (old, new))| old != new)
+            .map(|((name, _), _)| *name)
+            .collect();
+        self.stamps = fresh;
+        (!changed.is_empty()).then(|| changed.join(", "))
+    }
+
+    /// Loads the files and swaps them in, or keeps the old material if they are unusable.
+    pub fn reload(&mut self, what: &str) {
+        match TlsMaterial::load(&self.files, &self.provider) {
+            Ok(material) => {
+                let revoked = material.crl.as_ref().map(|crl| crl.revoked.clone()).unwrap_or_default();
+                self.state.replace(material);
+                self.audit.reload(what);
+                self.stale_reported = None;
+                // Sessions log `revoked_kick` themselves as they close.
+                self.sessions.kick_revoked(&revoked);
+            }
+            Err(e) => self.audit.reload_failed(&e.to_string()),
+        }
+    }
+
+    fn report_if_stale(&mut self) {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let material = self.state.current();
+        let Some(crl) = material.crl.as_ref().filter(|crl| crl.is_stale(now)) else {
+            return;
+        };
+        if self.stale_reported.is_some_and(|at| at.elapsed() < STALE_REMINDER) {
+            return;
+        }
+        self.stale_reported = Some(Instant::now());
+        let next_update = crl
+            .next_update
+            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_default();
+        let path = self
+            .files
+            .crl
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        self.audit.crl_stale(&path, &next_update);
+    }
+}

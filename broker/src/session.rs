@@ -1,0 +1,700 @@
+//! One client connection, from the TCP accept to the close: the TLS handshake with a deadline,
+//! CONNECT with a deadline, binding the client id to the certificate, then pumping packets
+//! between the client and the router with every PUBLISH and SUBSCRIBE checked against the ACL.
+//!
+//! Everything here runs in the connection's own task, so a slow or hostile peer delays nobody
+//! else, and every failure ends only this connection.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use fleet_identity::{Identity, Role};
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp, PubAck, PubAckReason,
+    Publish, SubAck, Subscribe, SubscribeReasonCode,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::timeout;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::info;
+
+use crate::acl::{AclConfig, OnDeniedPublish, TopicRules, Verdict};
+use crate::audit::{Audit, PresentedCert, RejectReason};
+use crate::codec::{self, connack_refusal, FrameError};
+use crate::config::Limits;
+use crate::live::LiveSessions;
+use crate::reload::TlsState;
+use crate::router::RouterHandle;
+use crate::tls::{classify_handshake_error, HandshakeNotes, HANDSHAKE_NOTES};
+
+/// What every session shares.
+pub struct SessionContext {
+    /// The TLS material in force.
+    pub tls: Arc<TlsState>,
+    /// ACL templates.
+    pub acl: Arc<AclConfig>,
+    /// Deadlines and sizes.
+    pub limits: Limits,
+    /// The router.
+    pub router: RouterHandle,
+    /// Live sessions, for revocation.
+    pub sessions: Arc<LiveSessions>,
+    /// The audit trail.
+    pub audit: Audit,
+    /// Turns true when the broker shuts down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+type Tls = TlsStream<TcpStream>;
+
+/// A peer that completed the handshake with an accepted certificate.
+struct Authenticated {
+    tls: Tls,
+    identity: Identity,
+    cert: PresentedCert,
+    tls_version: String,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// The client sent DISCONNECT.
+    ClientDisconnect,
+    /// The client closed the connection without DISCONNECT.
+    PeerClosed,
+    /// Nothing arrived within 1.5 keepalive periods.
+    KeepaliveTimeout,
+    /// The client broke the protocol.
+    Protocol(String),
+    /// A denied PUBLISH with `acl.on_denied_publish = "disconnect"`.
+    AclDisconnect,
+    /// The certificate was revoked while connected.
+    Revoked,
+    /// The broker is shutting down.
+    Shutdown,
+    /// Reading or writing the socket failed, or the router dropped the link.
+    Io(String),
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionEnd::ClientDisconnect => f.write_str("client sent DISCONNECT"),
+            SessionEnd::PeerClosed => f.write_str("client closed the connection without DISCONNECT"),
+            SessionEnd::KeepaliveTimeout => f.write_str("keepalive expired"),
+            SessionEnd::Protocol(detail) => write!(f, "protocol error: {detail}"),
+            SessionEnd::AclDisconnect => f.write_str("denied PUBLISH (acl.on_denied_publish = \"disconnect\")"),
+            SessionEnd::Revoked => f.write_str("certificate revoked"),
+            SessionEnd::Shutdown => f.write_str("broker shutting down"),
+            SessionEnd::Io(detail) => write!(f, "connection failed: {detail}"),
+        }
+    }
+}
+
+impl SessionEnd {
+    /// Whether the will must be published (every end the client did not ask for, except a
+    /// broker shutdown).
+    fn fires_will(&self) -> bool {
+        !matches!(self, SessionEnd::ClientDisconnect | SessionEnd::Shutdown)
+    }
+}
+
+/// Serves one accepted TCP connection to its end.
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<SessionContext>) {
+    let Some(peer_session) = handshake(tcp, peer, &ctx).await else {
+        return;
+    };
+    run(peer_session, peer, &ctx).await;
+}
+
+async fn handshake(tcp: TcpStream, peer: SocketAddr, ctx: &SessionContext) -> Option<Authenticated> {
+    let acceptor = TlsAcceptor::from(ctx.tls.current().config.clone());
+    let deadline = Duration::from_millis(ctx.limits.handshake_timeout_ms);
+    let (outcome, notes) = HANDSHAKE_NOTES
+        .scope(RefCell::new(HandshakeNotes::default()), async move {
+            let outcome = timeout(deadline, acceptor.accept(tcp)).await;
+            (outcome, HANDSHAKE_NOTES.with(|notes| notes.take()))
+        })
+        .await;
+    let presented = notes.presented.as_ref();
+    match outcome {
+        Err(_) => {
+            let detail = format!("no complete handshake within {} ms", ctx.limits.handshake_timeout_ms);
+            ctx.audit
+                .reject(peer, RejectReason::HandshakeTimeout, &detail, presented);
+            None
+        }
+        Ok(Err(error)) => {
+            let (reason, detail) = classify_handshake_error(&error, &notes);
+            ctx.audit.reject(peer, reason, &detail, presented);
+            None
+        }
+        Ok(Ok(tls)) => {
+            let HandshakeNotes {
+                presented: Some(cert),
+                identity: Some(identity),
+                ..
+            } = notes
+            else {
+                ctx.audit.reject(
+                    peer,
+                    RejectReason::TlsError,
+                    "handshake finished without a verified client identity",
+                    presented,
+                );
+                return None;
+            };
+            let tls_version = tls
+                .get_ref()
+                .1
+                .protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default();
+            Some(Authenticated {
+                tls,
+                identity,
+                cert,
+                tls_version,
+            })
+        }
+    }
+}
+
+/// Reads the CONNECT, within the deadline. Refusals are written and logged here.
+async fn read_connect(
+    session: &mut Authenticated,
+    rbuf: &mut BytesMut,
+    peer: SocketAddr,
+    ctx: &SessionContext,
+) -> Option<(Connect, Option<LastWill>)> {
+    let deadline = Duration::from_millis(ctx.limits.connect_timeout_ms);
+    let first = timeout(
+        deadline,
+        read_packet(&mut session.tls, rbuf, ctx.limits.max_packet_bytes),
+    )
+    .await;
+    let reject = |reason, detail: &str| ctx.audit.reject(peer, reason, detail, Some(&session.cert));
+    match first {
+        Err(_) => reject(
+            RejectReason::ConnectTimeout,
+            &format!(
+                "no CONNECT within {} ms of the handshake",
+                ctx.limits.connect_timeout_ms
+            ),
+        ),
+        Ok(Ok(Packet::Connect(connect, _, will, _, _))) => return Some((connect, will)),
+        Ok(Ok(other)) => reject(
+            RejectReason::ProtocolError,
+            &format!("first packet was {}, not CONNECT", packet_name(&other)),
+        ),
+        Ok(Err(ReadError::Frame(FrameError::UnsupportedProtocolLevel(level)))) => {
+            let _ = write_now(
+                &mut session.tls,
+                connack_refusal(ConnectReturnCode::RefusedProtocolVersion),
+            )
+            .await;
+            reject(
+                RejectReason::UnsupportedProtocolVersion,
+                &format!("MQTT protocol level {level}: only MQTT 3.1.1 is supported"),
+            );
+        }
+        Ok(Err(e)) => reject(RejectReason::ProtocolError, &e.to_string()),
+    }
+    None
+}
+
+/// The router's client id for a peer. Roles live in separate namespaces, so no service can take
+/// over a device's session by naming its client id (rumqttd drops the older of two sessions with
+/// one id), and several instances of a service may connect under different client ids.
+fn router_client_id(identity: &Identity, requested: &str) -> String {
+    match identity.role {
+        Role::Device => format!("device:{}", identity.id),
+        Role::Service if requested.is_empty() => format!("service:{}:{}", identity.id, identity.id),
+        Role::Service => format!("service:{}:{requested}", identity.id),
+    }
+}
+
+/// Binds the CONNECT to the certificate: the refusal to send and log, if any.
+fn check_connect(
+    identity: &Identity,
+    connect: &Connect,
+    will: Option<&LastWill>,
+    rules: &TopicRules,
+) -> Result<(), (ConnectReturnCode, RejectReason, String)> {
+    let requested = connect.client_id.as_str();
+    match identity.role {
+        Role::Device if !requested.is_empty() && requested != identity.id.as_str() => {
+            let detail = format!(
+                "client id {requested:?} does not match certificate identity {:?}",
+                identity.id.as_str()
+            );
+            return Err((ConnectReturnCode::NotAuthorized, RejectReason::ClientIdMismatch, detail));
+        }
+        Role::Service if requested.chars().any(|c| "+$#/".contains(c) || c.is_control()) => {
+            let detail = format!("client id {requested:?} contains '+', '$', '#', '/' or a control character");
+            return Err((
+                ConnectReturnCode::ClientIdentifierNotValid,
+                RejectReason::ProtocolError,
+                detail,
+            ));
+        }
+        _ => {}
+    }
+    if let Some(will) = will {
+        let topic = std::str::from_utf8(&will.topic).unwrap_or("");
+        if rules.may_publish(topic) != Verdict::Allowed {
+            return Err((
+                ConnectReturnCode::NotAuthorized,
+                RejectReason::WillDenied,
+                format!("will topic {topic:?} is outside what {identity} may publish to"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn run(mut session: Authenticated, peer: SocketAddr, ctx: &SessionContext) {
+    let mut rbuf = BytesMut::with_capacity(8 * 1024);
+    let Some((connect, will)) = read_connect(&mut session, &mut rbuf, peer, ctx).await else {
+        return;
+    };
+    let identity = session.identity.clone();
+    let rules = ctx.acl.for_identity(&identity);
+    if let Err((code, reason, detail)) = check_connect(&identity, &connect, will.as_ref(), &rules) {
+        if reason == RejectReason::WillDenied {
+            ctx.audit.acl_denied(
+                &identity,
+                "will",
+                std::str::from_utf8(&will.as_ref().map_or(Bytes::new(), |w| w.topic.clone())).unwrap_or(""),
+            );
+        }
+        let _ = write_now(&mut session.tls, connack_refusal(code)).await;
+        ctx.audit.reject(peer, reason, &detail, Some(&session.cert));
+        return;
+    }
+    let registration = ctx.sessions.register(identity.clone(), session.cert.serial.clone());
+    // A CRL swapped in between this handshake and the registration above would miss us.
+    if ctx.tls.is_revoked(&session.cert.serial) {
+        ctx.audit.reject(
+            peer,
+            RejectReason::Revoked,
+            "revoked while connecting",
+            Some(&session.cert),
+        );
+        return;
+    }
+    let router = ctx.router.clone();
+    let client_id = router_client_id(&identity, &connect.client_id);
+    let clean_session = connect.clean_session;
+    let link = tokio::task::spawn_blocking(move || router.connect(&client_id, clean_session)).await;
+    let (mut link_tx, link_rx, connack) = match link {
+        Ok(Ok(link)) => link,
+        Ok(Err(e)) => {
+            return ctx.audit.reject(
+                peer,
+                RejectReason::ProtocolError,
+                &format!("the router refused the session: {e}"),
+                Some(&session.cert),
+            )
+        }
+        Err(e) => {
+            return ctx.audit.reject(
+                peer,
+                RejectReason::ProtocolError,
+                &format!("the router link failed: {e}"),
+                Some(&session.cert),
+            )
+        }
+    };
+    if let Some(ack) = Option::<Packet>::from(connack) {
+        if write_now(&mut session.tls, ack).await.is_err() {
+            return close_link(&mut link_tx, None).await;
+        }
+    }
+    ctx.audit.accept(peer, &identity, &session.cert, &session.tls_version);
+    ctx.audit.metrics().session_opened(identity.role);
+
+    let (mut reader, mut writer) = tokio::io::split(session.tls);
+    let scope = Scope {
+        identity: &identity,
+        rules: &rules,
+        ctx,
+        pending_subacks: Mutex::new(HashMap::new()),
+    };
+    let (direct_tx, direct_rx) = mpsc::unbounded_channel();
+    let keepalive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let mut shutdown = ctx.shutdown.clone();
+    let end = tokio::select! {
+        end = scope.inbound(&mut reader, &mut rbuf, &mut link_tx, &direct_tx, keepalive) => end,
+        end = scope.outbound(&mut writer, link_rx, direct_rx) => end,
+        () = registration.kick.notified() => SessionEnd::Revoked,
+        _ = shutdown.wait_for(|down| *down) => SessionEnd::Shutdown,
+    };
+    close_link(&mut link_tx, will.filter(|_| end.fires_will())).await;
+    let mut tls = reader.unsplit(writer);
+    let _ = timeout(Duration::from_secs(1), tls.shutdown()).await;
+    drop(registration);
+    ctx.audit.metrics().session_closed(identity.role);
+    match &end {
+        SessionEnd::Revoked => ctx.audit.revoked_kick(&identity, &session.cert.serial),
+        SessionEnd::Protocol(detail) => {
+            ctx.audit
+                .reject(peer, RejectReason::ProtocolError, detail, Some(&session.cert))
+        }
+        cause => {
+            info!(event = "disconnect", device_id = %identity.id, role = %identity.role, %peer, %cause, "{identity} disconnected: {cause}")
+        }
+    }
+}
+
+/// Tells the router the session is over, publishing the will first if there is one.
+async fn close_link(link_tx: &mut LinkTx, will: Option<LastWill>) {
+    if let Some(will) = will {
+        let _ = link_tx.send(Packet::Publish(will_publish(&will), None)).await;
+    }
+    let _ = link_tx
+        .send(Packet::Disconnect(
+            Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        ))
+        .await;
+}
+
+/// A PUBLISH carrying the will at its QoS. rumqttd keeps a publish's QoS private, so it is built
+/// through the crate's own serialisation format.
+fn will_publish(will: &LastWill) -> Publish {
+    let qos = will.qos as u8;
+    let mut raw = BytesMut::with_capacity(5 + will.topic.len() + will.message.len());
+    raw.put_u8(0b0011_0000 | u8::from(will.retain) | (qos << 1));
+    raw.put_u16(u16::from(qos > 0));
+    raw.put_u16(will.topic.len() as u16);
+    raw.extend_from_slice(&will.topic);
+    raw.extend_from_slice(&will.message);
+    Publish::deserialize(raw.freeze())
+}
+
+/// QoS and packet id of a client's PUBLISH (private fields in rumqttd, read from its encoding).
+fn qos_and_pkid(publish: &Publish) -> (u8, u16) {
+    let raw = publish.serialize();
+    ((raw[0] >> 1) & 0b11, u16::from_be_bytes([raw[1], raw[2]]))
+}
+
+/// What a session's two pumps share.
+struct Scope<'a> {
+    identity: &'a Identity,
+    rules: &'a TopicRules,
+    ctx: &'a SessionContext,
+    /// SUBSCRIBEs forwarded with some filters removed: packet id -> which filters were allowed,
+    /// so the router's SUBACK can be widened back to one code per requested filter.
+    pending_subacks: Mutex<HashMap<u16, Vec<bool>>>,
+}
+
+/// What to do with one packet from the client.
+enum Action {
+    /// Pass it to the router.
+    Forward(Packet),
+    /// Answer it ourselves.
+    Reply(Packet),
+    /// Nothing.
+    Drop,
+    /// End the session.
+    End(SessionEnd),
+}
+
+impl Scope<'_> {
+    async fn inbound(
+        &self,
+        reader: &mut ReadHalf<Tls>,
+        rbuf: &mut BytesMut,
+        link_tx: &mut LinkTx,
+        direct: &mpsc::UnboundedSender<Packet>,
+        keepalive: Option<Duration>,
+    ) -> SessionEnd {
+        let max = self.ctx.limits.max_packet_bytes;
+        loop {
+            let mut forwarded = 0u64;
+            let mut publishes = 0u64;
+            loop {
+                let packet = match codec::decode(rbuf, max) {
+                    Ok(Some(packet)) => packet,
+                    Ok(None) => break,
+                    Err(e) => return SessionEnd::Protocol(e.to_string()),
+                };
+                match self.on_client_packet(packet) {
+                    Action::Forward(packet) => {
+                        publishes += u64::from(matches!(packet, Packet::Publish(..)));
+                        forwarded += 1;
+                        link_tx.buffer().push_back(packet);
+                    }
+                    Action::Reply(packet) => {
+                        let _ = direct.send(packet);
+                    }
+                    Action::Drop => {}
+                    Action::End(end) => return end,
+                }
+            }
+            if forwarded > 0 {
+                self.ctx.audit.metrics().messages_in(publishes);
+                // One router event for the whole batch: re-send the last packet, which notifies.
+                let last = link_tx.buffer().pop_back();
+                if let Some(last) = last {
+                    if let Err(e) = link_tx.send(last).await {
+                        return SessionEnd::Io(format!("router link closed: {e}"));
+                    }
+                }
+            }
+            rbuf.reserve(8 * 1024);
+            let read = reader.read_buf(rbuf);
+            let read = match keepalive {
+                Some(limit) => match timeout(limit, read).await {
+                    Ok(read) => read,
+                    Err(_) => return SessionEnd::KeepaliveTimeout,
+                },
+                None => read.await,
+            };
+            match read {
+                Ok(0) => return SessionEnd::PeerClosed,
+                Ok(_) => {}
+                Err(e) => return SessionEnd::Io(e.to_string()),
+            }
+        }
+    }
+
+    fn on_client_packet(&self, packet: Packet) -> Action {
+        match packet {
+            Packet::Publish(publish, _) => self.on_publish(publish),
+            Packet::Subscribe(subscribe, _) => self.on_subscribe(subscribe),
+            Packet::PingReq(_) => Action::Reply(Packet::PingResp(PingResp)),
+            Packet::Disconnect(..) => Action::End(SessionEnd::ClientDisconnect),
+            packet @ (Packet::PubAck(..)
+            | Packet::PubRec(..)
+            | Packet::PubRel(..)
+            | Packet::PubComp(..)
+            | Packet::Unsubscribe(..)) => Action::Forward(packet),
+            Packet::Connect(..) => Action::End(SessionEnd::Protocol("a second CONNECT on the same connection".into())),
+            other => Action::End(SessionEnd::Protocol(format!(
+                "a client may not send {}",
+                packet_name(&other)
+            ))),
+        }
+    }
+
+    fn on_publish(&self, publish: Publish) -> Action {
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return Action::End(SessionEnd::Protocol("PUBLISH topic is not UTF-8".into()));
+        };
+        match self.rules.may_publish(topic) {
+            Verdict::Allowed => Action::Forward(Packet::Publish(publish, None)),
+            Verdict::Invalid(e) => Action::End(SessionEnd::Protocol(format!("PUBLISH to {topic:?}: {e}"))),
+            Verdict::Denied => {
+                self.ctx.audit.acl_denied(self.identity, "publish", topic);
+                let (qos, pkid) = qos_and_pkid(&publish);
+                match (self.ctx.acl.on_denied_publish, qos) {
+                    (OnDeniedPublish::Disconnect, _) | (_, 2) => Action::End(SessionEnd::AclDisconnect),
+                    (OnDeniedPublish::Drop, 1) => Action::Reply(Packet::PubAck(
+                        PubAck {
+                            pkid,
+                            reason: PubAckReason::Success,
+                        },
+                        None,
+                    )),
+                    (OnDeniedPublish::Drop, _) => Action::Drop,
+                }
+            }
+        }
+    }
+
+    fn on_subscribe(&self, mut subscribe: Subscribe) -> Action {
+        let allowed: Vec<bool> = subscribe
+            .filters
+            .iter()
+            .map(|filter| match self.rules.may_subscribe(&filter.path) {
+                Verdict::Allowed => true,
+                Verdict::Denied | Verdict::Invalid(_) => {
+                    self.ctx.audit.acl_denied(self.identity, "subscribe", &filter.path);
+                    false
+                }
+            })
+            .collect();
+        if allowed.iter().all(|a| *a) {
+            return Action::Forward(Packet::Subscribe(subscribe, None));
+        }
+        if !allowed.iter().any(|a| *a) {
+            let return_codes = vec![SubscribeReasonCode::Failure; allowed.len()];
+            return Action::Reply(Packet::SubAck(
+                SubAck {
+                    pkid: subscribe.pkid,
+                    return_codes,
+                },
+                None,
+            ));
+        }
+        let mut keep = allowed.iter();
+        subscribe.filters.retain(|_| *keep.next().unwrap_or(&false));
+        self.pending_subacks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(subscribe.pkid, allowed);
+        Action::Forward(Packet::Subscribe(subscribe, None))
+    }
+
+    /// Restores a denied filter's 0x80 in the router's SUBACK, at its requested position.
+    fn widen_suback(&self, mut suback: SubAck) -> SubAck {
+        let Some(allowed) = self
+            .pending_subacks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&suback.pkid)
+        else {
+            return suback;
+        };
+        let mut granted = suback.return_codes.into_iter();
+        suback.return_codes = allowed
+            .iter()
+            .map(|ok| {
+                if *ok {
+                    granted.next().unwrap_or(SubscribeReasonCode::Failure)
+                } else {
+                    SubscribeReasonCode::Failure
+                }
+            })
+            .collect();
+        suback
+    }
+
+    async fn outbound(
+        &self,
+        writer: &mut WriteHalf<Tls>,
+        mut link_rx: LinkRx,
+        mut direct: mpsc::UnboundedReceiver<Packet>,
+    ) -> SessionEnd {
+        let mut wbuf = BytesMut::with_capacity(16 * 1024);
+        loop {
+            let mut wake_router = false;
+            tokio::select! {
+                biased;
+                Some(packet) = direct.recv() => self.encode(packet, &mut wbuf),
+                notification = link_rx.next() => match notification {
+                    Ok(Some(n)) => wake_router |= self.encode_notification(n, &mut wbuf),
+                    Ok(None) => {}
+                    Err(e) => return SessionEnd::Io(format!("router link closed: {e}")),
+                },
+            }
+            // Take whatever else is ready without waiting, so one write carries many packets.
+            while let Ok(packet) = direct.try_recv() {
+                self.encode(packet, &mut wbuf);
+            }
+            while let Some(Ok(Some(n))) = poll_now(link_rx.next()) {
+                wake_router |= self.encode_notification(n, &mut wbuf);
+                if wbuf.len() > 64 * 1024 {
+                    break;
+                }
+            }
+            if !wbuf.is_empty() {
+                if let Err(e) = async {
+                    writer.write_all(&wbuf).await?;
+                    writer.flush().await
+                }
+                .await
+                {
+                    return SessionEnd::Io(e.to_string());
+                }
+                wbuf.clear();
+            }
+            if wake_router && link_rx.wake().await.is_err() {
+                return SessionEnd::Io("router link closed".into());
+            }
+        }
+    }
+
+    /// Encodes a router notification; true if the router asked to be woken when we are ready.
+    fn encode_notification(&self, notification: rumqttd::Notification, wbuf: &mut BytesMut) -> bool {
+        match Option::<Packet>::from(notification) {
+            Some(Packet::SubAck(suback, _)) => self.encode(Packet::SubAck(self.widen_suback(suback), None), wbuf),
+            Some(packet) => {
+                if matches!(packet, Packet::Publish(..)) {
+                    self.ctx.audit.metrics().messages_out(1);
+                }
+                self.encode(packet, wbuf);
+            }
+            None => return true,
+        }
+        false
+    }
+
+    fn encode(&self, packet: Packet, wbuf: &mut BytesMut) {
+        if let Err(e) = codec::encode(packet, wbuf) {
+            tracing::error!(device_id = %self.identity.id, error = %e, "could not encode a packet for the client; dropped");
+        }
+    }
+}
+
+/// Polls a future once; its result if it was ready.
+fn poll_now<F: Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(output) => Some(output),
+        Poll::Pending => None,
+    }
+}
+
+/// Why a packet could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("connection closed")]
+    Closed,
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+async fn read_packet(tls: &mut Tls, rbuf: &mut BytesMut, max: usize) -> Result<Packet, ReadError> {
+    loop {
+        if let Some(packet) = codec::decode(rbuf, max)? {
+            return Ok(packet);
+        }
+        rbuf.reserve(4096);
+        if tls.read_buf(rbuf).await? == 0 {
+            return Err(ReadError::Closed);
+        }
+    }
+}
+
+async fn write_now(tls: &mut Tls, packet: Packet) -> std::io::Result<()> {
+    let mut buf = BytesMut::with_capacity(64);
+    codec::encode(packet, &mut buf).map_err(std::io::Error::other)?;
+    tls.write_all(&buf).await?;
+    tls.flush().await
+}
+
+fn packet_name(packet: &Packet) -> &'static str {
+    match packet {
+        Packet::Connect(..) => "CONNECT",
+        Packet::ConnAck(..) => "CONNACK",
+        Packet::Publish(..) => "PUBLISH",
+        Packet::PubAck(..) => "PUBACK",
+        Packet::PubRec(..) => "PUBREC",
+        Packet::PubRel(..) => "PUBREL",
+        Packet::PubComp(..) => "PUBCOMP",
+        Packet::Subscribe(..) => "SUBSCRIBE",
+        Packet::SubAck(..) => "SUBACK",
+        Packet::Unsubscribe(..) => "UNSUBSCRIBE",
+        Packet::UnsubAck(..) => "UNSUBACK",
+        Packet::PingReq(..) => "PINGREQ",
+        Packet::PingResp(..) => "PINGRESP",
+        Packet::Disconnect(..) => "DISCONNECT",
+    }
+}

@@ -1,0 +1,354 @@
+//! The broker's TLS material: loaded from files, checked, and turned into a rustls
+//! `ServerConfig` whose client-certificate verifier records what each client presented and why it
+//! was refused, so the audit log can name the certificate and a stable reason.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fleet_identity::pem::{load_certs, load_crls, load_key};
+use fleet_identity::{sha256_hex, CertificateSummary, Identity};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, ServerConfig, SignatureScheme};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::revocation_list::CertificateRevocationList;
+
+use crate::audit::{PresentedCert, RejectReason};
+
+/// The files the TLS configuration is built from.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Server certificate chain, leaf first.
+    pub server_cert: PathBuf,
+    /// Server private key.
+    pub server_key: PathBuf,
+    /// Client CA bundle.
+    pub client_ca: PathBuf,
+    /// The CRL, if revocation is configured.
+    pub crl: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Every file, for watching.
+    pub fn all(&self) -> Vec<(&'static str, &Path)> {
+        let mut files = vec![
+            ("server_cert", self.server_cert.as_path()),
+            ("server_key", self.server_key.as_path()),
+            ("client_ca", self.client_ca.as_path()),
+        ];
+        if let Some(crl) = &self.crl {
+            files.push(("crl", crl.as_path()));
+        }
+        files
+    }
+}
+
+/// Why TLS material was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {problem}", path.display())]
+pub struct TlsLoadError {
+    /// The file at fault.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub problem: String,
+}
+
+fn fail(path: &Path, problem: impl ToString) -> TlsLoadError {
+    TlsLoadError {
+        path: path.to_owned(),
+        problem: problem.to_string(),
+    }
+}
+
+/// Facts about the server certificate.
+#[derive(Clone, Debug)]
+pub struct ServerCertInfo {
+    /// notAfter, Unix seconds.
+    pub not_after: i64,
+    /// DNS names and IP addresses it is valid for.
+    pub names: Vec<String>,
+}
+
+/// Facts about the CRL in force.
+#[derive(Clone, Debug)]
+pub struct CrlInfo {
+    /// Revoked serials, lower-case hex without leading zeros.
+    pub revoked: HashSet<String>,
+    /// thisUpdate, Unix seconds.
+    pub this_update: i64,
+    /// nextUpdate, Unix seconds, if present.
+    pub next_update: Option<i64>,
+    /// The CRL number, if present.
+    pub number: Option<String>,
+}
+
+impl CrlInfo {
+    /// Whether the CRL is past its nextUpdate at `now`.
+    pub fn is_stale(&self, now: i64) -> bool {
+        self.next_update.is_some_and(|t| t < now)
+    }
+}
+
+/// A complete, validated TLS configuration and what the rest of the broker needs to know of it.
+pub struct TlsMaterial {
+    /// The rustls configuration for new handshakes.
+    pub config: Arc<ServerConfig>,
+    /// The server certificate.
+    pub server: ServerCertInfo,
+    /// Subjects of the client CAs.
+    pub client_ca_subjects: Vec<String>,
+    /// The CRL, if configured.
+    pub crl: Option<CrlInfo>,
+}
+
+impl TlsMaterial {
+    /// Loads and checks every file; any problem names the file.
+    pub fn load(files: &TlsFiles, provider: &Arc<CryptoProvider>) -> Result<Self, TlsLoadError> {
+        let chain = load_certs(&files.server_cert).map_err(|e| fail(&files.server_cert, e.problem))?;
+        let key = load_key(&files.server_key).map_err(|e| fail(&files.server_key, e.problem))?;
+        let server = server_cert_info(&chain[0]).map_err(|e| fail(&files.server_cert, e))?;
+        let client_cas = load_certs(&files.client_ca).map_err(|e| fail(&files.client_ca, e.problem))?;
+        let client_ca_subjects = client_cas
+            .iter()
+            .map(|der| X509Certificate::from_der(der).map(|(_, c)| c.subject().to_string()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| fail(&files.client_ca, format!("not a valid certificate: {e}")))?;
+        let (crls, crl) = match &files.crl {
+            Some(path) => {
+                let crls = load_crls(path).map_err(|e| fail(path, e.problem))?;
+                let info = crl_info(&crls[0], &client_cas).map_err(|e| fail(path, e))?;
+                (crls, Some(info))
+            }
+            None => (Vec::new(), None),
+        };
+        let standard = fleet_identity::tls::client_verifier(provider.clone(), &client_cas, crls)
+            .map_err(|e| fail(files.crl.as_deref().unwrap_or(&files.client_ca), e))?;
+        let verifier = Arc::new(AuditingVerifier { inner: standard });
+        let config = fleet_identity::tls::server_config(provider.clone(), verifier, chain, key).map_err(|e| {
+            fail(
+                &files.server_key,
+                format!("does not fit {}: {e}", files.server_cert.display()),
+            )
+        })?;
+        Ok(Self {
+            config: Arc::new(config),
+            server,
+            client_ca_subjects,
+            crl,
+        })
+    }
+}
+
+fn server_cert_info(der: &CertificateDer<'_>) -> Result<ServerCertInfo, String> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("not a valid certificate: {e}"))?;
+    let names = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::DNSName(d) => Some((*d).to_owned()),
+                    GeneralName::IPAddress(ip) => ip_to_string(ip),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(ServerCertInfo {
+        not_after: cert.validity().not_after.timestamp(),
+        names,
+    })
+}
+
+fn ip_to_string(bytes: &[u8]) -> Option<String> {
+    match bytes.len() {
+        4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?).to_string()),
+        16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?).to_string()),
+        _ => None,
+    }
+}
+
+fn crl_info(der: &[u8], client_cas: &[CertificateDer<'static>]) -> Result<CrlInfo, String> {
+    let (_, crl) = CertificateRevocationList::from_der(der).map_err(|e| format!("not a valid CRL: {e}"))?;
+    let issued_by_a_client_ca = client_cas
+        .iter()
+        .any(|ca| X509Certificate::from_der(ca).is_ok_and(|(_, ca)| ca.subject().as_raw() == crl.issuer().as_raw()));
+    if !issued_by_a_client_ca {
+        return Err(format!(
+            "CRL issuer {} is none of the client CAs: refusing a CRL that cannot apply",
+            crl.issuer()
+        ));
+    }
+    Ok(CrlInfo {
+        revoked: crl
+            .iter_revoked_certificates()
+            .map(|r| r.user_certificate.to_str_radix(16))
+            .collect(),
+        this_update: crl.last_update().timestamp(),
+        next_update: crl.next_update().map(|t| t.timestamp()),
+        number: crl.crl_number().map(|n| n.to_str_radix(16)),
+    })
+}
+
+/// What the verifier learned during one handshake.
+#[derive(Default)]
+pub struct HandshakeNotes {
+    /// The certificate the client presented, if any.
+    pub presented: Option<PresentedCert>,
+    /// Why the verifier refused it, if it did.
+    pub refused: Option<(RejectReason, String)>,
+    /// The identity of an accepted certificate.
+    pub identity: Option<Identity>,
+}
+
+tokio::task_local! {
+    /// Set around each handshake by the session task; the verifier writes into it. A task-local
+    /// (not a field of the shared verifier) because one verifier serves every connection.
+    pub static HANDSHAKE_NOTES: RefCell<HandshakeNotes>;
+}
+
+/// Wraps the standard verifier: checks the identity on top of the chain, and notes the outcome.
+#[derive(Debug)]
+struct AuditingVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refusal(String);
+
+impl AuditingVerifier {
+    fn judge(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> (Result<ClientCertVerified, rustls::Error>, HandshakeNotes) {
+        let summary = CertificateSummary::from_der(end_entity).ok();
+        let identity = Identity::from_der(end_entity);
+        let presented = PresentedCert {
+            id: identity
+                .as_ref()
+                .ok()
+                .map(|i| i.id.to_string())
+                .or_else(|| summary.as_ref().and_then(|s| s.common_name.clone())),
+            serial: summary.as_ref().map(|s| s.serial.clone()).unwrap_or_default(),
+            sha256: sha256_hex(end_entity),
+        };
+        let mut notes = HandshakeNotes {
+            presented: Some(presented),
+            ..Default::default()
+        };
+        let is_ca = summary.as_ref().is_some_and(|s| s.is_ca);
+        let verdict = self.inner.verify_client_cert(end_entity, intermediates, now);
+        let refusal = match (&verdict, identity) {
+            _ if is_ca => Some((
+                RejectReason::CaCertAsLeaf,
+                "a CA certificate was presented as a client certificate".to_owned(),
+            )),
+            (Err(e), _) => Some((reason_for(e), e.to_string())),
+            (Ok(_), Err(e)) => Some((RejectReason::BadIdentity, e.to_string())),
+            (Ok(_), Ok(identity)) => {
+                notes.identity = Some(identity);
+                None
+            }
+        };
+        let result = match (&refusal, verdict) {
+            (None, verdict) => verdict,
+            (Some(_), Err(e)) => Err(e),
+            (Some((_, detail)), Ok(_)) => Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                Arc::new(Refusal(detail.clone())),
+            )))),
+        };
+        notes.refused = refusal;
+        (result, notes)
+    }
+}
+
+impl ClientCertVerifier for AuditingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let (result, notes) = self.judge(end_entity, intermediates, now);
+        // Outside a session task (never in the broker) the notes are simply not kept.
+        let _ = HANDSHAKE_NOTES.try_with(|slot| *slot.borrow_mut() = notes);
+        result
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The stable reason for a rustls error met during a handshake.
+pub fn reason_for(error: &rustls::Error) -> RejectReason {
+    match error {
+        rustls::Error::NoCertificatesPresented => RejectReason::NoClientCert,
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => RejectReason::Expired,
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => RejectReason::NotYetValid,
+            CertificateError::Revoked => RejectReason::Revoked,
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => RejectReason::UnknownIssuer,
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                RejectReason::WrongPurpose
+            }
+            _ => RejectReason::TlsError,
+        },
+        _ => RejectReason::TlsError,
+    }
+}
+
+/// The reason and detail for a failed handshake: the verifier's notes first, then the error.
+pub fn classify_handshake_error(error: &std::io::Error, notes: &HandshakeNotes) -> (RejectReason, String) {
+    if let Some((reason, detail)) = &notes.refused {
+        return (*reason, detail.clone());
+    }
+    match error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::AlertReceived(alert)) => (
+            RejectReason::TlsError,
+            format!("the client aborted the handshake with alert {alert:?} (it may not trust the broker certificate)"),
+        ),
+        Some(tls) => (reason_for(tls), tls.to_string()),
+        None => (RejectReason::TlsError, error.to_string()),
+    }
+}
