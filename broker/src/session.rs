@@ -316,13 +316,15 @@ async fn run(mut session: Authenticated, peer: SocketAddr, ctx: &SessionContext)
             )
         }
     };
+    // The decision is recorded before the client can see it.
+    ctx.audit.accept(peer, &identity, &session.cert, &session.tls_version);
+    ctx.audit.metrics().session_opened(identity.role);
     if let Some(ack) = Option::<Packet>::from(connack) {
         if write_now(&mut session.tls, ack).await.is_err() {
+            ctx.audit.metrics().session_closed(identity.role);
             return close_link(&mut link_tx, None).await;
         }
     }
-    ctx.audit.accept(peer, &identity, &session.cert, &session.tls_version);
-    ctx.audit.metrics().session_opened(identity.role);
 
     let (mut reader, mut writer) = tokio::io::split(session.tls);
     let scope = Scope {

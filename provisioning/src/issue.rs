@@ -3,13 +3,13 @@
 use std::fs;
 use std::path::Path;
 
-use fleet_identity::{BrokerUrl, CertificateSummary, Identity, Role};
+use fleet_identity::{BrokerUrl, CertificateSummary, DeviceId, Identity, Role};
 use rcgen::CertificateParams;
 
 use crate::error::{Error, GenerateContext, Result};
 use crate::key_type::KeyType;
-use crate::output::{create_private_dir, write_new, Overwrite, KEY_MODE, PUBLIC_MODE};
-use crate::pki::{CertificateAuthority, BROKER_CA_CERT};
+use crate::output::{create_private_dir, ensure_writable, write_new, Overwrite, KEY_MODE, PUBLIC_MODE};
+use crate::pki::{CertificateAuthority, Pki, BROKER_CA_CERT};
 use crate::registry::Issued;
 
 /// Default validity of a device or service certificate: three years.
@@ -162,4 +162,40 @@ pub fn move_into_place(staged: &Path, target: &Path, overwrite: Overwrite) -> Re
         path: target.to_owned(),
         source,
     })
+}
+
+/// Issues a service identity and writes `OUT/<name>/` (service.crt, service.key, broker-ca.crt).
+/// The bundle is written aside and moved into place inside the registry transaction.
+pub fn issue_service(
+    pki: &mut Pki,
+    name: &DeviceId,
+    out: &Path,
+    validity_days: u32,
+    overwrite: Overwrite,
+) -> Result<Minted> {
+    let target = out.join(name.as_str());
+    ensure_writable(&target, overwrite)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if let Some(serial) = pki.registry.active_serial(Role::Service.as_str(), name.as_str(), now)? {
+        return Err(Error::AlreadyActive {
+            role: "service".into(),
+            id: name.to_string(),
+            serial,
+        });
+    }
+    let identity = Identity {
+        role: Role::Service,
+        id: name.clone(),
+    };
+    let minted = mint_client(&pki.device_ca, &pki.fleet, identity, KeyType::EcdsaP256, validity_days)?;
+    create_private_dir(out)?;
+    let staged = out.join(format!(".staging-{}-{name}", std::process::id()));
+    let result = write_bundle(&staged, &minted, &pki.broker_ca, None).and_then(|()| {
+        pki.registry
+            .record(std::slice::from_ref(&minted.issued), false, now, || {
+                move_into_place(&staged, &target, overwrite)
+            })
+    });
+    let _ = fs::remove_dir_all(&staged);
+    result.map(|()| minted)
 }

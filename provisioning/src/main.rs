@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fleet_identity::{BrokerUrl, DeviceId, Identity, Role};
+use fleet_identity::{BrokerUrl, DeviceId};
 use provisioning::batch::{issue_devices, manifest_ids, numbered_ids, write_manifest, IssueOptions, MANIFEST};
 use provisioning::broker_bundle::{issue_broker, BrokerRequest, DEFAULT_BROKER_VALIDITY_DAYS};
 use provisioning::csr::{read_csr, sign_device_csr};
-use provisioning::issue::{mint_client, move_into_place, write_bundle, DEFAULT_LEAF_VALIDITY_DAYS};
+use provisioning::issue::{issue_service, DEFAULT_LEAF_VALIDITY_DAYS};
 use provisioning::key_type::KeyType;
-use provisioning::output::{create_private_dir, ensure_writable, write_new, Overwrite, PUBLIC_MODE};
+use provisioning::output::{ensure_writable, write_new, Overwrite, PUBLIC_MODE};
 use provisioning::pki::{InitOptions, Pki};
 use provisioning::registry::{ListFilter, Record, RevokeTarget};
 use provisioning::revocation::{publish_crl, Reason, DEFAULT_NEXT_UPDATE_DAYS};
@@ -389,42 +389,12 @@ fn batch(args: BatchArgs) -> Result<()> {
 
 fn service(args: ServiceArgs) -> Result<()> {
     let id = parse_id(&args.name, "--name")?;
-    let overwrite = overwrite(args.force);
-    let target = args.out.join(id.as_str());
-    ensure_writable(&target, overwrite)?;
     let mut pki = Pki::open(&args.pki.pki)?;
-    if let Some(serial) = pki.registry.active_serial(Role::Service.as_str(), id.as_str(), now())? {
-        return Err(Error::AlreadyActive {
-            role: "service".into(),
-            id: id.to_string(),
-            serial,
-        });
-    }
-    let identity = Identity {
-        role: Role::Service,
-        id: id.clone(),
-    };
-    let minted = mint_client(
-        &pki.device_ca,
-        &pki.fleet,
-        identity,
-        KeyType::EcdsaP256,
-        args.validity_days,
-    )?;
-    create_private_dir(&args.out)?;
-    let staged = args.out.join(format!(".staging-{}-{id}", std::process::id()));
-    let result = write_bundle(&staged, &minted, &pki.broker_ca, None).and_then(|()| {
-        pki.registry
-            .record(std::slice::from_ref(&minted.issued), false, now(), || {
-                move_into_place(&staged, &target, overwrite)
-            })
-    });
-    let _ = std::fs::remove_dir_all(&staged);
-    result?;
+    let minted = issue_service(&mut pki, &id, &args.out, args.validity_days, overwrite(args.force))?;
     println!(
         "service {id} (serial {}) written to {}",
         minted.issued.serial,
-        target.display()
+        args.out.join(id.as_str()).display()
     );
     Ok(())
 }

@@ -1,0 +1,130 @@
+//! The real `broker` binary as a child process, its JSON audit log read as events.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Log events seen so far, and a signal for new ones.
+#[derive(Default)]
+struct Events {
+    lines: Mutex<Vec<Value>>,
+    added: Condvar,
+}
+
+/// A running broker. Killed when dropped.
+pub struct BrokerProcess {
+    child: Child,
+    events: Arc<Events>,
+    /// The address it listens on (read from its `listening` event).
+    pub addr: SocketAddr,
+}
+
+impl BrokerProcess {
+    /// Starts `broker --config CONFIG` on 127.0.0.1 port 0 with JSON logs, plus `env`
+    /// overrides, and waits for its `listening` event.
+    pub fn start(binary: &Path, config: &Path, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(binary);
+        command
+            .arg("--config")
+            .arg(config)
+            .env("BROKER__LISTEN", "127.0.0.1:0")
+            .env("BROKER__LOG__FORMAT", "json")
+            .env("RUST_LOG", "info,rumqttd=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let events = Arc::new(Events::default());
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let event = serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                sink.lines.lock().expect("events lock").push(event);
+                sink.added.notify_all();
+            }
+        });
+        let mut broker = Self {
+            child,
+            events,
+            addr: "0.0.0.0:0".parse().expect("an address"),
+        };
+        let listening = broker.wait_for("the listening event", Duration::from_secs(20), |e| {
+            e["event"] == "listening"
+        });
+        broker.addr = listening["addr"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .expect("listening event carries addr");
+        broker
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Every event so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.events.lines.lock().expect("events lock").clone()
+    }
+
+    /// Waits for an event matching `predicate`; panics with the whole log after `limit`.
+    pub fn wait_for(&self, what: &str, limit: Duration, predicate: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + limit;
+        let mut lines = self.events.lines.lock().expect("events lock");
+        loop {
+            if let Some(found) = lines.iter().find(|e| predicate(e)) {
+                return found.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no {what} within {limit:?}; broker log:\n{}",
+                render(&lines)
+            );
+            lines = self.events.added.wait_timeout(lines, left).expect("events lock").0;
+        }
+    }
+
+    /// Waits for a `reject` event with `reason`.
+    pub fn wait_for_reject(&self, reason: &str) -> Value {
+        self.wait_for(&format!("reject with reason {reason}"), Duration::from_secs(10), |e| {
+            e["event"] == "reject" && e["reason"] == reason
+        })
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.child.wait().expect("wait for the broker")
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn hangup(&self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-HUP", &pid]).status();
+    }
+}
+
+fn render(lines: &[Value]) -> String {
+    lines.iter().map(Value::to_string).collect::<Vec<_>>().join("\n")
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
