@@ -264,7 +264,8 @@ fn check_connect(
 }
 
 async fn run(mut session: Authenticated, peer: SocketAddr, ctx: &SessionContext) {
-    let mut rbuf = BytesMut::with_capacity(8 * 1024);
+    // Buffers start empty and grow with traffic: an idle session holds almost nothing.
+    let mut rbuf = BytesMut::new();
     let Some((connect, will)) = read_connect(&mut session, &mut rbuf, peer, ctx).await else {
         return;
     };
@@ -457,7 +458,9 @@ impl Scope<'_> {
                     }
                 }
             }
-            rbuf.reserve(8 * 1024);
+            if rbuf.capacity() - rbuf.len() < 1024 {
+                rbuf.reserve(4 * 1024);
+            }
             let read = reader.read_buf(rbuf);
             let read = match keepalive {
                 Some(limit) => match timeout(limit, read).await {
@@ -582,7 +585,7 @@ impl Scope<'_> {
         mut link_rx: LinkRx,
         mut direct: mpsc::UnboundedReceiver<Packet>,
     ) -> SessionEnd {
-        let mut wbuf = BytesMut::with_capacity(16 * 1024);
+        let mut wbuf = BytesMut::new();
         loop {
             let mut wake_router = false;
             tokio::select! {

@@ -231,8 +231,10 @@ impl AuditingVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> (Result<ClientCertVerified, rustls::Error>, HandshakeNotes) {
-        let summary = CertificateSummary::from_der(end_entity).ok();
-        let identity = Identity::from_der(end_entity);
+        let (summary, identity) = match CertificateSummary::with_identity(end_entity) {
+            Ok((summary, identity)) => (Some(summary), identity),
+            Err(e) => (None, Err(e)),
+        };
         let presented = PresentedCert {
             id: identity
                 .as_ref()
@@ -240,7 +242,10 @@ impl AuditingVerifier {
                 .map(|i| i.id.to_string())
                 .or_else(|| summary.as_ref().and_then(|s| s.common_name.clone())),
             serial: summary.as_ref().map(|s| s.serial.clone()).unwrap_or_default(),
-            sha256: sha256_hex(end_entity),
+            sha256: summary
+                .as_ref()
+                .map(|s| s.sha256.clone())
+                .unwrap_or_else(|| sha256_hex(end_entity)),
         };
         let mut notes = HandshakeNotes {
             presented: Some(presented),

@@ -1,1 +1,331 @@
-fn main() {}
+//! `device-agent`: run, publish, check, keygen. A thin CLI over the `device_agent` library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use device_agent::config::Agent;
+use device_agent::diagnosis::Diagnosis;
+use device_agent::keygen::{self, KeyType};
+use device_agent::queue::Queue;
+use device_agent::session::{connect_once, mqtt_options, Outbound, Runner};
+use device_agent::trust::{client_config, device_identity, FlooredClock};
+use rumqttc::{Event, Packet, QoS};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// MQTT agent for a fleet device: mutual TLS with the device's own certificate, only the
+/// pinned broker CA trusted, an on-disk queue so no message is silently lost.
+#[derive(Parser)]
+#[command(name = "device-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connect and stay connected: print commands received on devices/<id>/cmd/# as JSON lines,
+    /// publish lines "<topic-suffix> <payload>" from stdin (or --listen-socket) at QoS 1 to
+    /// devices/<id>/<topic-suffix>, and a heartbeat on devices/<id>/status.
+    Run {
+        /// The agent configuration (agent.toml from `provision device`).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Read messages from connections to this Unix socket instead of stdin.
+        #[arg(long, value_name = "PATH")]
+        listen_socket: Option<PathBuf>,
+    },
+    /// Publish one message; exit 0 only once the broker acknowledged it (QoS 1).
+    Publish {
+        /// The agent configuration.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Topic below devices/<id>/.
+        #[arg(long)]
+        topic: String,
+        /// The payload.
+        #[arg(long)]
+        message: String,
+        /// 0 or 1.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+        qos: u8,
+    },
+    /// Check the certificate, key, CA and clock, then try one connection and say in plain words
+    /// what is wrong. Exit codes: 0 OK, 10 local files, 20 impersonation, 21 name mismatch,
+    /// 22 pin mismatch, 23 broker certificate invalid, 30 our certificate expired, 31 revoked,
+    /// 32 refused, 40 client id refused, 50 unreachable, 60 other.
+    Check {
+        /// The agent configuration.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Generate this device's key (mode 0600) and a CSR (CN = id) for `provision sign-csr`.
+    /// The key never leaves the device.
+    Keygen {
+        /// The device id.
+        #[arg(long)]
+        id: String,
+        /// Where to write device.key and device.csr.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Key type.
+        #[arg(long, value_enum, default_value_t = KeyType::EcdsaP256)]
+        key_type: KeyType,
+    },
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: a log file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match Cli::parse().command {
+        Command::Run { config, listen_socket } => runtime.block_on(run(&config, listen_socket)),
+        Command::Publish {
+            config,
+            topic,
+            message,
+            qos,
+        } => runtime.block_on(publish(&config, &topic, message, qos)),
+        Command::Check { config } => runtime.block_on(check(&config)),
+        Command::Keygen { id, out, key_type } => generate_key(&id, &out, key_type),
+    }
+}
+
+fn load(config: &Path) -> Result<Agent, ExitCode> {
+    Agent::load(config).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(Diagnosis::LocalProblem(String::new()).exit_code())
+    })
+}
+
+fn report(diagnosis: &Diagnosis) -> ExitCode {
+    if *diagnosis == Diagnosis::Ok {
+        println!("{diagnosis}");
+    } else {
+        eprintln!("{diagnosis}");
+    }
+    ExitCode::from(diagnosis.exit_code())
+}
+
+async fn check(config: &Path) -> ExitCode {
+    match load(config) {
+        Ok(agent) => report(&device_agent::check::run(&agent).await),
+        Err(code) => code,
+    }
+}
+
+/// Validates a topic suffix: one or more levels below devices/<id>/, no wildcards.
+fn valid_suffix(suffix: &str) -> bool {
+    !suffix.is_empty() && !suffix.starts_with('/') && !suffix.contains(['+', '#', '\0'])
+}
+
+async fn publish(config: &Path, suffix: &str, message: String, qos: u8) -> ExitCode {
+    let agent = match load(config) {
+        Ok(agent) => agent,
+        Err(code) => return code,
+    };
+    if !valid_suffix(suffix) {
+        eprintln!("error: --topic {suffix:?}: give a topic below devices/<id>/ without wildcards");
+        return ExitCode::from(2);
+    }
+    let (identity, tls) = match device_identity(&agent.config.cert)
+        .and_then(|(identity, _)| Ok((identity, client_config(&agent, Arc::new(FlooredClock::system()))?)))
+    {
+        Ok(found) => found,
+        Err(e) => return report(&Diagnosis::LocalProblem(e.to_string())),
+    };
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(mqtt_options(&agent, &identity, tls), 4);
+    let connected = connect_once(&mut eventloop, Duration::from_secs(15)).await;
+    if connected != Diagnosis::Ok {
+        return report(&connected);
+    }
+    let qos = if qos == 1 { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+    let topic = format!("devices/{}/{suffix}", identity.id);
+    if client.try_publish(topic, qos, false, message).is_err() {
+        return report(&Diagnosis::Other("could not hand the message to the client".into()));
+    }
+    let acknowledged = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) if qos == QoS::AtLeastOnce => return Ok(()),
+                Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) if qos == QoS::AtMostOnce => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(Diagnosis::of(&e)),
+            }
+        }
+    })
+    .await;
+    match acknowledged {
+        Ok(Ok(())) => {
+            let _ = client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+            ExitCode::SUCCESS
+        }
+        Ok(Err(diagnosis)) => report(&diagnosis),
+        Err(_) => report(&Diagnosis::Other(
+            "the broker did not acknowledge the message within 15 s".into(),
+        )),
+    }
+}
+
+async fn run(config: &Path, listen_socket: Option<PathBuf>) -> ExitCode {
+    let agent = match load(config) {
+        Ok(agent) => agent,
+        Err(code) => return code,
+    };
+    let clock = Arc::new(FlooredClock::system());
+    if clock.is_behind() {
+        warn!(
+            event = "clock_behind",
+            "the system clock is earlier than this agent's build time: validating certificates against the build time"
+        );
+    }
+    let setup = device_identity(&agent.config.cert)
+        .and_then(|(identity, cert)| Ok((identity, cert, client_config(&agent, clock.clone())?)));
+    let (identity, cert, tls) = match setup {
+        Ok(found) => found,
+        Err(e) => return report(&Diagnosis::LocalProblem(e.to_string())),
+    };
+    let queue = match Queue::open(&agent.config.queue_dir, agent.config.queue_max_messages) {
+        Ok(queue) => queue,
+        Err(e) => {
+            return report(&Diagnosis::LocalProblem(format!(
+                "{}: {e}",
+                agent.config.queue_dir.display()
+            )))
+        }
+    };
+    info!(event = "starting", device_id = %identity.id, broker = %agent.broker, queued = queue.len(), "device {} starting", identity.id);
+    tokio::spawn(warn_before_expiry(cert.to_vec(), clock));
+    let (tx, rx) = mpsc::channel(1024);
+    match listen_socket {
+        Some(path) => {
+            let _ = std::fs::remove_file(&path);
+            match tokio::net::UnixListener::bind(&path) {
+                Ok(listener) => {
+                    tokio::spawn(async move {
+                        while let Ok((stream, _)) = listener.accept().await {
+                            tokio::spawn(read_lines(BufReader::new(stream), tx.clone()));
+                        }
+                    });
+                }
+                Err(e) => return report(&Diagnosis::LocalProblem(format!("{}: {e}", path.display()))),
+            }
+        }
+        None => {
+            tokio::spawn(read_lines(BufReader::new(tokio::io::stdin()), tx));
+        }
+    }
+    Runner::new(agent, identity, tls, queue).run(rx, stop_signal()).await;
+    ExitCode::SUCCESS
+}
+
+/// Reads `<topic-suffix> <payload>` lines into the agent.
+async fn read_lines(reader: impl tokio::io::AsyncBufRead + Unpin, tx: mpsc::Sender<Outbound>) {
+    let mut lines = reader.lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let (suffix, payload) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        if !valid_suffix(suffix) {
+            warn!(line = %line, "ignored: expected \"<topic-suffix> <payload>\" with a suffix without wildcards");
+            continue;
+        }
+        if tx.send((suffix.to_owned(), payload.as_bytes().to_vec())).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Warns once a day from 30 days before the device certificate expires.
+async fn warn_before_expiry(cert: Vec<u8>, clock: Arc<FlooredClock>) {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok((_, parsed)) = X509Certificate::from_der(&cert) else {
+        return;
+    };
+    let not_after = parsed.validity().not_after.timestamp();
+    loop {
+        let days_left = (not_after - clock.seconds() as i64) / 86_400;
+        if days_left <= device_agent::check::EXPIRY_WARNING_DAYS {
+            warn!(event = "certificate_expiring", days_left, "this device's certificate expires in {days_left} days: re-provision it (device-agent keygen + provision sign-csr --rotate)");
+        }
+        tokio::time::sleep(Duration::from_secs(86_400)).await;
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+fn generate_key(id: &str, out: &Path, key_type: KeyType) -> ExitCode {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Err(e) = fleet_identity::DeviceId::parse(id) {
+        eprintln!("error: invalid id {id:?} (--id): {e}");
+        return ExitCode::from(2);
+    }
+    let made = match keygen::generate(key_type, id) {
+        Ok(made) => made,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let key_path = out.join("device.key");
+    let csr_path = out.join("device.csr");
+    let written = std::fs::create_dir_all(out)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&key_path)
+        })
+        .and_then(|mut file| file.write_all(made.key_pem.as_bytes()))
+        .and_then(|()| std::fs::write(&csr_path, made.csr_pem.as_bytes()));
+    match written {
+        Ok(()) => {
+            println!(
+                "key {} (0600) and CSR {} written; send the CSR to the operator for `provision sign-csr`",
+                key_path.display(),
+                csr_path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "error: {}: {e} (an existing key is never overwritten)",
+                key_path.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}

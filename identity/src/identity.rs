@@ -152,15 +152,25 @@ pub struct CertificateSummary {
 impl CertificateSummary {
     /// Summarises a DER certificate.
     pub fn from_der(der: &[u8]) -> Result<Self, IdentityError> {
+        Ok(Self::of(&parse(der)?, der))
+    }
+
+    /// Summarises a DER certificate and reads its identity, parsing it once (the broker does
+    /// this for every handshake).
+    pub fn with_identity(der: &[u8]) -> Result<(Self, Result<Identity, IdentityError>), IdentityError> {
         let cert = parse(der)?;
-        Ok(Self {
+        Ok((Self::of(&cert, der), Identity::from_certificate(&cert)))
+    }
+
+    fn of(cert: &X509Certificate<'_>, der: &[u8]) -> Self {
+        Self {
             serial: cert.serial.to_str_radix(16),
             sha256: sha256_hex(der),
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
-            common_name: common_name(&cert),
+            common_name: common_name(cert),
             is_ca: cert.is_ca(),
-        })
+        }
     }
 }
 

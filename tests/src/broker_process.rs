@@ -28,7 +28,20 @@ impl BrokerProcess {
     /// Starts `broker --config CONFIG` on 127.0.0.1 port 0 with JSON logs, plus `env`
     /// overrides, and waits for its `listening` event.
     pub fn start(binary: &Path, config: &Path, env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(binary);
+        Self::start_pinned(binary, config, env, None)
+    }
+
+    /// Like [`BrokerProcess::start`], restricted to the CPUs in `cpus` (a `taskset` list, for
+    /// benchmarks) when given.
+    pub fn start_pinned(binary: &Path, config: &Path, env: &[(&str, &str)], cpus: Option<&str>) -> Self {
+        let mut command = match cpus {
+            Some(cpus) => {
+                let mut taskset = Command::new("taskset");
+                taskset.args(["-c", cpus]).arg(binary);
+                taskset
+            }
+            None => Command::new(binary),
+        };
         command
             .arg("--config")
             .arg(config)
@@ -67,6 +80,11 @@ impl BrokerProcess {
             .and_then(|a| a.parse().ok())
             .expect("listening event carries addr");
         broker
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The port it listens on.

@@ -1,0 +1,148 @@
+//! `agent.toml`: the file `provision device` writes, plus `DEVICE_AGENT__*` environment overrides.
+
+use std::path::{Path, PathBuf};
+
+use fleet_identity::BrokerUrl;
+use serde::Deserialize;
+
+/// The agent's configuration. Paths are relative to the configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// `mqtts://HOST:PORT`.
+    pub broker_url: String,
+    /// The name the broker's certificate must carry (defaults to the URL's host).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Broker CA bundle: the only trust anchors (several allowed, for a CA rollover).
+    pub ca: PathBuf,
+    /// This device's certificate.
+    pub cert: PathBuf,
+    /// This device's private key.
+    pub key: PathBuf,
+    /// Optional leaf pins: base64 SHA-256 of the broker certificate's SubjectPublicKeyInfo.
+    #[serde(default)]
+    pub pin_sha256: Vec<String>,
+    /// MQTT keepalive, seconds. Default 30.
+    #[serde(default = "defaults::keep_alive_s")]
+    pub keep_alive_s: u64,
+    /// Where unacknowledged messages are kept. Default `queue` beside the config file.
+    #[serde(default = "defaults::queue_dir")]
+    pub queue_dir: PathBuf,
+    /// Most messages kept; beyond it the oldest are dropped and counted. Default 10000.
+    #[serde(default = "defaults::queue_max_messages")]
+    pub queue_max_messages: usize,
+    /// Smallest reconnect delay, ms. Default 500.
+    #[serde(default = "defaults::backoff_min_ms")]
+    pub backoff_min_ms: u64,
+    /// Largest reconnect delay, ms. Default 60000.
+    #[serde(default = "defaults::backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// Heartbeat period, seconds (0 turns it off). Default 60.
+    #[serde(default = "defaults::heartbeat_s")]
+    pub heartbeat_s: u64,
+}
+
+mod defaults {
+    use std::path::PathBuf;
+    pub fn keep_alive_s() -> u64 {
+        30
+    }
+    pub fn queue_dir() -> PathBuf {
+        PathBuf::from("queue")
+    }
+    pub fn queue_max_messages() -> usize {
+        10_000
+    }
+    pub fn backoff_min_ms() -> u64 {
+        500
+    }
+    pub fn backoff_max_ms() -> u64 {
+        60_000
+    }
+    pub fn heartbeat_s() -> u64 {
+        60
+    }
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable or malformed.
+    #[error("{}: {source}", path.display())]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// The config crate's reason.
+        source: config::ConfigError,
+    },
+    /// A value is unusable.
+    #[error("{}: {field}: {reason}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A loaded configuration with the URL parsed and paths resolved.
+#[derive(Clone, Debug)]
+pub struct Agent {
+    /// The settings.
+    pub config: AgentConfig,
+    /// The parsed broker URL.
+    pub broker: BrokerUrl,
+    /// The name to verify on the broker's certificate.
+    pub server_name: String,
+}
+
+impl Agent {
+    /// Loads `path` and `DEVICE_AGENT__*` overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut config: AgentConfig = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("DEVICE_AGENT")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|source| ConfigError::Load {
+                path: path.to_owned(),
+                source,
+            })?;
+        let invalid = |field, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason,
+        };
+        let broker: BrokerUrl = config
+            .broker_url
+            .parse()
+            .map_err(|e: fleet_identity::BrokerUrlError| invalid("broker_url", e.to_string()))?;
+        if config.backoff_min_ms == 0 || config.backoff_max_ms < config.backoff_min_ms {
+            return Err(invalid(
+                "backoff_min_ms/backoff_max_ms",
+                "need 0 < backoff_min_ms <= backoff_max_ms".into(),
+            ));
+        }
+        if config.queue_max_messages == 0 {
+            return Err(invalid("queue_max_messages", "must be at least 1".into()));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        for file in [&mut config.ca, &mut config.cert, &mut config.key, &mut config.queue_dir] {
+            *file = base.join(&*file);
+        }
+        let server_name = config.server_name.clone().unwrap_or_else(|| broker.host.clone());
+        Ok(Self {
+            config,
+            broker,
+            server_name,
+        })
+    }
+}

@@ -1,0 +1,17 @@
+//! The device agent: presents the device's factory-provisioned certificate, trusts only the
+//! pinned broker CA, carries messages both ways, reconnects with backoff and jitter, and never
+//! silently loses a message (an on-disk queue holds every QoS 1 message until acknowledged).
+//!
+//! Kept small on purpose: rumqttc with rustls and ring, no rcgen (CSRs are built by
+//! [`keygen`]), no SQLite, nothing from the broker or the provisioning tool.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod check;
+pub mod config;
+pub mod diagnosis;
+pub mod keygen;
+pub mod queue;
+pub mod session;
+pub mod trust;

@@ -1,0 +1,225 @@
+//! Whom the agent trusts, and by which clock.
+//!
+//! The root store holds only the configured broker CA(s): never system or webpki roots. The
+//! broker's name is verified. Optional SPKI pins narrow it further to specific broker keys. On a
+//! device without a real-time clock, a clock earlier than the agent's build time is replaced by
+//! the build time, so a valid broker is never refused because the clock says 1970.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use fleet_identity::{pem, tls, Identity, Role};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::time_provider::TimeProvider;
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, OtherError, SignatureScheme};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::config::Agent;
+
+/// When this agent was built (Unix seconds): the floor for the clock.
+pub fn build_time() -> u64 {
+    env!("DEVICE_AGENT_BUILD_UNIX").parse().unwrap_or(0)
+}
+
+/// A clock that never reads earlier than a floor.
+#[derive(Debug)]
+pub struct FlooredClock {
+    floor: u64,
+    now: fn() -> u64,
+}
+
+fn system_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl FlooredClock {
+    /// The system clock, floored at the build time.
+    pub fn system() -> Self {
+        Self {
+            floor: build_time(),
+            now: system_now,
+        }
+    }
+
+    /// `now`, floored at `floor` (tests inject both).
+    pub fn new(floor: u64, now: fn() -> u64) -> Self {
+        Self { floor, now }
+    }
+
+    /// Whether the underlying clock reads earlier than the floor.
+    pub fn is_behind(&self) -> bool {
+        (self.now)() < self.floor
+    }
+
+    /// The time certificates are judged against, Unix seconds.
+    pub fn seconds(&self) -> u64 {
+        (self.now)().max(self.floor)
+    }
+}
+
+impl TimeProvider for FlooredClock {
+    fn current_time(&self) -> Option<UnixTime> {
+        Some(UnixTime::since_unix_epoch(Duration::from_secs(self.seconds())))
+    }
+}
+
+/// The broker's key is not one of the pinned keys.
+#[derive(Debug, thiserror::Error)]
+#[error("broker key SHA-256 {0} is not in pin_sha256")]
+pub struct PinMismatch(pub String);
+
+/// The standard verifier (pinned CA, name) plus the optional key pins.
+#[derive(Debug)]
+pub struct PinnedVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    pins: Vec<String>,
+    /// The configured `server_name`: verified instead of the host the socket connected to
+    /// (rumqttc passes the URL's host).
+    server_name: ServerName<'static>,
+}
+
+/// Base64 SHA-256 of a certificate's SubjectPublicKeyInfo (the form `pin_sha256` takes).
+pub fn spki_sha256(cert: &[u8]) -> Option<String> {
+    let (_, parsed) = X509Certificate::from_der(cert).ok()?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, parsed.public_key().raw);
+    Some(base64::engine::general_purpose::STANDARD.encode(digest.as_ref()))
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _host: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, &self.server_name, ocsp, now)?;
+        if self.pins.is_empty() {
+            return Ok(verified);
+        }
+        let hash = spki_sha256(end_entity).unwrap_or_default();
+        if self.pins.contains(&hash) {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                Arc::new(PinMismatch(hash)),
+            ))))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Why the device's own files are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// A PEM file.
+    #[error(transparent)]
+    Pem(#[from] pem::PemError),
+    /// The device certificate carries no valid device identity.
+    #[error("{}: {reason}", path.display())]
+    Identity {
+        /// The certificate file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The TLS configuration could not be built (key does not match, CA unusable).
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+    /// `server_name` is neither a DNS name nor an IP address.
+    #[error("server_name {0:?} is not a DNS name or IP address")]
+    ServerName(String),
+}
+
+/// The agent's crypto provider: ring (small, portable to ARM cross compilers), restricted to
+/// TLS 1.3 and ECDHE + AEAD TLS 1.2 suites.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    tls::hardened_provider(rustls::crypto::ring::default_provider())
+}
+
+/// Reads the device's identity from its certificate: it must be a device certificate.
+pub fn device_identity(cert_path: &Path) -> Result<(Identity, CertificateDer<'static>), LocalError> {
+    let cert = pem::load_certs(cert_path)?.remove(0);
+    let bad = |reason: String| LocalError::Identity {
+        path: cert_path.to_owned(),
+        reason,
+    };
+    let identity = Identity::from_der(&cert).map_err(|e| bad(e.to_string()))?;
+    if identity.role != Role::Device {
+        return Err(bad(format!(
+            "this is a {} certificate, not a device certificate",
+            identity.role
+        )));
+    }
+    Ok((identity, cert))
+}
+
+/// The rustls client configuration: the device's certificate, the pinned broker CA(s) and pins,
+/// and the floored clock.
+pub fn client_config(agent: &Agent, clock: Arc<FlooredClock>) -> Result<Arc<ClientConfig>, LocalError> {
+    let provider = crypto_provider();
+    let roots = pem::load_certs(&agent.config.ca)?;
+    let inner = tls::server_verifier(provider.clone(), &roots)?;
+    let server_name = ServerName::try_from(agent.server_name.clone())
+        .map_err(|_| LocalError::ServerName(agent.server_name.clone()))?;
+    let verifier = Arc::new(PinnedVerifier {
+        inner,
+        pins: agent.config.pin_sha256.clone(),
+        server_name,
+    });
+    let chain = pem::load_certs(&agent.config.cert)?;
+    let key = pem::load_key(&agent.config.key)?;
+    Ok(Arc::new(tls::client_config(provider, clock, verifier, chain, key)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_before_the_build_time_reads_the_build_time() {
+        let clock = FlooredClock::new(1_800_000_000, || 0);
+        assert!(clock.is_behind());
+        assert_eq!(clock.seconds(), 1_800_000_000);
+        let clock = FlooredClock::new(1_800_000_000, || 1_900_000_000);
+        assert!(!clock.is_behind());
+        assert_eq!(clock.seconds(), 1_900_000_000);
+    }
+
+    #[test]
+    fn the_build_time_is_recorded() {
+        assert!(build_time() > 1_700_000_000);
+    }
+}

@@ -1,0 +1,483 @@
+//! The device agent as a process against our broker, a rogue broker, and Debian's Mosquitto.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use device_agent::config::Agent;
+use device_agent::diagnosis::Diagnosis;
+use device_agent::session::{connect_once, mqtt_options};
+use device_agent::trust::{build_time, client_config, device_identity, spki_sha256, FlooredClock};
+use e2e::{connect, next_publish, require_tool, run_ok, workspace_bin, BrokerProcess, ClientFiles, TestFleet};
+use rumqttc::QoS;
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_device-agent"))
+}
+
+fn start_broker(fleet: &TestFleet, env: &[(&str, &str)]) -> BrokerProcess {
+    BrokerProcess::start(&workspace_bin("broker"), &fleet.broker_config(), env)
+}
+
+fn broker_url(port: u16) -> String {
+    format!("mqtts://localhost:{port}")
+}
+
+/// `device-agent <sub> --config <bundle>/agent.toml` pointed at `port`.
+fn agent_cmd(sub: &str, bundle: &Path, port: u16) -> Command {
+    let mut command = agent();
+    command
+        .arg(sub)
+        .arg("--config")
+        .arg(bundle.join("agent.toml"))
+        .env("DEVICE_AGENT__BROKER_URL", broker_url(port));
+    command
+}
+
+fn exit_code(output: &Output) -> i32 {
+    output.status.code().unwrap_or(-1)
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+#[test]
+fn check_passes_against_our_broker() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let broker = start_broker(&fleet, &[]);
+    let output = e2e::run(&mut agent_cmd("check", &bundle, broker.port()));
+    assert_eq!(exit_code(&output), 0, "{}", text(&output));
+    assert!(
+        text(&output).contains("device id dev-1") && text(&output).contains("OK: connected"),
+        "{}",
+        text(&output)
+    );
+}
+
+#[tokio::test]
+async fn publish_exits_zero_once_the_broker_acknowledged_and_a_service_receives_it() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let broker = start_broker(&fleet, &[]);
+    let (svc, mut svc_loop) = connect(broker.port(), &ClientFiles::service(&fleet.service("ingest")), "ingest")
+        .await
+        .unwrap();
+    svc.subscribe("devices/dev-1/#", QoS::AtLeastOnce).await.unwrap();
+    // The SUBACK, before anything is published.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !matches!(
+            svc_loop.poll().await,
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))
+        ) {}
+    })
+    .await
+    .unwrap();
+    let output =
+        e2e::run(agent_cmd("publish", &bundle, broker.port()).args(["--topic", "telemetry", "--message", "21.5"]));
+    assert_eq!(exit_code(&output), 0, "{}", text(&output));
+    let received = next_publish(&mut svc_loop, Duration::from_secs(5))
+        .await
+        .expect("the service receives it");
+    assert_eq!(
+        (received.topic.as_str(), &received.payload[..]),
+        ("devices/dev-1/telemetry", &b"21.5"[..])
+    );
+}
+
+/// A running `device-agent run` with its stdin, stdout lines and stderr lines.
+struct RunningAgent {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl RunningAgent {
+    fn start(mut command: Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = |stream: Box<dyn std::io::Read + Send>| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            rx
+        };
+        let stdout = lines(Box::new(child.stdout.take().unwrap()));
+        let stderr = lines(Box::new(child.stderr.take().unwrap()));
+        Self { child, stdout, stderr }
+    }
+
+    fn send(&mut self, line: &str) {
+        writeln!(self.child.stdin.as_mut().unwrap(), "{line}").unwrap();
+    }
+
+    fn wait_stderr(&self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("the agent never logged {needle:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// Multi-threaded: the test blocks on the agent's stdout while the service's event loop runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_carries_commands_to_the_device_and_telemetry_to_a_service() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let broker = start_broker(&fleet, &[]);
+    let (svc, mut svc_loop) = connect(broker.port(), &ClientFiles::service(&fleet.service("ingest")), "ingest")
+        .await
+        .unwrap();
+    svc.subscribe("devices/dev-1/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut agent = RunningAgent::start(agent_cmd("run", &bundle, broker.port()));
+    agent.wait_stderr("connected to", Duration::from_secs(10));
+    broker.wait_for("the agent's subscription", Duration::from_secs(5), |e| {
+        e["event"] == "accept" && e["device_id"] == "dev-1"
+    });
+
+    agent.send("telemetry 21.5");
+    let telemetry = next_publish(&mut svc_loop, Duration::from_secs(5))
+        .await
+        .expect("telemetry arrives");
+    assert_eq!(&telemetry.payload[..], b"21.5");
+
+    // The command subscription is in place once telemetry flowed (it was sent first).
+    svc.publish("devices/dev-1/cmd/reboot", QoS::AtLeastOnce, false, "now")
+        .await
+        .unwrap();
+    tokio::spawn(async move { while svc_loop.poll().await.is_ok() {} });
+    let line = agent
+        .stdout
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a command line on stdout");
+    let command: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (command["topic"].as_str(), command["payload"].as_str()),
+        (Some("devices/dev-1/cmd/reboot"), Some("now"))
+    );
+}
+
+#[test]
+fn a_rogue_broker_is_refused_as_possible_impersonation() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let rogue = TestFleet::new(); // another CA, a broker certificate for the same name
+    let broker = start_broker(&rogue, &[]);
+    let output = e2e::run(&mut agent_cmd("check", &bundle, broker.port()));
+    assert_eq!(exit_code(&output), 20, "{}", text(&output));
+    assert!(text(&output).contains("possible impersonation"));
+
+    let mut agent = RunningAgent::start(agent_cmd("run", &bundle, broker.port()));
+    let line = agent.wait_stderr("connect_failed", Duration::from_secs(10));
+    assert!(line.contains("possible impersonation"), "{line}");
+    agent.send("telemetry x");
+}
+
+fn with_config(bundle: &Path, extra: &str) -> PathBuf {
+    let config = fs::read_to_string(bundle.join("agent.toml")).unwrap();
+    let path = bundle.join("variant.toml");
+    fs::write(&path, format!("{config}{extra}\n")).unwrap();
+    path
+}
+
+#[test]
+fn a_pin_mismatch_is_refused_and_the_right_pin_accepted() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let broker = start_broker(&fleet, &[]);
+    let run_with = |config: &Path| {
+        e2e::run(
+            agent()
+                .arg("check")
+                .arg("--config")
+                .arg(config)
+                .env("DEVICE_AGENT__BROKER_URL", broker_url(broker.port())),
+        )
+    };
+    let wrong = with_config(
+        &bundle,
+        "pin_sha256 = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]",
+    );
+    let output = run_with(&wrong);
+    assert_eq!(exit_code(&output), 22, "{}", text(&output));
+    assert!(text(&output).contains("not one of pin_sha256"));
+
+    let broker_cert = fleet_identity::pem::load_certs(&fleet.broker_dir().join("broker.crt"))
+        .unwrap()
+        .remove(0);
+    let right = with_config(
+        &bundle,
+        &format!("pin_sha256 = [\"{}\"]", spki_sha256(&broker_cert).unwrap()),
+    );
+    assert_eq!(exit_code(&run_with(&right)), 0);
+}
+
+#[test]
+fn a_broker_name_mismatch_is_diagnosed() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let broker = start_broker(&fleet, &[]);
+    let output =
+        e2e::run(agent_cmd("check", &bundle, broker.port()).env("DEVICE_AGENT__SERVER_NAME", "gateway.example"));
+    assert_eq!(exit_code(&output), 21, "{}", text(&output));
+    assert!(text(&output).contains("does not name the server_name"));
+}
+
+#[test]
+fn a_revoked_device_is_told_so_and_backs_off_to_the_maximum() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    fleet.revoke("dev-1");
+    let broker = start_broker(&fleet, &[]);
+    let output = e2e::run(&mut agent_cmd("check", &bundle, broker.port()));
+    assert_eq!(exit_code(&output), 31, "{}", text(&output));
+    assert!(text(&output).contains("REVOKED"));
+
+    let mut command = agent_cmd("run", &bundle, broker.port());
+    command
+        .env("DEVICE_AGENT__BACKOFF_MIN_MS", "100")
+        .env("DEVICE_AGENT__BACKOFF_MAX_MS", "40000");
+    let agent = RunningAgent::start(command);
+    let line = agent.wait_stderr("connect_failed", Duration::from_secs(10));
+    let delay: u64 = line
+        .split("retry_in_ms=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("retry_in_ms logged");
+    assert!(
+        delay >= 20_000,
+        "a revoked identity waits in the upper half of the maximum, not {delay} ms: {line}"
+    );
+}
+
+#[test]
+fn an_expired_device_certificate_is_diagnosed_from_the_brokers_alert() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.custom_device("old-1", |p| {
+        p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(10);
+        p.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    });
+    fs::write(
+        bundle.join("agent.toml"),
+        "broker_url = \"mqtts://localhost:1\"\nca = \"broker-ca.crt\"\ncert = \"device.crt\"\nkey = \"device.key\"\n",
+    )
+    .unwrap();
+    let broker = start_broker(&fleet, &[]);
+    let output = e2e::run(&mut agent_cmd("check", &bundle, broker.port()));
+    assert_eq!(exit_code(&output), 30, "{}", text(&output));
+    assert!(text(&output).contains("EXPIRED"));
+}
+
+#[test]
+fn an_unreachable_broker_is_diagnosed() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let output = e2e::run(&mut agent_cmd("check", &bundle, free_port()));
+    assert_eq!(exit_code(&output), 50, "{}", text(&output));
+    assert!(text(&output).contains("unreachable"));
+}
+
+#[tokio::test]
+async fn a_clock_stuck_in_1970_is_floored_at_the_build_time() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let broker = start_broker(&fleet, &[]);
+    let mut agent_config = Agent::load(&bundle.join("agent.toml")).unwrap();
+    agent_config.broker.port = broker.port();
+    let (identity, _) = device_identity(&agent_config.config.cert).unwrap();
+    let attempt = |clock: FlooredClock| {
+        let tls = client_config(&agent_config, Arc::new(clock)).unwrap();
+        let (_client, mut eventloop) = rumqttc::AsyncClient::new(mqtt_options(&agent_config, &identity, tls), 4);
+        async move { connect_once(&mut eventloop, Duration::from_secs(5)).await }
+    };
+    // Without a floor, 1970 makes the broker's certificate "not valid yet".
+    assert!(matches!(
+        attempt(FlooredClock::new(0, || 0)).await,
+        Diagnosis::BrokerCertificateInvalid(_)
+    ));
+    // Floored at a time after the broker certificate was issued (as the build time is for a
+    // fleet provisioned before the agent was built), the same 1970 clock accepts the broker.
+    assert!(build_time() > 0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(attempt(FlooredClock::new(now, || 0)).await, Diagnosis::Ok);
+}
+
+#[tokio::test]
+async fn queued_messages_survive_sigkill_and_arrive_in_order_when_the_broker_returns() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let port = free_port();
+    let fast = |mut command: Command| {
+        command
+            .env("DEVICE_AGENT__BACKOFF_MIN_MS", "100")
+            .env("DEVICE_AGENT__BACKOFF_MAX_MS", "400");
+        command
+    };
+    // Broker down: 500 messages accepted into the on-disk queue, then kill -9.
+    let mut first = RunningAgent::start(fast(agent_cmd("run", &bundle, port)));
+    for n in 0..500 {
+        first.send(&format!("telemetry {n}"));
+    }
+    let queue = bundle.join("queue");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fs::read_dir(&queue)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "msg"))
+                .count()
+        })
+        .unwrap_or(0)
+        < 500
+    {
+        assert!(Instant::now() < deadline, "the agent did not queue 500 messages");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+
+    // Broker up, a service listening, the agent restarted: everything arrives, in order.
+    let port_text = format!("127.0.0.1:{port}");
+    let broker = start_broker(&fleet, &[("BROKER__LISTEN", &port_text)]);
+    let (svc, mut svc_loop) = connect(broker.port(), &ClientFiles::service(&fleet.service("ingest")), "ingest")
+        .await
+        .unwrap();
+    svc.subscribe("devices/dev-1/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !matches!(
+            svc_loop.poll().await,
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))
+        ) {}
+    })
+    .await
+    .unwrap();
+    let _second = RunningAgent::start(fast(agent_cmd("run", &bundle, port)));
+    let mut seen: Vec<u32> = Vec::new();
+    while seen.len() < 500 {
+        let publish = next_publish(&mut svc_loop, Duration::from_secs(15))
+            .await
+            .unwrap_or_else(|| panic!("only {} of 500 arrived", seen.len()));
+        let n: u32 = std::str::from_utf8(&publish.payload).unwrap().parse().unwrap();
+        if !seen.contains(&n) {
+            seen.push(n);
+        }
+    }
+    assert_eq!(seen, (0..500).collect::<Vec<_>>(), "in order, none lost");
+}
+
+#[test]
+fn keygen_makes_a_0600_key_and_a_csr_that_openssl_and_provision_accept() {
+    use std::os::unix::fs::PermissionsExt;
+    let openssl = require_tool("openssl", "openssl");
+    let fleet = TestFleet::new();
+    for key_type in ["ecdsa-p256", "ecdsa-p384", "ed25519"] {
+        let out = fleet.path().join(format!("keygen-{key_type}"));
+        run_ok(
+            agent()
+                .args(["keygen", "--id", "dev-9", "--key-type", key_type, "--out"])
+                .arg(&out),
+        );
+        assert_eq!(
+            fs::metadata(out.join("device.key")).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let verified = e2e::run(
+            Command::new(&openssl)
+                .args(["req", "-verify", "-noout", "-in"])
+                .arg(out.join("device.csr")),
+        );
+        assert!(verified.status.success(), "{key_type}: {}", text(&verified));
+        let csr = provisioning::csr::read_csr(&out.join("device.csr")).expect("provision accepts the CSR");
+        assert_eq!(csr.id.as_str(), "dev-9");
+    }
+    let refused = e2e::run(
+        agent()
+            .args(["keygen", "--id", "dev/9", "--out"])
+            .arg(fleet.path().join("bad")),
+    );
+    assert!(!refused.status.success() && text(&refused).contains("invalid id"));
+}
+
+#[test]
+fn the_agent_works_unchanged_against_mosquitto_with_mtls() {
+    let mosquitto = require_tool("mosquitto", "mosquitto");
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let port = free_port();
+    let broker = fleet.broker_dir();
+    let config = fleet.path().join("mosquitto.conf");
+    fs::write(
+        &config,
+        format!(
+            "user root\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nlog_dest stderr\n",
+            broker.join("device-ca.crt").display(),
+            broker.join("broker.crt").display(),
+            broker.join("broker.key").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(mosquitto)
+        .arg("-c")
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Mosquitto logs when its listener is open.
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    assert!(
+        log.by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("Opening ipv4 listen socket")),
+        "mosquitto did not start"
+    );
+    std::thread::spawn(move || log.for_each(drop));
+    let check = e2e::run(&mut agent_cmd("check", &bundle, port));
+    let publish = e2e::run(agent_cmd("publish", &bundle, port).args(["--topic", "telemetry", "--message", "hi"]));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(exit_code(&check), 0, "{}", text(&check));
+    assert_eq!(exit_code(&publish), 0, "{}", text(&publish));
+}
