@@ -2,7 +2,7 @@
 //! Mosquitto 2 (Debian's package, mTLS, identity as username, pattern ACL) and rumqttd 0.20 run
 //! standalone with its own TLS listener (`cargo install rumqttd --version 0.20.0`).
 //!
-//! Run: `cargo bench -p broker --bench vs_mosquitto`. Each broker is pinned to core 0, this load
+//! Run: `cargo bench -p broker --bench vs_mosquitto` (`BENCH_TARGETS=ours,mosquitto` to choose). Each broker is pinned to core 0, this load
 //! generator to core 1 (a single-threaded runtime and a minimal hand-written MQTT client, so the
 //! client is not the bottleneck). Prints medians of `BENCH_RUNS` (default 3) runs:
 //! - full mTLS handshakes + CONNECT/CONNACK per second at concurrency 64 (no resumption);
@@ -540,15 +540,26 @@ fn main() {
         .build()
         .expect("runtime");
     println!("brokers on core 0, load on core 1; medians of {runs} runs; {PUBLISHERS} publishers x {per_publisher} messages of {} B", PAYLOAD.len());
+    let targets = std::env::var("BENCH_TARGETS").unwrap_or_else(|_| "ours,mosquitto,rumqttd".into());
     let mut all = Vec::new();
-    all.push(runtime.block_on(measure(ours(&test_fleet), &fleet, runs, per_publisher)));
-    all.push(runtime.block_on(measure(mosquitto(&test_fleet), &fleet, runs, per_publisher)));
-    match rumqttd(&test_fleet) {
-        Some(target) => all.push(runtime.block_on(measure(target, &fleet, runs, per_publisher))),
-        None => println!("rumqttd: not installed (cargo install rumqttd --version 0.20.0), skipped in this run"),
+    for name in targets.split(',') {
+        let target = match name.trim() {
+            "ours" => Some(ours(&test_fleet)),
+            "mosquitto" => Some(mosquitto(&test_fleet)),
+            "rumqttd" => rumqttd(&test_fleet).or_else(|| {
+                println!("rumqttd: not installed (cargo install rumqttd --version 0.20.0), left out of this run");
+                None
+            }),
+            other => panic!("BENCH_TARGETS: unknown broker {other:?} (ours, mosquitto, rumqttd)"),
+        };
+        if let Some(target) = target {
+            all.push(runtime.block_on(measure(target, &fleet, runs, per_publisher)));
+        }
     }
-    let ours = &all[0];
-    for other in &all[1..] {
+    let Some((ours, others)) = all.split_first() else {
+        return;
+    };
+    for other in others {
         println!(
             "ours vs {:<10} handshakes x{:.2}  qos1 x{:.2}  qos0 x{:.2}  RSS/session x{:.2}",
             other.name,

@@ -135,12 +135,20 @@ impl TlsMaterial {
             )
         })?;
         Ok(Self {
-            config: Arc::new(config),
+            config: Arc::new(with_fleet_tuning(config)),
             server,
             client_ca_subjects,
             crl,
         })
     }
+}
+
+/// Server settings for a fleet: no TLS 1.3 session tickets. rustls would send two per handshake
+/// into a 256-entry in-memory cache, which a fleet of thousands of devices never hits: pure cost
+/// on every handshake.
+fn with_fleet_tuning(mut config: ServerConfig) -> ServerConfig {
+    config.send_tls13_tickets = 0;
+    config
 }
 
 fn server_cert_info(der: &CertificateDer<'_>) -> Result<ServerCertInfo, String> {
