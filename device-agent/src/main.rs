@@ -234,8 +234,28 @@ async fn run(config: &Path, listen_socket: Option<PathBuf>) -> ExitCode {
             tokio::spawn(read_lines(BufReader::new(tokio::io::stdin()), tx));
         }
     }
-    Runner::new(agent, identity, tls, queue).run(rx, stop_signal()).await;
+    let (commands_tx, mut commands) = mpsc::unbounded_channel::<device_agent::session::Command>();
+    tokio::spawn(async move {
+        while let Some((topic, payload)) = commands.recv().await {
+            print_command(&topic, &payload);
+        }
+    });
+    Runner::new(agent, identity, tls, queue, commands_tx)
+        .run(rx, stop_signal())
+        .await;
     ExitCode::SUCCESS
+}
+
+/// Prints a received command as one JSON line: topic, and payload as UTF-8 or base64.
+fn print_command(topic: &str, payload: &[u8]) {
+    use base64::Engine as _;
+    let line = match std::str::from_utf8(payload) {
+        Ok(text) => serde_json::json!({ "topic": topic, "payload": text }),
+        Err(_) => {
+            serde_json::json!({ "topic": topic, "payload_base64": base64::engine::general_purpose::STANDARD.encode(payload) })
+        }
+    };
+    println!("{line}");
 }
 
 /// Reads `<topic-suffix> <payload>` lines into the agent.

@@ -27,6 +27,9 @@ const WINDOW: usize = 64;
 /// A message from the device's application: the topic below `devices/<id>/`, and the payload.
 pub type Outbound = (String, Vec<u8>);
 
+/// A command received from the broker: its full topic and payload.
+pub type Command = (String, Vec<u8>);
+
 /// MQTT options for this device: client id = device id, TLS with our configuration.
 pub fn mqtt_options(agent: &Agent, identity: &Identity, tls: Arc<ClientConfig>) -> MqttOptions {
     let mut options = MqttOptions::new(identity.id.as_str(), agent.broker.host.clone(), agent.broker.port);
@@ -52,11 +55,19 @@ pub struct Runner {
     queue: Queue,
     started: Instant,
     heartbeats: u64,
+    /// Where received commands go.
+    commands: mpsc::UnboundedSender<Command>,
 }
 
 impl Runner {
-    /// A runner for this device with its queue opened.
-    pub fn new(agent: Agent, identity: Identity, tls: Arc<ClientConfig>, queue: Queue) -> Self {
+    /// A runner for this device with its queue opened; commands received go to `commands`.
+    pub fn new(
+        agent: Agent,
+        identity: Identity,
+        tls: Arc<ClientConfig>,
+        queue: Queue,
+        commands: mpsc::UnboundedSender<Command>,
+    ) -> Self {
         Self {
             agent,
             identity,
@@ -64,6 +75,7 @@ impl Runner {
             queue,
             started: Instant::now(),
             heartbeats: 0,
+            commands,
         }
     }
 
@@ -126,7 +138,9 @@ impl Runner {
                         let _ = client.try_subscribe(self.topic("cmd/#"), QoS::AtLeastOnce);
                         self.fill(&client, &mut flight);
                     }
-                    Ok(Event::Incoming(Packet::Publish(publish))) => print_command(&publish.topic, &publish.payload),
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        let _ = self.commands.send((publish.topic, publish.payload.to_vec()));
+                    }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => flight.sent(pkid),
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
                         if let Some(seq) = flight.acked(ack.pkid) {
@@ -227,18 +241,6 @@ impl Flight {
     fn open(&self) -> usize {
         self.unacked.len() + self.handed.iter().filter(|s| s.is_some()).count()
     }
-}
-
-/// Prints a received command as one JSON line: topic, and payload as UTF-8 or base64.
-fn print_command(topic: &str, payload: &[u8]) {
-    use base64::Engine as _;
-    let line = match std::str::from_utf8(payload) {
-        Ok(text) => serde_json::json!({ "topic": topic, "payload": text }),
-        Err(_) => {
-            serde_json::json!({ "topic": topic, "payload_base64": base64::engine::general_purpose::STANDARD.encode(payload) })
-        }
-    };
-    println!("{line}");
 }
 
 /// Waits for one connection attempt's outcome: `Ok` once the broker accepted us.
