@@ -115,6 +115,25 @@ impl BrokerProcess {
         }
     }
 
+    /// Waits until `count` events match `predicate`; panics with the whole log after `limit`.
+    pub fn wait_for_count(&self, what: &str, limit: Duration, count: usize, predicate: impl Fn(&Value) -> bool) {
+        let deadline = Instant::now() + limit;
+        let mut lines = self.events.lines.lock().expect("events lock");
+        loop {
+            let seen = lines.iter().filter(|e| predicate(e)).count();
+            if seen >= count {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{what}: {seen} of {count} within {limit:?}; broker log:\n{}",
+                render(&lines)
+            );
+            lines = self.events.added.wait_timeout(lines, left).expect("events lock").0;
+        }
+    }
+
     /// Waits for a `reject` event with `reason`.
     pub fn wait_for_reject(&self, reason: &str) -> Value {
         self.wait_for(&format!("reject with reason {reason}"), Duration::from_secs(10), |e| {
