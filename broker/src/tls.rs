@@ -11,7 +11,7 @@ use fleet_identity::pem::{load_certs, load_crls, load_key};
 use fleet_identity::{sha256_hex, CertificateSummary, Identity};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, ServerConfig, SignatureScheme};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
@@ -120,7 +120,7 @@ impl TlsMaterial {
         let (crls, crl) = match &files.crl {
             Some(path) => {
                 let crls = load_crls(path).map_err(|e| fail(path, e.problem))?;
-                let info = crl_info(&crls[0], &client_cas).map_err(|e| fail(path, e))?;
+                let info = crl_info(&crls, &client_cas).map_err(|e| fail(path, e))?;
                 (crls, Some(info))
             }
             None => (Vec::new(), None),
@@ -183,26 +183,50 @@ fn ip_to_string(bytes: &[u8]) -> Option<String> {
     }
 }
 
-fn crl_info(der: &[u8], client_cas: &[CertificateDer<'static>]) -> Result<CrlInfo, String> {
-    let (_, crl) = CertificateRevocationList::from_der(der).map_err(|e| format!("not a valid CRL: {e}"))?;
-    let issued_by_a_client_ca = client_cas
+/// What the CRLs in force say together. A file may hold one CRL per client CA (during a CA
+/// rollover): every one must be issued by a client CA; the revoked sets are joined; the earliest
+/// thisUpdate and nextUpdate count (the file is as stale as its stalest CRL).
+fn crl_info(
+    crls: &[CertificateRevocationListDer<'static>],
+    client_cas: &[CertificateDer<'static>],
+) -> Result<CrlInfo, String> {
+    let ca_subjects: Vec<Vec<u8>> = client_cas
         .iter()
-        .any(|ca| X509Certificate::from_der(ca).is_ok_and(|(_, ca)| ca.subject().as_raw() == crl.issuer().as_raw()));
-    if !issued_by_a_client_ca {
-        return Err(format!(
-            "CRL issuer {} is none of the client CAs: refusing a CRL that cannot apply",
-            crl.issuer()
-        ));
+        .filter_map(|ca| {
+            X509Certificate::from_der(ca)
+                .ok()
+                .map(|(_, ca)| ca.subject().as_raw().to_vec())
+        })
+        .collect();
+    let mut info = CrlInfo {
+        revoked: HashSet::new(),
+        this_update: i64::MAX,
+        next_update: None,
+        number: None,
+    };
+    for (index, der) in crls.iter().enumerate() {
+        let (_, crl) =
+            CertificateRevocationList::from_der(der).map_err(|e| format!("CRL #{index} is not a valid CRL: {e}"))?;
+        if !ca_subjects
+            .iter()
+            .any(|subject| subject.as_slice() == crl.issuer().as_raw())
+        {
+            return Err(format!(
+                "CRL #{index}: issuer {} is none of the client CAs: refusing a CRL that cannot apply",
+                crl.issuer()
+            ));
+        }
+        info.revoked.extend(
+            crl.iter_revoked_certificates()
+                .map(|r| r.user_certificate.to_str_radix(16)),
+        );
+        info.this_update = info.this_update.min(crl.last_update().timestamp());
+        if let Some(next) = crl.next_update().map(|t| t.timestamp()) {
+            info.next_update = Some(info.next_update.map_or(next, |n| n.min(next)));
+        }
+        info.number = info.number.or_else(|| crl.crl_number().map(|n| n.to_str_radix(16)));
     }
-    Ok(CrlInfo {
-        revoked: crl
-            .iter_revoked_certificates()
-            .map(|r| r.user_certificate.to_str_radix(16))
-            .collect(),
-        this_update: crl.last_update().timestamp(),
-        next_update: crl.next_update().map(|t| t.timestamp()),
-        number: crl.crl_number().map(|n| n.to_str_radix(16)),
-    })
+    Ok(info)
 }
 
 /// What the verifier learned during one handshake.

@@ -704,3 +704,38 @@ async fn a_persistent_session_receives_what_was_published_while_it_was_away() {
         .expect("queued message delivered");
     assert_eq!(&queued.payload[..], b"while away");
 }
+
+#[tokio::test]
+async fn a_device_ca_rollover_accepts_both_fleets_and_honours_both_crls() {
+    let old = TestFleet::new();
+    let new = TestFleet::new();
+    let old_device = old.device("dev-old");
+    let bundles = new.devices(&["dev-new", "dev-gone"]);
+    new.revoke("dev-gone");
+    // The broker trusts both device CAs and reads both CRLs from one file each.
+    let bundle_path = old.broker_dir().join("device-ca.crt");
+    let both = format!(
+        "{}{}",
+        fs::read_to_string(&bundle_path).unwrap(),
+        fs::read_to_string(new.pki_dir().join("device-ca.crt")).unwrap()
+    );
+    fs::write(&bundle_path, both).unwrap();
+    let crls = format!(
+        "{}{}",
+        fs::read_to_string(old.crl()).unwrap(),
+        fs::read_to_string(new.crl()).unwrap()
+    );
+    fs::write(old.crl(), crls).unwrap();
+    let broker = start(&old, &[]);
+    let with_old_broker_ca = |bundle: &Path| ClientFiles {
+        ca: old.pki_dir().join("broker-ca.crt"),
+        ..ClientFiles::device(bundle)
+    };
+    connect(broker.port(), &ClientFiles::device(&old_device), "dev-old")
+        .await
+        .expect("old fleet accepted");
+    connect(broker.port(), &with_old_broker_ca(&bundles[0]), "dev-new")
+        .await
+        .expect("new fleet accepted");
+    assert_refused(&broker, &with_old_broker_ca(&bundles[1]), "dev-gone", "revoked").await;
+}

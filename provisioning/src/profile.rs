@@ -45,8 +45,15 @@ fn base(fleet: &str, common_name: &str, validity_days: u32) -> CertificateParams
 }
 
 /// A self-signed CA: CA:true with pathlen 0, keyCertSign + cRLSign.
+///
+/// Its subject carries a random `OU=ca-<hex>`, so a new CA made for a rollover never has the
+/// same name as the one it replaces: a broker trusting both must tell them apart.
 pub fn ca(kind: CaKind, fleet: &str, validity_days: u32) -> CertificateParams {
     let mut params = base(fleet, &format!("{fleet} {}", kind.title()), validity_days);
+    let generation = hex::encode(&random_serial().to_bytes()[..4]);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, format!("ca-{generation}"));
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params
