@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use e2e::{connect, connect_with, next_publish, tls_config, BrokerProcess, ClientFiles, TestFleet};
-use rumqttc::{ConnectReturnCode, ConnectionError, Event, LastWill, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
+use e2e::{connect, connect_with, next_publish, tls_config, wait_for_incoming, BrokerProcess, ClientFiles, TestFleet};
+use rumqttc::{ConnectReturnCode, ConnectionError, LastWill, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -109,15 +109,14 @@ async fn qos1_round_trip_between_a_device_and_a_service() {
 }
 
 async fn wait_for_suback(eventloop: &mut rumqttc::EventLoop) -> Vec<SubscribeReasonCode> {
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let Event::Incoming(Packet::SubAck(ack)) = eventloop.poll().await.expect("connected") {
-                return ack.return_codes;
-            }
-        }
+    match wait_for_incoming(eventloop, Duration::from_secs(5), "SUBACK", |p| {
+        matches!(p, Packet::SubAck(_))
     })
     .await
-    .expect("a SUBACK")
+    {
+        Packet::SubAck(ack) => ack.return_codes,
+        _ => unreachable!("the predicate matched a SUBACK"),
+    }
 }
 
 #[tokio::test]
@@ -283,15 +282,10 @@ async fn a_device_is_confined_to_its_own_topics() {
     dev.publish("devices/dev-2/cmd/open", QoS::AtLeastOnce, false, "spoof")
         .await
         .unwrap();
-    let acked = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let Event::Incoming(Packet::PubAck(_)) = dev_loop.poll().await.unwrap() {
-                return;
-            }
-        }
+    wait_for_incoming(&mut dev_loop, Duration::from_secs(5), "PUBACK", |p| {
+        matches!(p, Packet::PubAck(_))
     })
     .await;
-    assert!(acked.is_ok(), "denied QoS 1 publish acknowledged");
     dev.publish("devices/dev-1/telemetry", QoS::AtLeastOnce, false, "real")
         .await
         .unwrap();
@@ -522,15 +516,10 @@ async fn garbage_and_oversized_input_close_only_that_connection() {
     dev.publish("devices/dev-1/telemetry", QoS::AtLeastOnce, false, "still here")
         .await
         .unwrap();
-    let acked = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let Event::Incoming(Packet::PubAck(_)) = dev_loop.poll().await.expect("still connected") {
-                return;
-            }
-        }
+    wait_for_incoming(&mut dev_loop, Duration::from_secs(5), "PUBACK", |p| {
+        matches!(p, Packet::PubAck(_))
     })
     .await;
-    assert!(acked.is_ok());
 }
 
 #[tokio::test]
@@ -642,15 +631,10 @@ async fn retained_messages_reach_late_subscribers() {
     dev.publish("devices/dev-1/config", QoS::AtLeastOnce, true, "v2")
         .await
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let Event::Incoming(Packet::PubAck(_)) = dev_loop.poll().await.unwrap() {
-                return;
-            }
-        }
+    wait_for_incoming(&mut dev_loop, Duration::from_secs(5), "PUBACK", |p| {
+        matches!(p, Packet::PubAck(_))
     })
-    .await
-    .unwrap();
+    .await;
     let (svc, mut svc_loop) = connect(broker.port(), &service, "ingest").await.unwrap();
     svc.subscribe("devices/dev-1/config", QoS::AtLeastOnce).await.unwrap();
     let retained = next_publish(&mut svc_loop, Duration::from_secs(5))
@@ -687,15 +671,10 @@ async fn a_persistent_session_receives_what_was_published_while_it_was_away() {
     dev.publish("devices/dev-1/telemetry", QoS::AtLeastOnce, false, "while away")
         .await
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let Event::Incoming(Packet::PubAck(_)) = dev_loop.poll().await.unwrap() {
-                return;
-            }
-        }
+    wait_for_incoming(&mut dev_loop, Duration::from_secs(5), "PUBACK", |p| {
+        matches!(p, Packet::PubAck(_))
     })
-    .await
-    .unwrap();
+    .await;
     let (_svc, mut svc_loop) = connect_with(broker.port(), &service, "ingest", persistent)
         .await
         .unwrap();

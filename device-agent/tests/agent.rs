@@ -82,14 +82,10 @@ async fn publish_exits_zero_once_the_broker_acknowledged_and_a_service_receives_
         .unwrap();
     svc.subscribe("devices/dev-1/#", QoS::AtLeastOnce).await.unwrap();
     // The SUBACK, before anything is published.
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !matches!(
-            svc_loop.poll().await,
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))
-        ) {}
+    e2e::wait_for_incoming(&mut svc_loop, Duration::from_secs(5), "SUBACK", |p| {
+        matches!(p, rumqttc::Packet::SubAck(_))
     })
-    .await
-    .unwrap();
+    .await;
     let output =
         e2e::run(agent_cmd("publish", &bundle, broker.port()).args(["--topic", "telemetry", "--message", "21.5"]));
     assert_eq!(exit_code(&output), 0, "{}", text(&output));
@@ -386,14 +382,10 @@ async fn queued_messages_survive_sigkill_and_arrive_in_order_when_the_broker_ret
     svc.subscribe("devices/dev-1/telemetry", QoS::AtLeastOnce)
         .await
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !matches!(
-            svc_loop.poll().await,
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))
-        ) {}
+    e2e::wait_for_incoming(&mut svc_loop, Duration::from_secs(5), "SUBACK", |p| {
+        matches!(p, rumqttc::Packet::SubAck(_))
     })
-    .await
-    .unwrap();
+    .await;
     let _second = RunningAgent::start(fast(agent_cmd("run", &bundle, port)));
     let mut seen: Vec<u32> = Vec::new();
     while seen.len() < 500 {

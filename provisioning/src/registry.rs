@@ -168,6 +168,17 @@ impl Registry {
         }
     }
 
+    /// Opens a write-locked (IMMEDIATE) transaction: a concurrent `provision` waits for it, up to
+    /// the busy timeout, instead of failing half-way. Returns the path for error messages.
+    fn write_transaction(&mut self) -> Result<(rusqlite::Transaction<'_>, PathBuf)> {
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql_error(&path))?;
+        Ok((tx, path))
+    }
+
     /// The fleet name given at `init`.
     pub fn fleet(&self) -> Result<String> {
         self.sql(|c| c.query_row("SELECT value FROM meta WHERE key = 'fleet'", [], |r| r.get(0)))
@@ -186,15 +197,8 @@ impl Registry {
         now: i64,
         before_commit: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
-        let path = self.path.clone();
-        let fail = |source| Error::Registry {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(fail)?;
+        let (tx, path) = self.write_transaction()?;
+        let fail = sql_error(&path);
         {
             let mut active = tx
                 .prepare_cached("SELECT serial FROM certificates WHERE role = ?1 AND id = ?2 AND status = 'active' AND not_after > ?3 AND role != 'broker'")
@@ -259,15 +263,8 @@ impl Registry {
         now: i64,
         publish: impl FnOnce(u64, &[RevokedEntry]) -> Result<()>,
     ) -> Result<Vec<String>> {
-        let path = self.path.clone();
-        let fail = |source| Error::Registry {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(fail)?;
+        let (tx, path) = self.write_transaction()?;
+        let fail = sql_error(&path);
         let (serials, broker): (Vec<String>, bool) = match target {
             RevokeTarget::Id(id) => {
                 let mut stmt = tx
@@ -322,28 +319,14 @@ impl Registry {
             )
             .map_err(fail)?;
         }
-        let crl_number = next_crl_number(&tx).map_err(fail)?;
-        let revoked = revoked_set(&tx).map_err(fail)?;
-        publish(crl_number, &revoked)?;
-        tx.commit().map_err(fail)?;
+        publish_and_commit(tx, publish).map_err(|e| e.at(&path))?;
         Ok(serials)
     }
 
     /// Hands a fresh CRL number and the unchanged revoked set to `publish`, in one transaction.
     pub fn reissue_crl(&mut self, publish: impl FnOnce(u64, &[RevokedEntry]) -> Result<()>) -> Result<()> {
-        let path = self.path.clone();
-        let fail = |source| Error::Registry {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(fail)?;
-        let crl_number = next_crl_number(&tx).map_err(fail)?;
-        let revoked = revoked_set(&tx).map_err(fail)?;
-        publish(crl_number, &revoked)?;
-        tx.commit().map_err(fail)
+        let (tx, path) = self.write_transaction()?;
+        publish_and_commit(tx, publish).map_err(|e| e.at(&path))
     }
 
     /// Lists the inventory, oldest issue first.
@@ -385,6 +368,45 @@ impl Registry {
             })
             .collect())
     }
+}
+
+/// Wraps an SQLite error with the registry's path.
+fn sql_error(path: &Path) -> impl Fn(rusqlite::Error) -> Error + Copy + '_ {
+    move |source| Error::Registry {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A failure inside [`publish_and_commit`]: SQLite's, or the publisher's own.
+enum PublishFailure {
+    Sql(rusqlite::Error),
+    Publish(Error),
+}
+
+impl PublishFailure {
+    fn at(self, path: &Path) -> Error {
+        match self {
+            PublishFailure::Sql(source) => Error::Registry {
+                path: path.to_owned(),
+                source,
+            },
+            PublishFailure::Publish(e) => e,
+        }
+    }
+}
+
+/// The end of every transaction that changes the CRL: the next CRL number and the full revoked
+/// set go to `publish` (which signs and writes the file); the transaction commits only if that
+/// succeeded, so the registry and `crl.pem` never disagree.
+fn publish_and_commit(
+    tx: rusqlite::Transaction<'_>,
+    publish: impl FnOnce(u64, &[RevokedEntry]) -> Result<()>,
+) -> Result<(), PublishFailure> {
+    let crl_number = next_crl_number(&tx).map_err(PublishFailure::Sql)?;
+    let revoked = revoked_set(&tx).map_err(PublishFailure::Sql)?;
+    publish(crl_number, &revoked).map_err(PublishFailure::Publish)?;
+    tx.commit().map_err(PublishFailure::Sql)
 }
 
 fn next_crl_number(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<u64> {

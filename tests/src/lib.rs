@@ -12,5 +12,5 @@ mod tools;
 
 pub use broker_process::BrokerProcess;
 pub use fleet::TestFleet;
-pub use mqtt::{connect, connect_with, next_publish, tls_config, ClientFiles};
+pub use mqtt::{connect, connect_with, next_publish, tls_config, wait_for_incoming, ClientFiles};
 pub use tools::{require_tool, run, run_err, run_ok, target_dir, workspace_bin};

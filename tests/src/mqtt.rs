@@ -111,3 +111,28 @@ pub async fn next_publish(eventloop: &mut EventLoop, limit: Duration) -> Option<
     .ok()
     .flatten()
 }
+
+/// Polls until an incoming packet matches `wanted`; panics (naming `what`) on a connection
+/// error or after `limit`.
+pub async fn wait_for_incoming(
+    eventloop: &mut EventLoop,
+    limit: Duration,
+    what: &str,
+    wanted: impl Fn(&Packet) -> bool,
+) -> Packet {
+    let found = tokio::time::timeout(limit, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(packet)) if wanted(&packet) => return Ok(packet),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    match found {
+        Ok(Ok(packet)) => packet,
+        Ok(Err(e)) => panic!("waiting for {what}: connection failed: {e}"),
+        Err(_) => panic!("no {what} within {limit:?}"),
+    }
+}
