@@ -718,3 +718,80 @@ async fn a_device_ca_rollover_accepts_both_fleets_and_honours_both_crls() {
         .expect("new fleet accepted");
     assert_refused(&broker, &with_old_broker_ca(&bundles[1]), "dev-gone", "revoked").await;
 }
+
+#[tokio::test]
+async fn a_new_server_certificate_is_picked_up_without_restart_and_sighup_forces_a_reload() {
+    let fleet = TestFleet::new();
+    let files = ClientFiles::device(&fleet.device("dev-1"));
+    let broker = start(&fleet, &[]);
+    let before = fs::read(fleet.broker_dir().join("broker.crt")).unwrap();
+    let request = provisioning::broker_bundle::BrokerRequest {
+        dns: vec!["localhost".into()],
+        ips: vec![],
+        validity_days: 10,
+        overwrite: provisioning::output::Overwrite::Replace,
+    };
+    provisioning::broker_bundle::issue_broker(&mut fleet.pki(), &fleet.broker_dir(), &request).unwrap();
+    assert_ne!(before, fs::read(fleet.broker_dir().join("broker.crt")).unwrap());
+    let reload = broker.wait_for("reload of the server certificate", Duration::from_secs(5), |e| {
+        e["event"] == "reload" && e["changed"].as_str().is_some_and(|c| c.contains("server_cert"))
+    });
+    assert!(reload["changed"].as_str().unwrap().contains("server_key"), "{reload}");
+    // New handshakes get the new certificate (10 days of validity left, not 30).
+    let mut stream = raw_tls(broker.port(), &files, true).await.unwrap();
+    let presented = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let days = fleet_identity::CertificateSummary::from_der(&presented).unwrap();
+    assert!((days.not_after - days.not_before) / 86_400 <= 10);
+    stream.write_all(&connect_packet(4, "dev-1")).await.unwrap();
+
+    broker.hangup();
+    broker.wait_for("reload on SIGHUP", Duration::from_secs(5), |e| {
+        e["event"] == "reload" && e["changed"].as_str().is_some_and(|c| c.contains("SIGHUP"))
+    });
+}
+
+#[tokio::test]
+async fn the_broker_listens_on_ipv6() {
+    let fleet = TestFleet::new();
+    let files = ClientFiles::device(&fleet.device("dev-1"));
+    let broker = start(&fleet, &[("BROKER__LISTEN", "[::1]:0")]);
+    assert!(broker.addr.is_ipv6(), "{}", broker.addr);
+    let tcp = TcpStream::connect(broker.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls_config(&files)))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    stream.write_all(&connect_packet(4, "dev-1")).await.unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    let accept = broker.wait_for("accept over IPv6", Duration::from_secs(5), |e| e["event"] == "accept");
+    assert!(accept["peer"].as_str().unwrap().starts_with("[::1]"), "{accept}");
+}
+
+#[tokio::test]
+async fn a_silent_client_with_a_truncated_packet_is_dropped_after_its_keepalive() {
+    let fleet = TestFleet::new();
+    let files = ClientFiles::device(&fleet.device("dev-1"));
+    let broker = start(&fleet, &[]);
+    let mut stream = raw_tls(broker.port(), &files, true).await.unwrap();
+    let mut connect = connect_packet(4, "dev-1");
+    // Keepalive (bytes 10 and 11: after the 2-byte fixed header, name, level and flags): 1 s.
+    connect[10] = 0;
+    connect[11] = 1;
+    stream.write_all(&connect).await.unwrap();
+    stream.write_all(&[0x30, 0x20, 0x00]).await.unwrap(); // the start of a PUBLISH, never finished
+    let started = Instant::now();
+    let received = read_until_closed(&mut stream).await;
+    assert_eq!(&received[..4], &[0x20, 0x02, 0x00, 0x00]);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    let end = broker.wait_for("keepalive disconnect", Duration::from_secs(5), |e| {
+        e["event"] == "disconnect"
+    });
+    assert!(end["cause"].as_str().unwrap().contains("keepalive"), "{end}");
+}
