@@ -473,3 +473,37 @@ fn the_agent_works_unchanged_against_mosquitto_with_mtls() {
     assert_eq!(exit_code(&check), 0, "{}", text(&check));
     assert_eq!(exit_code(&publish), 0, "{}", text(&publish));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_arrive_through_the_unix_socket_and_sigterm_exits_zero() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let broker = start_broker(&fleet, &[]);
+    let (svc, mut svc_loop) = connect(broker.port(), &ClientFiles::service(&fleet.service("ingest")), "ingest")
+        .await
+        .unwrap();
+    svc.subscribe("devices/dev-1/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    e2e::wait_for_incoming(&mut svc_loop, Duration::from_secs(5), "SUBACK", |p| {
+        matches!(p, rumqttc::Packet::SubAck(_))
+    })
+    .await;
+    let socket = fleet.path().join("agent.sock");
+    let mut command = agent_cmd("run", &bundle, broker.port());
+    command.arg("--listen-socket").arg(&socket);
+    let mut agent = RunningAgent::start(command);
+    agent.wait_stderr("connected to", Duration::from_secs(10));
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    writeln!(stream, "telemetry via-socket").unwrap();
+    let received = next_publish(&mut svc_loop, Duration::from_secs(5))
+        .await
+        .expect("the socket's message arrives");
+    assert_eq!(&received.payload[..], b"via-socket");
+
+    let pid = agent.child.id().to_string();
+    run_ok(Command::new("kill").args(["-TERM", &pid]));
+    let status = agent.child.wait().unwrap();
+    assert!(status.success(), "SIGTERM ends the agent cleanly: {status}");
+    agent.wait_stderr("stopped;", Duration::from_secs(2));
+}
