@@ -39,6 +39,19 @@ fn agent_cmd(sub: &str, bundle: &Path, port: u16) -> Command {
     command
 }
 
+/// The `ingest` service, connected and subscribed to `filter` (its SUBACK received).
+async fn subscribed_service(fleet: &TestFleet, port: u16, filter: &str) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let (svc, mut svc_loop) = connect(port, &ClientFiles::service(&fleet.service("ingest")), "ingest")
+        .await
+        .unwrap();
+    svc.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    e2e::wait_for_incoming(&mut svc_loop, Duration::from_secs(5), "SUBACK", |p| {
+        matches!(p, rumqttc::Packet::SubAck(_))
+    })
+    .await;
+    (svc, svc_loop)
+}
+
 fn exit_code(output: &Output) -> i32 {
     output.status.code().unwrap_or(-1)
 }
@@ -77,15 +90,7 @@ async fn publish_exits_zero_once_the_broker_acknowledged_and_a_service_receives_
     let fleet = TestFleet::new();
     let bundle = fleet.device("dev-1");
     let broker = start_broker(&fleet, &[]);
-    let (svc, mut svc_loop) = connect(broker.port(), &ClientFiles::service(&fleet.service("ingest")), "ingest")
-        .await
-        .unwrap();
-    svc.subscribe("devices/dev-1/#", QoS::AtLeastOnce).await.unwrap();
-    // The SUBACK, before anything is published.
-    e2e::wait_for_incoming(&mut svc_loop, Duration::from_secs(5), "SUBACK", |p| {
-        matches!(p, rumqttc::Packet::SubAck(_))
-    })
-    .await;
+    let (_svc, mut svc_loop) = subscribed_service(&fleet, broker.port(), "devices/dev-1/#").await;
     let output =
         e2e::run(agent_cmd("publish", &bundle, broker.port()).args(["--topic", "telemetry", "--message", "21.5"]));
     assert_eq!(exit_code(&output), 0, "{}", text(&output));
@@ -157,12 +162,7 @@ async fn run_carries_commands_to_the_device_and_telemetry_to_a_service() {
     let fleet = TestFleet::new();
     let bundle = fleet.device("dev-1");
     let broker = start_broker(&fleet, &[]);
-    let (svc, mut svc_loop) = connect(broker.port(), &ClientFiles::service(&fleet.service("ingest")), "ingest")
-        .await
-        .unwrap();
-    svc.subscribe("devices/dev-1/telemetry", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    let (svc, mut svc_loop) = subscribed_service(&fleet, broker.port(), "devices/dev-1/telemetry").await;
     let mut agent = RunningAgent::start(agent_cmd("run", &bundle, broker.port()));
     agent.wait_stderr("connected to", Duration::from_secs(10));
     broker.wait_for("the agent's subscription", Duration::from_secs(5), |e| {
@@ -376,16 +376,7 @@ async fn queued_messages_survive_sigkill_and_arrive_in_order_when_the_broker_ret
     // Broker up, a service listening, the agent restarted: everything arrives, in order.
     let port_text = format!("127.0.0.1:{port}");
     let broker = start_broker(&fleet, &[("BROKER__LISTEN", &port_text)]);
-    let (svc, mut svc_loop) = connect(broker.port(), &ClientFiles::service(&fleet.service("ingest")), "ingest")
-        .await
-        .unwrap();
-    svc.subscribe("devices/dev-1/telemetry", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    e2e::wait_for_incoming(&mut svc_loop, Duration::from_secs(5), "SUBACK", |p| {
-        matches!(p, rumqttc::Packet::SubAck(_))
-    })
-    .await;
+    let (_svc, mut svc_loop) = subscribed_service(&fleet, broker.port(), "devices/dev-1/telemetry").await;
     let _second = RunningAgent::start(fast(agent_cmd("run", &bundle, port)));
     let mut seen: Vec<u32> = Vec::new();
     while seen.len() < 500 {
@@ -479,16 +470,7 @@ async fn messages_arrive_through_the_unix_socket_and_sigterm_exits_zero() {
     let fleet = TestFleet::new();
     let bundle = fleet.device("dev-1");
     let broker = start_broker(&fleet, &[]);
-    let (svc, mut svc_loop) = connect(broker.port(), &ClientFiles::service(&fleet.service("ingest")), "ingest")
-        .await
-        .unwrap();
-    svc.subscribe("devices/dev-1/telemetry", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    e2e::wait_for_incoming(&mut svc_loop, Duration::from_secs(5), "SUBACK", |p| {
-        matches!(p, rumqttc::Packet::SubAck(_))
-    })
-    .await;
+    let (_svc, mut svc_loop) = subscribed_service(&fleet, broker.port(), "devices/dev-1/telemetry").await;
     let socket = fleet.path().join("agent.sock");
     let mut command = agent_cmd("run", &bundle, broker.port());
     command.arg("--listen-socket").arg(&socket);
