@@ -7,7 +7,9 @@
 //! client is not the bottleneck). Prints medians of `BENCH_RUNS` (default 3) runs:
 //! - full mTLS handshakes + CONNECT/CONNACK per second at concurrency 64 (no resumption);
 //! - QoS 1 and QoS 0 end to end, 64-byte payloads, 8 device publishers, 1 service subscriber;
-//! - broker RSS per idle mTLS session with `BENCH_IDLE_SESSIONS` (default 10000) held.
+//! - broker RSS per idle mTLS session with `BENCH_IDLE_SESSIONS` (default 10000) held;
+//!   `BENCH_IDLE_WITHOUT_CONNECT=1` holds them after the handshake without CONNECT (no router
+//!   link), which separates the TLS front's cost from rumqttd's per-link cost.
 
 use std::io::Write as _;
 use std::net::TcpListener as StdListener;
@@ -207,12 +209,20 @@ fn publish_packet(topic: &str, qos: u8, pkid: u16, out: &mut Vec<u8>) {
     out.extend_from_slice(&PAYLOAD);
 }
 
-/// A connected MQTT session over mTLS (CONNACK checked).
-async fn open(port: u16, config: Arc<rustls::ClientConfig>, client_id: &str) -> std::io::Result<TlsStream<TcpStream>> {
+/// A completed mTLS handshake, no MQTT yet.
+async fn handshake(port: u16, config: Arc<rustls::ClientConfig>) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
     tcp.set_nodelay(true)?;
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
     let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+    // The server completes its side when it reads our Finished: send it now.
+    tls.flush().await?;
+    Ok(tls)
+}
+
+/// A connected MQTT session over mTLS (CONNACK checked).
+async fn open(port: u16, config: Arc<rustls::ClientConfig>, client_id: &str) -> std::io::Result<TlsStream<TcpStream>> {
+    let mut tls = handshake(port, config).await?;
     tls.write_all(&connect_packet(client_id)).await?;
     let mut connack = [0u8; 4];
     tls.read_exact(&mut connack).await?;
@@ -401,6 +411,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 async fn rss_per_idle_session(target: &Target, sessions: &[(Arc<rustls::ClientConfig>, String)]) -> (f64, usize) {
+    let without_connect = std::env::var_os("BENCH_IDLE_WITHOUT_CONNECT").is_some();
     let before = rss_kib(target.pid);
     let gate = Arc::new(Semaphore::new(HANDSHAKE_CONCURRENCY));
     let tasks: Vec<_> = sessions
@@ -410,7 +421,11 @@ async fn rss_per_idle_session(target: &Target, sessions: &[(Arc<rustls::ClientCo
             let (gate, port) = (gate.clone(), target.port);
             tokio::spawn(async move {
                 let _permit = gate.acquire().await;
-                open(port, config, &id).await.ok()
+                if without_connect {
+                    handshake(port, config).await.ok()
+                } else {
+                    open(port, config, &id).await.ok()
+                }
             })
         })
         .collect();
