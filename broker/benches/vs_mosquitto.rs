@@ -286,6 +286,18 @@ async fn handshakes_per_second(target: &Target, configs: &[(Arc<rustls::ClientCo
     done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
+/// How long the subscriber waits for the next byte before counting the rest as lost. Long on
+/// purpose: a delivery stall (see `max_gap`) must not be mistaken for loss.
+const LOSS_CUTOFF: Duration = Duration::from_secs(15);
+
+/// One throughput run: messages per second end to end, messages that never arrived, and the
+/// longest pause in delivery.
+struct Throughput {
+    rate: f64,
+    lost: usize,
+    max_gap: Duration,
+}
+
 /// Messages per second end to end and messages lost.
 async fn throughput(
     target: &Target,
@@ -294,7 +306,7 @@ async fn throughput(
     subscriber: &(Arc<rustls::ClientConfig>, String),
     qos: u8,
     per_publisher: usize,
-) -> (f64, usize) {
+) -> Throughput {
     let mut sub = open(target.port, subscriber.0.clone(), &subscriber.1)
         .await
         .expect("subscriber connects");
@@ -318,11 +330,13 @@ async fn throughput(
     let receiver = tokio::spawn(async move {
         let (mut received, mut buf, mut chunk, mut acks) = (0usize, Vec::new(), vec![0u8; 64 * 1024], Vec::new());
         let mut last = Instant::now();
+        let mut max_gap = Duration::ZERO;
         while received < expected {
-            let n = match tokio::time::timeout(Duration::from_secs(3), sub.read(&mut chunk)).await {
+            let n = match tokio::time::timeout(LOSS_CUTOFF, sub.read(&mut chunk)).await {
                 Ok(Ok(n)) if n > 0 => n,
                 _ => break,
             };
+            max_gap = max_gap.max(last.elapsed());
             buf.extend_from_slice(&chunk[..n]);
             for_each_packet(&mut buf, |first, body| {
                 if first >> 4 == 3 {
@@ -339,7 +353,7 @@ async fn throughput(
             }
             last = Instant::now();
         }
-        (received, last)
+        (received, last, max_gap)
     });
 
     let started = Instant::now();
@@ -391,12 +405,16 @@ async fn throughput(
     for sender in senders {
         keep.push(sender.await.expect("publisher"));
     }
-    let (received, last) = receiver.await.expect("subscriber");
+    let (received, last, max_gap) = receiver.await.expect("subscriber");
     for (_, acker) in keep {
         acker.abort();
     }
     let seconds = last.duration_since(started).as_secs_f64().max(1e-3);
-    (received as f64 / seconds, expected - received)
+    Throughput {
+        rate: received as f64 / seconds,
+        lost: expected - received,
+        max_gap,
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -451,6 +469,7 @@ struct Figures {
     handshakes: f64,
     qos1: f64,
     qos1_lost: usize,
+    qos1_max_gap: Duration,
     qos0: f64,
     qos0_lost: usize,
     rss: f64,
@@ -487,15 +506,16 @@ async fn measure(target: Target, fleet: &Fleet, runs: usize, per_publisher: usiz
     );
     let mut hs = Vec::new();
     let (mut q1, mut q0) = (Vec::new(), Vec::new());
-    let (mut q1_lost, mut q0_lost) = (0, 0);
+    let (mut q1_lost, mut q0_lost, mut q1_max_gap) = (0, 0, Duration::ZERO);
     for _ in 0..runs {
         hs.push(handshakes_per_second(&target, &handshake, 3).await);
-        let (rate, lost) = throughput(&target, &publishers, &cert_ids, &subscriber, 1, per_publisher).await;
-        q1.push(rate);
-        q1_lost = q1_lost.max(lost);
-        let (rate, lost) = throughput(&target, &publishers, &cert_ids, &subscriber, 0, per_publisher).await;
-        q0.push(rate);
-        q0_lost = q0_lost.max(lost);
+        let qos1 = throughput(&target, &publishers, &cert_ids, &subscriber, 1, per_publisher).await;
+        q1.push(qos1.rate);
+        q1_lost = q1_lost.max(qos1.lost);
+        q1_max_gap = q1_max_gap.max(qos1.max_gap);
+        let qos0 = throughput(&target, &publishers, &cert_ids, &subscriber, 0, per_publisher).await;
+        q0.push(qos0.rate);
+        q0_lost = q0_lost.max(qos0.lost);
     }
     let (rss, idle_held) = rss_per_idle_session(&target, &idle).await;
     let figures = Figures {
@@ -503,14 +523,23 @@ async fn measure(target: Target, fleet: &Fleet, runs: usize, per_publisher: usiz
         handshakes: median(hs),
         qos1: median(q1),
         qos1_lost: q1_lost,
+        qos1_max_gap: q1_max_gap,
         qos0: median(q0),
         qos0_lost: q0_lost,
         rss,
         idle_held,
     };
     println!(
-        "{:<10} handshakes/s {:>8.0}  qos1 msg/s {:>9.0} (lost {})  qos0 msg/s {:>9.0} (lost {})  RSS/idle session {:>6.1} KiB ({} held)",
-        figures.name, figures.handshakes, figures.qos1, figures.qos1_lost, figures.qos0, figures.qos0_lost, figures.rss, figures.idle_held
+        "{:<10} handshakes/s {:>8.0}  qos1 msg/s {:>9.0} (lost {}, longest delivery gap {} ms)  qos0 msg/s {:>9.0} (lost {})  RSS/idle session {:>6.1} KiB ({} held)",
+        figures.name,
+        figures.handshakes,
+        figures.qos1,
+        figures.qos1_lost,
+        figures.qos1_max_gap.as_millis(),
+        figures.qos0,
+        figures.qos0_lost,
+        figures.rss,
+        figures.idle_held
     );
     let _ = std::io::stdout().flush();
     figures
