@@ -61,12 +61,7 @@ impl Broker {
     /// Loads the TLS material, starts the router and binds every listen address.
     pub async fn bind(config: &BrokerConfig) -> Result<Self, StartError> {
         let provider = crypto_provider();
-        let files = TlsFiles {
-            server_cert: config.server_cert.clone(),
-            server_key: config.server_key.clone(),
-            client_ca: config.client_ca.clone(),
-            crl: config.crl.clone(),
-        };
+        let files = TlsFiles::of(config);
         let tls = Arc::new(TlsState::new(TlsMaterial::load(&files, &provider)?));
         let mut listeners = Vec::new();
         for addr in &config.listen {

@@ -108,12 +108,7 @@ fn date(unix: i64) -> String {
 }
 
 fn check_config(path: &std::path::Path, config: &BrokerConfig) -> ExitCode {
-    let files = TlsFiles {
-        server_cert: config.server_cert.clone(),
-        server_key: config.server_key.clone(),
-        client_ca: config.client_ca.clone(),
-        crl: config.crl.clone(),
-    };
+    let files = TlsFiles::of(config);
     let material = match TlsMaterial::load(&files, &crypto_provider()) {
         Ok(material) => material,
         Err(e) => {

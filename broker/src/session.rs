@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use fleet_identity::{Identity, Role};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
@@ -272,12 +272,9 @@ async fn run(mut session: Authenticated, peer: SocketAddr, ctx: &SessionContext)
     let identity = session.identity.clone();
     let rules = ctx.acl.for_identity(&identity);
     if let Err((code, reason, detail)) = check_connect(&identity, &connect, will.as_ref(), &rules) {
-        if reason == RejectReason::WillDenied {
-            ctx.audit.acl_denied(
-                &identity,
-                "will",
-                std::str::from_utf8(&will.as_ref().map_or(Bytes::new(), |w| w.topic.clone())).unwrap_or(""),
-            );
+        if let (RejectReason::WillDenied, Some(will)) = (reason, &will) {
+            ctx.audit
+                .acl_denied(&identity, "will", &String::from_utf8_lossy(&will.topic));
         }
         let _ = write_now(&mut session.tls, connack_refusal(code)).await;
         ctx.audit.reject(peer, reason, &detail, Some(&session.cert));

@@ -33,6 +33,16 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// The files `config` names.
+    pub fn of(config: &crate::config::BrokerConfig) -> Self {
+        Self {
+            server_cert: config.server_cert.clone(),
+            server_key: config.server_key.clone(),
+            client_ca: config.client_ca.clone(),
+            crl: config.crl.clone(),
+        }
+    }
+
     /// Every file, for watching.
     pub fn all(&self) -> Vec<(&'static str, &Path)> {
         let mut files = vec![

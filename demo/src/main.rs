@@ -177,8 +177,7 @@ fn start_agent(
     agent.config.queue_dir = queues.join(id);
     agent.config.backoff_max_ms = 5_000;
     let clock = Arc::new(device_agent::trust::FlooredClock::system());
-    let (identity, _) = device_agent::trust::device_identity(&agent.config.cert)?;
-    let tls = device_agent::trust::client_config(&agent, clock)?;
+    let device_agent::trust::Credentials { identity, tls, .. } = device_agent::trust::load_credentials(&agent, clock)?;
     let queue = Queue::open(&agent.config.queue_dir, agent.config.queue_max_messages)?;
     let (input, input_rx) = mpsc::channel(64);
     let (commands_tx, mut commands) = mpsc::unbounded_channel::<device_agent::session::Command>();

@@ -9,7 +9,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::config::Agent;
 use crate::diagnosis::Diagnosis;
 use crate::session::{connect_once, mqtt_options};
-use crate::trust::{client_config, crypto_provider, device_identity, FlooredClock};
+use crate::trust::{crypto_provider, device_identity, load_credentials, Credentials, FlooredClock};
 
 /// Days before expiry from which the agent warns.
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
@@ -137,12 +137,8 @@ pub async fn run(agent: &Agent) -> Diagnosis {
     if let Some(diagnosis) = failed {
         return diagnosis;
     }
-    let tls = match client_config(agent, clock) {
-        Ok(tls) => tls,
-        Err(e) => return Diagnosis::LocalProblem(e.to_string()),
-    };
-    let identity = match device_identity(&agent.config.cert) {
-        Ok((identity, _)) => identity,
+    let Credentials { identity, tls, .. } = match load_credentials(agent, clock) {
+        Ok(credentials) => credentials,
         Err(e) => return Diagnosis::LocalProblem(e.to_string()),
     };
     let (client, mut eventloop) = rumqttc::AsyncClient::new(mqtt_options(agent, &identity, tls), 4);

@@ -11,7 +11,7 @@ use device_agent::diagnosis::Diagnosis;
 use device_agent::keygen::{self, KeyType};
 use device_agent::queue::Queue;
 use device_agent::session::{connect_once, mqtt_options, Outbound, Runner};
-use device_agent::trust::{client_config, device_identity, FlooredClock};
+use device_agent::trust::{load_credentials, Credentials, FlooredClock};
 use rumqttc::{Event, Packet, QoS};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -146,10 +146,8 @@ async fn publish(config: &Path, suffix: &str, message: String, qos: u8) -> ExitC
         eprintln!("error: --topic {suffix:?}: give a topic below devices/<id>/ without wildcards");
         return ExitCode::from(2);
     }
-    let (identity, tls) = match device_identity(&agent.config.cert)
-        .and_then(|(identity, _)| Ok((identity, client_config(&agent, Arc::new(FlooredClock::system()))?)))
-    {
-        Ok(found) => found,
+    let Credentials { identity, tls, .. } = match load_credentials(&agent, Arc::new(FlooredClock::system())) {
+        Ok(credentials) => credentials,
         Err(e) => return report(&Diagnosis::LocalProblem(e.to_string())),
     };
     let (client, mut eventloop) = rumqttc::AsyncClient::new(mqtt_options(&agent, &identity, tls), 4);
@@ -198,10 +196,8 @@ async fn run(config: &Path, listen_socket: Option<PathBuf>) -> ExitCode {
             "the system clock is earlier than this agent's build time: validating certificates against the build time"
         );
     }
-    let setup = device_identity(&agent.config.cert)
-        .and_then(|(identity, cert)| Ok((identity, cert, client_config(&agent, clock.clone())?)));
-    let (identity, cert, tls) = match setup {
-        Ok(found) => found,
+    let Credentials { identity, cert, tls } = match load_credentials(&agent, clock.clone()) {
+        Ok(credentials) => credentials,
         Err(e) => return report(&Diagnosis::LocalProblem(e.to_string())),
     };
     let queue = match Queue::open(&agent.config.queue_dir, agent.config.queue_max_messages) {

@@ -172,23 +172,50 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 /// Reads the device's identity from its certificate: it must be a device certificate.
 pub fn device_identity(cert_path: &Path) -> Result<(Identity, CertificateDer<'static>), LocalError> {
     let cert = pem::load_certs(cert_path)?.remove(0);
+    Ok((identity_of(cert_path, &cert)?, cert))
+}
+
+/// The device identity in `cert` (read from `cert_path`, named in errors).
+fn identity_of(cert_path: &Path, cert: &CertificateDer<'_>) -> Result<Identity, LocalError> {
     let bad = |reason: String| LocalError::Identity {
         path: cert_path.to_owned(),
         reason,
     };
-    let identity = Identity::from_der(&cert).map_err(|e| bad(e.to_string()))?;
+    let identity = Identity::from_der(cert).map_err(|e| bad(e.to_string()))?;
     if identity.role != Role::Device {
         return Err(bad(format!(
             "this is a {} certificate, not a device certificate",
             identity.role
         )));
     }
-    Ok((identity, cert))
+    Ok(identity)
 }
 
-/// The rustls client configuration: the device's certificate, the pinned broker CA(s) and pins,
-/// and the floored clock.
-pub fn client_config(agent: &Agent, clock: Arc<FlooredClock>) -> Result<Arc<ClientConfig>, LocalError> {
+/// What the device presents and trusts, read from its files once.
+pub struct Credentials {
+    /// The device's identity, from its certificate.
+    pub identity: Identity,
+    /// The device certificate (the leaf).
+    pub cert: CertificateDer<'static>,
+    /// The TLS client configuration presenting it.
+    pub tls: Arc<ClientConfig>,
+}
+
+/// Loads the device's certificate chain and key, the pinned broker CA(s) and pins: the identity
+/// to connect as and the rustls configuration, validated against `clock`.
+pub fn load_credentials(agent: &Agent, clock: Arc<FlooredClock>) -> Result<Credentials, LocalError> {
+    let chain = pem::load_certs(&agent.config.cert)?;
+    let cert = chain[0].clone();
+    let identity = identity_of(&agent.config.cert, &cert)?;
+    let tls = client_config(agent, clock, chain)?;
+    Ok(Credentials { identity, cert, tls })
+}
+
+fn client_config(
+    agent: &Agent,
+    clock: Arc<FlooredClock>,
+    chain: Vec<CertificateDer<'static>>,
+) -> Result<Arc<ClientConfig>, LocalError> {
     let provider = crypto_provider();
     let roots = pem::load_certs(&agent.config.ca)?;
     let inner = tls::server_verifier(provider.clone(), &roots)?;
@@ -199,7 +226,6 @@ pub fn client_config(agent: &Agent, clock: Arc<FlooredClock>) -> Result<Arc<Clie
         pins: agent.config.pin_sha256.clone(),
         server_name,
     });
-    let chain = pem::load_certs(&agent.config.cert)?;
     let key = pem::load_key(&agent.config.key)?;
     Ok(Arc::new(tls::client_config(provider, clock, verifier, chain, key)?))
 }

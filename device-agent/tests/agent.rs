@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use device_agent::config::Agent;
 use device_agent::diagnosis::Diagnosis;
 use device_agent::session::{connect_once, mqtt_options};
-use device_agent::trust::{build_time, client_config, device_identity, spki_sha256, FlooredClock};
+use device_agent::trust::{build_time, load_credentials, spki_sha256, Credentials, FlooredClock};
 use e2e::{connect, next_publish, require_tool, run_ok, workspace_bin, BrokerProcess, ClientFiles, TestFleet};
 use rumqttc::QoS;
 
@@ -319,9 +319,8 @@ async fn a_clock_stuck_in_1970_is_floored_at_the_build_time() {
     let broker = start_broker(&fleet, &[]);
     let mut agent_config = Agent::load(&bundle.join("agent.toml")).unwrap();
     agent_config.broker.port = broker.port();
-    let (identity, _) = device_identity(&agent_config.config.cert).unwrap();
     let attempt = |clock: FlooredClock| {
-        let tls = client_config(&agent_config, Arc::new(clock)).unwrap();
+        let Credentials { identity, tls, .. } = load_credentials(&agent_config, Arc::new(clock)).unwrap();
         let (_client, mut eventloop) = rumqttc::AsyncClient::new(mqtt_options(&agent_config, &identity, tls), 4);
         async move { connect_once(&mut eventloop, Duration::from_secs(5)).await }
     };

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use device_agent::config::Agent;
 use device_agent::queue::Queue;
 use device_agent::session::{Outbound, Runner};
-use device_agent::trust::{client_config, device_identity, FlooredClock};
+use device_agent::trust::{load_credentials, Credentials, FlooredClock};
 use e2e::{run_ok, workspace_bin, BrokerProcess, ClientFiles};
 use rumqttc::{Event, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
@@ -54,8 +54,7 @@ fn start_agent(bundle: &Path) -> RunningAgent {
     agent.config.backoff_min_ms = 1_500;
     agent.config.backoff_max_ms = 3_000;
     agent.config.heartbeat_s = 0;
-    let (identity, _) = device_identity(&agent.config.cert).unwrap();
-    let tls = client_config(&agent, Arc::new(FlooredClock::system())).unwrap();
+    let Credentials { identity, tls, .. } = load_credentials(&agent, Arc::new(FlooredClock::system())).unwrap();
     let queue = Queue::open(&agent.config.queue_dir, agent.config.queue_max_messages).unwrap();
     let (input, input_rx) = mpsc::channel(64);
     let (commands, _) = mpsc::unbounded_channel();
