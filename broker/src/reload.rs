@@ -71,6 +71,11 @@ fn stamp(path: &std::path::Path) -> Option<FileStamp> {
     })
 }
 
+/// The current stamp of every watched file, in `TlsFiles::all` order.
+fn stamps(files: &TlsFiles) -> Vec<Option<FileStamp>> {
+    files.all().iter().map(|(_, path)| stamp(path)).collect()
+}
+
 /// Watches the TLS files and swaps in new material.
 pub struct Reloader {
     files: TlsFiles,
@@ -91,7 +96,7 @@ impl Reloader {
         sessions: Arc<LiveSessions>,
         audit: Audit,
     ) -> Self {
-        let stamps = files.all().iter().map(|(_, p)| stamp(p)).collect();
+        let stamps = stamps(&files);
         Self {
             files,
             provider,
@@ -116,7 +121,7 @@ impl Reloader {
                     }
                 }
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    self.stamps = self.files.all().iter().map(|(_, p)| stamp(p)).collect();
+                    self.stamps = stamps(&self.files);
                     self.reload("all files (SIGHUP)");
                 }
                 _ = shutdown.changed() => return,
@@ -126,7 +131,7 @@ impl Reloader {
     }
 
     fn changed_files(&mut self) -> Option<String> {
-        let fresh: Vec<Option<FileStamp>> = self.files.all().iter().map(|(_, p)| stamp(p)).collect();
+        let fresh = stamps(&self.files);
         let changed: Vec<&str> = self
             .files
             .all()
