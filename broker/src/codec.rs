@@ -1,8 +1,8 @@
 //! MQTT 3.1.1 framing over rumqttd's codec, with the guards that keep hostile bytes from
 //! reaching code paths in it that panic.
 
-use bytes::BytesMut;
-use rumqttd::protocol::{self, v4::V4, ConnAck, ConnectReturnCode, Packet, Protocol};
+use bytes::{BufMut, BytesMut};
+use rumqttd::protocol::{self, v4::V4, ConnAck, ConnectReturnCode, LastWill, Packet, Protocol, Publish};
 
 /// Why bytes from a client could not be framed.
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +74,9 @@ fn v4_connack(ack: ConnAck) -> ConnAck {
     }
 }
 
-/// A CONNACK refusing the connection with `code`.
-pub fn connack_refusal(code: ConnectReturnCode) -> Packet {
+/// A CONNACK with `code` and no session present: a refusal, or the front accepting a clean
+/// session itself.
+pub fn connack(code: ConnectReturnCode) -> Packet {
     Packet::ConnAck(
         ConnAck {
             session_present: false,
@@ -83,6 +84,19 @@ pub fn connack_refusal(code: ConnectReturnCode) -> Packet {
         },
         None,
     )
+}
+
+/// A PUBLISH carrying the will at its QoS. rumqttd keeps a publish's QoS private, so it is built
+/// through the crate's own serialisation format.
+pub fn will_publish(will: &LastWill) -> Publish {
+    let qos = will.qos as u8;
+    let mut raw = BytesMut::with_capacity(5 + will.topic.len() + will.message.len());
+    raw.put_u8(0b0011_0000 | u8::from(will.retain) | (qos << 1));
+    raw.put_u16(u16::from(qos > 0));
+    raw.put_u16(will.topic.len() as u16);
+    raw.extend_from_slice(&will.topic);
+    raw.extend_from_slice(&will.message);
+    Publish::deserialize(raw.freeze())
 }
 
 #[cfg(test)]
@@ -128,7 +142,7 @@ mod tests {
     #[test]
     fn mqtt5_only_connack_codes_are_not_sent_to_a_311_client() {
         let mut buf = BytesMut::new();
-        encode(connack_refusal(ConnectReturnCode::Banned), &mut buf).unwrap();
+        encode(connack(ConnectReturnCode::Banned), &mut buf).unwrap();
         assert_eq!(&buf[..], &[0x20, 0x02, 0x00, 0x03]);
     }
 }

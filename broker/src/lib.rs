@@ -15,6 +15,7 @@ pub mod acl;
 pub mod audit;
 pub mod codec;
 pub mod config;
+pub mod link;
 pub mod listener;
 pub mod live;
 pub mod metrics;

@@ -16,7 +16,7 @@ use crate::config::BrokerConfig;
 use crate::live::LiveSessions;
 use crate::metrics::Metrics;
 use crate::reload::{Reloader, TlsState};
-use crate::router::RouterHandle;
+use crate::router::{LinkRefused, RouterHandle};
 use crate::session::{serve, SessionContext};
 use crate::tls::{TlsFiles, TlsLoadError, TlsMaterial};
 
@@ -37,6 +37,9 @@ pub enum StartError {
         /// The operating system's reason.
         source: std::io::Error,
     },
+    /// rumqttd's router did not start.
+    #[error("the MQTT router did not start: {0}")]
+    Router(#[from] LinkRefused),
 }
 
 /// The crypto provider for the broker: aws-lc-rs (cheaper handshakes, post-quantum hybrid key
@@ -80,7 +83,7 @@ impl Broker {
             tls: tls.clone(),
             acl: Arc::new(config.acl.clone()),
             limits: config.limits.clone(),
-            router: RouterHandle::spawn(max_connections + 16),
+            router: RouterHandle::spawn(max_connections + 16)?,
             sessions: sessions.clone(),
             audit: audit.clone(),
             shutdown: shutdown_rx,

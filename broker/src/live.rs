@@ -1,59 +1,128 @@
-//! The table of live sessions, so a revocation can reach a session that is already connected.
+//! The table of live sessions: lets a revocation reach a session that is already connected, and
+//! makes a new connection under a client id take over the one already using it.
+//!
+//! Takeover is decided here rather than left to rumqttd's router because a session only opens a
+//! router link when it first needs the router (see `session`): two connections for one client id
+//! may both be link-less, and the router would never see the second one.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use fleet_identity::Identity;
 use tokio::sync::Notify;
+
+/// Why a live session is told to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickReason {
+    /// Its certificate was revoked.
+    Revoked,
+    /// A newer connection authenticated under the same client id (MQTT-3.1.4-2).
+    TakenOver,
+}
+
+/// The signal a session waits on; the first reason given wins.
+#[derive(Default)]
+pub struct Kick {
+    reason: OnceLock<KickReason>,
+    notify: Notify,
+}
+
+impl Kick {
+    fn give(&self, reason: KickReason) {
+        let _ = self.reason.set(reason);
+        self.notify.notify_one();
+    }
+
+    /// Waits until the session is told to close, and says why.
+    pub async fn wait(&self) -> KickReason {
+        loop {
+            if let Some(reason) = self.reason.get() {
+                return *reason;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
 
 /// One registered session.
 struct Entry {
     identity: Identity,
     serial: String,
-    kick: Arc<Notify>,
+    client_id: String,
+    kick: Arc<Kick>,
+}
+
+#[derive(Default)]
+struct Table {
+    entries: HashMap<u64, Entry>,
+    /// The newest registration of each router client id.
+    current: HashMap<String, u64>,
 }
 
 /// Live sessions by registration number.
 #[derive(Default)]
 pub struct LiveSessions {
     next: AtomicU64,
-    entries: Mutex<HashMap<u64, Entry>>,
+    table: Mutex<Table>,
 }
 
 /// A session's place in the table; removes it when dropped.
 pub struct Registration {
     table: Arc<LiveSessions>,
     key: u64,
-    /// Notified when the session must close because its certificate was revoked.
-    pub kick: Arc<Notify>,
+    /// Notified when the session must close.
+    pub kick: Arc<Kick>,
+}
+
+impl Registration {
+    /// Whether no newer connection has taken over this session's client id.
+    pub fn is_current(&self) -> bool {
+        let table = self.table.lock();
+        let client_id = table.entries.get(&self.key).map(|e| e.client_id.as_str());
+        client_id.and_then(|id| table.current.get(id)) == Some(&self.key)
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.table.lock().remove(&self.key);
+        let mut table = self.table.lock();
+        if let Some(entry) = table.entries.remove(&self.key) {
+            if table.current.get(&entry.client_id) == Some(&self.key) {
+                table.current.remove(&entry.client_id);
+            }
+        }
     }
 }
 
 impl LiveSessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
-        // A panic elsewhere while holding the lock leaves the map consistent (single inserts and
-        // removes), so keep using it.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        // A panic elsewhere while holding the lock leaves the maps consistent (single inserts and
+        // removes), so keep using them.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a session authenticated by the certificate with `serial`.
-    pub fn register(self: &Arc<Self>, identity: Identity, serial: String) -> Registration {
+    /// Registers a session authenticated by the certificate with `serial` under the router
+    /// client id `client_id`, telling the session that held that id before, if any, to close.
+    pub fn register(self: &Arc<Self>, identity: Identity, serial: String, client_id: String) -> Registration {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
-        let kick = Arc::new(Notify::new());
-        self.lock().insert(
+        let kick = Arc::new(Kick::default());
+        let mut table = self.lock();
+        if let Some(previous) = table.current.insert(client_id.clone(), key) {
+            if let Some(entry) = table.entries.get(&previous) {
+                entry.kick.give(KickReason::TakenOver);
+            }
+        }
+        table.entries.insert(
             key,
             Entry {
                 identity,
                 serial,
+                client_id,
                 kick: kick.clone(),
             },
         );
+        drop(table);
         Registration {
             table: self.clone(),
             key,
@@ -64,10 +133,11 @@ impl LiveSessions {
     /// Tells every session whose certificate serial is in `revoked` to close; returns who.
     pub fn kick_revoked(&self, revoked: &HashSet<String>) -> Vec<(Identity, String)> {
         self.lock()
+            .entries
             .values()
             .filter(|e| revoked.contains(&e.serial))
             .map(|e| {
-                e.kick.notify_one();
+                e.kick.give(KickReason::Revoked);
                 (e.identity.clone(), e.serial.clone())
             })
             .collect()
@@ -75,11 +145,59 @@ impl LiveSessions {
 
     /// Number of live sessions.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().entries.len()
     }
 
     /// Whether no session is live.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fleet_identity::{DeviceId, Role};
+
+    use super::*;
+
+    fn device(table: &Arc<LiveSessions>, id: &str, serial: &str) -> Registration {
+        let identity = Identity {
+            role: Role::Device,
+            id: DeviceId::parse(id).unwrap(),
+        };
+        table.register(identity, serial.into(), format!("device:{id}"))
+    }
+
+    fn reason(registration: &Registration) -> Option<KickReason> {
+        registration.kick.reason.get().copied()
+    }
+
+    #[test]
+    fn a_newer_registration_takes_over_the_client_id() {
+        let table = Arc::new(LiveSessions::default());
+        let first = device(&table, "dev-1", "01");
+        let other = device(&table, "dev-2", "02");
+        let second = device(&table, "dev-1", "03");
+        assert_eq!(reason(&first), Some(KickReason::TakenOver));
+        assert!(!first.is_current());
+        assert!(second.is_current() && other.is_current());
+        assert_eq!(reason(&second), None);
+        // The old session ending does not unseat the new one.
+        drop(first);
+        assert!(second.is_current());
+        assert_eq!(table.len(), 2);
+    }
+
+    #[test]
+    fn revocation_kicks_by_serial_and_the_first_reason_sticks() {
+        let table = Arc::new(LiveSessions::default());
+        let revoked = device(&table, "dev-1", "0a");
+        let kept = device(&table, "dev-2", "0b");
+        let kicked = table.kick_revoked(&HashSet::from(["0a".to_owned()]));
+        assert_eq!(kicked.len(), 1);
+        assert_eq!(reason(&revoked), Some(KickReason::Revoked));
+        assert_eq!(reason(&kept), None);
+        let _newer = device(&table, "dev-1", "0c");
+        assert_eq!(reason(&revoked), Some(KickReason::Revoked));
     }
 }

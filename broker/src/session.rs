@@ -13,16 +13,16 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use fleet_identity::{Identity, Role};
-use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
-    Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp, PubAck, PubAckReason,
-    Publish, SubAck, Subscribe, SubscribeReasonCode,
+    Connect, ConnectReturnCode, LastWill, Packet, PingResp, PubAck, PubAckReason, Publish, SubAck, Subscribe,
+    SubscribeReasonCode,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::timeout;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -30,9 +30,10 @@ use tracing::info;
 
 use crate::acl::{AclConfig, OnDeniedPublish, TopicRules, Verdict};
 use crate::audit::{Audit, PresentedCert, RejectReason};
-use crate::codec::{self, connack_refusal, FrameError};
+use crate::codec::{self, FrameError};
 use crate::config::Limits;
-use crate::live::LiveSessions;
+use crate::link::{LazyLink, OpenError};
+use crate::live::{KickReason, LiveSessions, Registration};
 use crate::reload::TlsState;
 use crate::router::RouterHandle;
 use crate::tls::{classify_handshake_error, HandshakeNotes, HANDSHAKE_NOTES};
@@ -80,6 +81,8 @@ enum SessionEnd {
     AclDisconnect,
     /// The certificate was revoked while connected.
     Revoked,
+    /// A newer connection authenticated under the same client id.
+    TakenOver,
     /// The broker is shutting down.
     Shutdown,
     /// Reading or writing the socket failed, or the router dropped the link.
@@ -95,6 +98,7 @@ impl std::fmt::Display for SessionEnd {
             SessionEnd::Protocol(detail) => write!(f, "protocol error: {detail}"),
             SessionEnd::AclDisconnect => f.write_str("denied PUBLISH (acl.on_denied_publish = \"disconnect\")"),
             SessionEnd::Revoked => f.write_str("certificate revoked"),
+            SessionEnd::TakenOver => f.write_str("a newer connection took over the client id"),
             SessionEnd::Shutdown => f.write_str("broker shutting down"),
             SessionEnd::Io(detail) => write!(f, "connection failed: {detail}"),
         }
@@ -200,7 +204,7 @@ async fn read_connect(
         Ok(Err(ReadError::Frame(FrameError::UnsupportedProtocolLevel(level)))) => {
             let _ = write_now(
                 &mut session.tls,
-                connack_refusal(ConnectReturnCode::RefusedProtocolVersion),
+                codec::connack(ConnectReturnCode::RefusedProtocolVersion),
             )
             .await;
             reject(
@@ -276,11 +280,14 @@ async fn run(mut session: Authenticated, peer: SocketAddr, ctx: &SessionContext)
             ctx.audit
                 .acl_denied(&identity, "will", &String::from_utf8_lossy(&will.topic));
         }
-        let _ = write_now(&mut session.tls, connack_refusal(code)).await;
+        let _ = write_now(&mut session.tls, codec::connack(code)).await;
         ctx.audit.reject(peer, reason, &detail, Some(&session.cert));
         return;
     }
-    let registration = ctx.sessions.register(identity.clone(), session.cert.serial.clone());
+    let client_id = router_client_id(&identity, &connect.client_id);
+    let registration = ctx
+        .sessions
+        .register(identity.clone(), session.cert.serial.clone(), client_id.clone());
     // A CRL swapped in between this handshake and the registration above would miss us.
     if ctx.tls.is_revoked(&session.cert.serial) {
         ctx.audit.reject(
@@ -291,36 +298,27 @@ async fn run(mut session: Authenticated, peer: SocketAddr, ctx: &SessionContext)
         );
         return;
     }
-    let router = ctx.router.clone();
-    let client_id = router_client_id(&identity, &connect.client_id);
-    let clean_session = connect.clean_session;
-    let link = tokio::task::spawn_blocking(move || router.connect(&client_id, clean_session)).await;
-    let (mut link_tx, link_rx, connack) = match link {
-        Ok(Ok(link)) => link,
-        Ok(Err(e)) => {
-            return ctx.audit.reject(
-                peer,
-                RejectReason::ProtocolError,
-                &format!("the router refused the session: {e}"),
-                Some(&session.cert),
-            )
+    let link_now = ctx.router.needs_link_at_connect(&client_id, connect.clean_session);
+    let (mut link, link_rx) = LazyLink::new(client_id, connect.clean_session);
+    let connack = if link_now {
+        match link.open(&ctx.router, &registration).await {
+            Ok(connack) => Option::<Packet>::from(connack),
+            Err(e) => {
+                return ctx
+                    .audit
+                    .reject(peer, RejectReason::ProtocolError, &e.to_string(), Some(&session.cert))
+            }
         }
-        Err(e) => {
-            return ctx.audit.reject(
-                peer,
-                RejectReason::ProtocolError,
-                &format!("the router link failed: {e}"),
-                Some(&session.cert),
-            )
-        }
+    } else {
+        Some(codec::connack(ConnectReturnCode::Success))
     };
     // The decision is recorded before the client can see it.
     ctx.audit.accept(peer, &identity, &session.cert, &session.tls_version);
     ctx.audit.metrics().session_opened(identity.role);
-    if let Some(ack) = Option::<Packet>::from(connack) {
+    if let Some(ack) = connack {
         if write_now(&mut session.tls, ack).await.is_err() {
             ctx.audit.metrics().session_closed(identity.role);
-            return close_link(&mut link_tx, None).await;
+            return link.close().await;
         }
     }
 
@@ -329,18 +327,27 @@ async fn run(mut session: Authenticated, peer: SocketAddr, ctx: &SessionContext)
         identity: &identity,
         rules: &rules,
         ctx,
+        registration: &registration,
         pending_subacks: Mutex::new(HashMap::new()),
     };
     let (direct_tx, direct_rx) = mpsc::unbounded_channel();
     let keepalive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     let mut shutdown = ctx.shutdown.clone();
     let end = tokio::select! {
-        end = scope.inbound(&mut reader, &mut rbuf, &mut link_tx, &direct_tx, keepalive) => end,
+        end = scope.inbound(&mut reader, &mut rbuf, &mut link, &direct_tx, keepalive) => end,
         end = scope.outbound(&mut writer, link_rx, direct_rx) => end,
-        () = registration.kick.notified() => SessionEnd::Revoked,
+        reason = registration.kick.wait() => match reason {
+            KickReason::Revoked => SessionEnd::Revoked,
+            KickReason::TakenOver => SessionEnd::TakenOver,
+        },
         _ = shutdown.wait_for(|down| *down) => SessionEnd::Shutdown,
     };
-    close_link(&mut link_tx, will.filter(|_| end.fires_will())).await;
+    link.close().await;
+    if let Some(will) = will.filter(|_| end.fires_will()) {
+        if let Err(e) = ctx.router.publish_will(&will).await {
+            tracing::error!(device_id = %identity.id, error = %e, "could not publish the will");
+        }
+    }
     let mut tls = reader.unsplit(writer);
     let _ = timeout(Duration::from_secs(1), tls.shutdown()).await;
     drop(registration);
@@ -357,34 +364,6 @@ async fn run(mut session: Authenticated, peer: SocketAddr, ctx: &SessionContext)
     }
 }
 
-/// Tells the router the session is over, publishing the will first if there is one.
-async fn close_link(link_tx: &mut LinkTx, will: Option<LastWill>) {
-    if let Some(will) = will {
-        let _ = link_tx.send(Packet::Publish(will_publish(&will), None)).await;
-    }
-    let _ = link_tx
-        .send(Packet::Disconnect(
-            Disconnect {
-                reason_code: DisconnectReasonCode::NormalDisconnection,
-            },
-            None,
-        ))
-        .await;
-}
-
-/// A PUBLISH carrying the will at its QoS. rumqttd keeps a publish's QoS private, so it is built
-/// through the crate's own serialisation format.
-fn will_publish(will: &LastWill) -> Publish {
-    let qos = will.qos as u8;
-    let mut raw = BytesMut::with_capacity(5 + will.topic.len() + will.message.len());
-    raw.put_u8(0b0011_0000 | u8::from(will.retain) | (qos << 1));
-    raw.put_u16(u16::from(qos > 0));
-    raw.put_u16(will.topic.len() as u16);
-    raw.extend_from_slice(&will.topic);
-    raw.extend_from_slice(&will.message);
-    Publish::deserialize(raw.freeze())
-}
-
 /// QoS and packet id of a client's PUBLISH (private fields in rumqttd, read from its encoding).
 fn qos_and_pkid(publish: &Publish) -> (u8, u16) {
     let raw = publish.serialize();
@@ -396,6 +375,7 @@ struct Scope<'a> {
     identity: &'a Identity,
     rules: &'a TopicRules,
     ctx: &'a SessionContext,
+    registration: &'a Registration,
     /// SUBSCRIBEs forwarded with some filters removed: packet id -> which filters were allowed,
     /// so the router's SUBACK can be widened back to one code per requested filter.
     pending_subacks: Mutex<HashMap<u16, Vec<bool>>>,
@@ -448,7 +428,7 @@ impl Scope<'_> {
         &self,
         reader: &mut ReadHalf<Tls>,
         rbuf: &mut BytesMut,
-        link_tx: &mut LinkTx,
+        link: &mut LazyLink,
         direct: &mpsc::UnboundedSender<Reply>,
         keepalive: Option<Duration>,
     ) -> SessionEnd {
@@ -466,7 +446,14 @@ impl Scope<'_> {
                     Action::Forward(packet) => {
                         publishes += u64::from(matches!(packet, Packet::Publish(..)));
                         forwarded += 1;
-                        link_tx.buffer().push_back(packet);
+                        let tx = match link.tx() {
+                            Some(tx) => tx,
+                            None => match self.open_link(link).await {
+                                Ok(tx) => tx,
+                                Err(end) => return end,
+                            },
+                        };
+                        tx.buffer().push_back(packet);
                     }
                     Action::Reply(reply) => {
                         let _ = direct.send(reply);
@@ -478,10 +465,12 @@ impl Scope<'_> {
             if forwarded > 0 {
                 self.ctx.audit.metrics().messages_in(publishes);
                 // One router event for the whole batch: re-send the last packet, which notifies.
-                let last = link_tx.buffer().pop_back();
-                if let Some(last) = last {
-                    if let Err(e) = link_tx.send(last).await {
-                        return SessionEnd::Io(format!("router link closed: {e}"));
+                if let Some(tx) = link.tx() {
+                    let last = tx.buffer().pop_back();
+                    if let Some(last) = last {
+                        if let Err(e) = tx.send(last).await {
+                            return SessionEnd::Io(format!("router link closed: {e}"));
+                        }
                     }
                 }
             }
@@ -501,6 +490,18 @@ impl Scope<'_> {
                 Ok(_) => {}
                 Err(e) => return SessionEnd::Io(e.to_string()),
             }
+        }
+    }
+
+    /// Opens the link for the first packet bound for the router; the router's CONNACK is not
+    /// for the client, which had the front's.
+    async fn open_link<'l>(&self, link: &'l mut LazyLink) -> Result<&'l mut LinkTx, SessionEnd> {
+        match link.open(&self.ctx.router, self.registration).await {
+            Ok(_connack) => link
+                .tx()
+                .ok_or_else(|| SessionEnd::Io("the router link did not open".into())),
+            Err(OpenError::TakenOver) => Err(SessionEnd::TakenOver),
+            Err(e) => Err(SessionEnd::Io(e.to_string())),
         }
     }
 
@@ -600,16 +601,18 @@ impl Scope<'_> {
     async fn outbound(
         &self,
         writer: &mut WriteHalf<Tls>,
-        mut link_rx: LinkRx,
+        mut link_arrival: oneshot::Receiver<LinkRx>,
         mut direct: mpsc::UnboundedReceiver<Reply>,
     ) -> SessionEnd {
         let mut wbuf = BytesMut::new();
+        let mut link_rx: Option<LinkRx> = None;
         loop {
             let mut wake_router = false;
             tokio::select! {
                 biased;
                 Some(reply) = direct.recv() => self.encode(reply.into(), &mut wbuf),
-                notification = link_rx.next() => match notification {
+                Ok(rx) = &mut link_arrival, if link_rx.is_none() => link_rx = Some(rx),
+                notification = next_notification(&mut link_rx) => match notification {
                     Ok(Some(n)) => wake_router |= self.encode_notification(n, &mut wbuf),
                     Ok(None) => {}
                     Err(e) => return SessionEnd::Io(format!("router link closed: {e}")),
@@ -619,7 +622,7 @@ impl Scope<'_> {
             while let Ok(reply) = direct.try_recv() {
                 self.encode(reply.into(), &mut wbuf);
             }
-            while let Some(Ok(Some(n))) = poll_now(link_rx.next()) {
+            while let Some(Ok(Some(n))) = link_rx.as_mut().and_then(|rx| poll_now(rx.next())) {
                 wake_router |= self.encode_notification(n, &mut wbuf);
                 if wbuf.len() > 64 * 1024 {
                     break;
@@ -636,8 +639,10 @@ impl Scope<'_> {
                 }
                 wbuf.clear();
             }
-            if wake_router && link_rx.wake().await.is_err() {
-                return SessionEnd::Io("router link closed".into());
+            if let (true, Some(rx)) = (wake_router, &link_rx) {
+                if rx.wake().await.is_err() {
+                    return SessionEnd::Io("router link closed".into());
+                }
             }
         }
     }
@@ -661,6 +666,14 @@ impl Scope<'_> {
         if let Err(e) = codec::encode(packet, wbuf) {
             tracing::error!(device_id = %self.identity.id, error = %e, "could not encode a packet for the client; dropped");
         }
+    }
+}
+
+/// The next notification on the link, or never while there is no link.
+async fn next_notification(link_rx: &mut Option<LinkRx>) -> Result<Option<rumqttd::Notification>, LinkError> {
+    match link_rx {
+        Some(rx) => rx.next().await,
+        None => std::future::pending().await,
     }
 }
 

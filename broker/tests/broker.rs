@@ -795,3 +795,110 @@ async fn a_silent_client_with_a_truncated_packet_is_dropped_after_its_keepalive(
     });
     assert!(end["cause"].as_str().unwrap().contains("keepalive"), "{end}");
 }
+
+#[tokio::test]
+async fn a_second_connection_with_the_same_client_id_takes_over_the_first() {
+    let fleet = TestFleet::new();
+    let files = ClientFiles::device(&fleet.device("dev-1"));
+    let service = ClientFiles::service(&fleet.service("ops"));
+    let broker = start(&fleet, &[]);
+    // The first connection has a router link (it subscribed); the second has none yet.
+    let (first, mut first_loop) = connect(broker.port(), &files, "dev-1").await.unwrap();
+    first.subscribe("devices/dev-1/cmd", QoS::AtLeastOnce).await.unwrap();
+    wait_for_suback(&mut first_loop).await;
+    let (second, mut second_loop) = connect(broker.port(), &files, "dev-1").await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if first_loop.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the first connection must be closed");
+    broker.wait_for("takeover logged", Duration::from_secs(5), |e| {
+        e["event"] == "disconnect" && e["cause"].as_str().is_some_and(|c| c.contains("took over"))
+    });
+
+    second.subscribe("devices/dev-1/cmd", QoS::AtLeastOnce).await.unwrap();
+    wait_for_suback(&mut second_loop).await;
+    let (ops, mut ops_loop) = connect(broker.port(), &service, "ops").await.unwrap();
+    ops.publish("devices/dev-1/cmd", QoS::AtLeastOnce, false, "reboot")
+        .await
+        .unwrap();
+    tokio::spawn(async move { while ops_loop.poll().await.is_ok() {} });
+    let command = next_publish(&mut second_loop, Duration::from_secs(5))
+        .await
+        .expect("the command reaches the connection that took over");
+    assert_eq!(&command.payload[..], b"reboot");
+}
+
+#[tokio::test]
+async fn a_clean_session_discards_what_an_earlier_persistent_session_stored() {
+    let fleet = TestFleet::new();
+    let device = ClientFiles::device(&fleet.device("dev-1"));
+    let service = ClientFiles::service(&fleet.service("ingest"));
+    let broker = start(&fleet, &[]);
+    let persistent = |o: &mut rumqttc::MqttOptions| {
+        o.set_clean_session(false);
+    };
+    let disconnect = |client: rumqttc::AsyncClient, mut eventloop: rumqttc::EventLoop| async move {
+        client.disconnect().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while eventloop.poll().await.is_ok() {}
+        })
+        .await
+        .unwrap();
+    };
+    let (svc, mut svc_loop) = connect_with(broker.port(), &service, "ingest", persistent)
+        .await
+        .unwrap();
+    svc.subscribe("devices/dev-1/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    wait_for_suback(&mut svc_loop).await;
+    disconnect(svc, svc_loop).await;
+
+    let (dev, mut dev_loop) = connect(broker.port(), &device, "dev-1").await.unwrap();
+    let publish_acked = |text: &'static str| {
+        let dev = dev.clone();
+        async move {
+            dev.publish("devices/dev-1/telemetry", QoS::AtLeastOnce, false, text)
+                .await
+        }
+    };
+    publish_acked("stored").await.unwrap();
+    wait_for_incoming(&mut dev_loop, Duration::from_secs(5), "PUBACK", |p| {
+        matches!(p, Packet::PubAck(_))
+    })
+    .await;
+
+    // A clean CONNECT ends the stored session: nothing queued is delivered, now or later.
+    let (svc, svc_loop) = connect(broker.port(), &service, "ingest").await.unwrap();
+    disconnect(svc, svc_loop).await;
+    let (svc, mut svc_loop) = connect_with(broker.port(), &service, "ingest", persistent)
+        .await
+        .unwrap();
+    svc.subscribe("devices/dev-1/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::spawn(async move { while dev_loop.poll().await.is_ok() {} });
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match svc_loop.poll().await.unwrap() {
+                rumqttc::Event::Incoming(Packet::SubAck(_)) => publish_acked("marker").await.unwrap(),
+                rumqttc::Event::Incoming(Packet::Publish(p)) => {
+                    received.push(String::from_utf8_lossy(&p.payload).into_owned());
+                    if p.payload == "marker" {
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the marker arrives");
+    assert_eq!(received, ["marker"], "the stored message must have been discarded");
+}
