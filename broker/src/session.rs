@@ -6,7 +6,7 @@
 //! else, and every failure ends only this connection.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,7 @@ use rumqttd::protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::timeout;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -114,11 +114,22 @@ impl SessionEnd {
 }
 
 /// Serves one accepted TCP connection to its end.
+///
+/// A task's future is allocated once, at the size of its largest state, and kept until the
+/// session ends. The phases that run once (handshake, CONNECT, close) are boxed so that an idle
+/// session holds only what its pumps need.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<SessionContext>) {
-    let Some(peer_session) = handshake(tcp, peer, &ctx).await else {
+    let Some(authenticated) = Box::pin(handshake(tcp, peer, &ctx)).await else {
         return;
     };
-    run(peer_session, peer, &ctx).await;
+    // Starts empty, grows with traffic and is given back while the client is quiet.
+    let mut rbuf = BytesMut::new();
+    let Some((tls, mut session, link_arrival)) = Box::pin(establish(authenticated, &mut rbuf, peer, &ctx)).await else {
+        return;
+    };
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let end = pump(&mut session, &mut reader, &mut writer, link_arrival, &mut rbuf, &ctx).await;
+    Box::pin(finish(session, reader.unsplit(writer), end, peer, &ctx)).await;
 }
 
 async fn handshake(tcp: TcpStream, peer: SocketAddr, ctx: &SessionContext) -> Option<Authenticated> {
@@ -267,13 +278,28 @@ fn check_connect(
     Ok(())
 }
 
-async fn run(mut session: Authenticated, peer: SocketAddr, ctx: &SessionContext) {
-    // Buffers start empty and grow with traffic: an idle session holds almost nothing.
-    let mut rbuf = BytesMut::new();
-    let Some((connect, will)) = read_connect(&mut session, &mut rbuf, peer, ctx).await else {
-        return;
-    };
-    let identity = session.identity.clone();
+/// A session past its CONNACK: what the pumps and the close need.
+struct Established {
+    identity: Identity,
+    cert: PresentedCert,
+    rules: TopicRules,
+    registration: Registration,
+    link: LazyLink,
+    will: Option<LastWill>,
+    /// 1.5 times the client's keepalive, if it asked for one.
+    keepalive: Option<Duration>,
+}
+
+/// Reads and checks the CONNECT, registers the session and answers CONNACK. Refusals are
+/// written and logged here.
+async fn establish(
+    mut session: Authenticated,
+    rbuf: &mut BytesMut,
+    peer: SocketAddr,
+    ctx: &SessionContext,
+) -> Option<(Tls, Established, oneshot::Receiver<LinkRx>)> {
+    let (connect, will) = read_connect(&mut session, rbuf, peer, ctx).await?;
+    let identity = session.identity;
     let rules = ctx.acl.for_identity(&identity);
     if let Err((code, reason, detail)) = check_connect(&identity, &connect, will.as_ref(), &rules) {
         if let (RejectReason::WillDenied, Some(will)) = (reason, &will) {
@@ -282,7 +308,7 @@ async fn run(mut session: Authenticated, peer: SocketAddr, ctx: &SessionContext)
         }
         let _ = write_now(&mut session.tls, codec::connack(code)).await;
         ctx.audit.reject(peer, reason, &detail, Some(&session.cert));
-        return;
+        return None;
     }
     let client_id = router_client_id(&identity, &connect.client_id);
     let registration = ctx
@@ -296,17 +322,17 @@ async fn run(mut session: Authenticated, peer: SocketAddr, ctx: &SessionContext)
             "revoked while connecting",
             Some(&session.cert),
         );
-        return;
+        return None;
     }
     let link_now = ctx.router.needs_link_at_connect(&client_id, connect.clean_session);
-    let (mut link, link_rx) = LazyLink::new(client_id, connect.clean_session);
+    let (mut link, link_arrival) = LazyLink::new(client_id, connect.clean_session);
     let connack = if link_now {
         match link.open(&ctx.router, &registration).await {
             Ok(connack) => Option::<Packet>::from(connack),
             Err(e) => {
-                return ctx
-                    .audit
-                    .reject(peer, RejectReason::ProtocolError, &e.to_string(), Some(&session.cert))
+                ctx.audit
+                    .reject(peer, RejectReason::ProtocolError, &e.to_string(), Some(&session.cert));
+                return None;
             }
         }
     } else {
@@ -318,46 +344,72 @@ async fn run(mut session: Authenticated, peer: SocketAddr, ctx: &SessionContext)
     if let Some(ack) = connack {
         if write_now(&mut session.tls, ack).await.is_err() {
             ctx.audit.metrics().session_closed(identity.role);
-            return link.close().await;
+            link.close().await;
+            return None;
         }
     }
+    let keepalive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let established = Established {
+        identity,
+        cert: session.cert,
+        rules,
+        registration,
+        link,
+        will,
+        keepalive,
+    };
+    Some((session.tls, established, link_arrival))
+}
 
-    let (mut reader, mut writer) = tokio::io::split(session.tls);
+/// Moves packets both ways until something ends the session.
+async fn pump(
+    session: &mut Established,
+    reader: &mut ReadHalf<Tls>,
+    writer: &mut WriteHalf<Tls>,
+    link_arrival: oneshot::Receiver<LinkRx>,
+    rbuf: &mut BytesMut,
+    ctx: &SessionContext,
+) -> SessionEnd {
     let scope = Scope {
-        identity: &identity,
-        rules: &rules,
+        identity: &session.identity,
+        rules: &session.rules,
         ctx,
-        registration: &registration,
+        registration: &session.registration,
+        replies: ReplyQueue::default(),
         pending_subacks: Mutex::new(HashMap::new()),
     };
-    let (direct_tx, direct_rx) = mpsc::unbounded_channel();
-    let keepalive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     let mut shutdown = ctx.shutdown.clone();
-    let end = tokio::select! {
-        end = scope.inbound(&mut reader, &mut rbuf, &mut link, &direct_tx, keepalive) => end,
-        end = scope.outbound(&mut writer, link_rx, direct_rx) => end,
-        reason = registration.kick.wait() => match reason {
+    tokio::select! {
+        end = scope.inbound(reader, rbuf, &mut session.link, session.keepalive) => end,
+        end = scope.outbound(writer, link_arrival) => end,
+        reason = session.registration.kick.wait() => match reason {
             KickReason::Revoked => SessionEnd::Revoked,
             KickReason::TakenOver => SessionEnd::TakenOver,
         },
         _ = shutdown.wait_for(|down| *down) => SessionEnd::Shutdown,
-    };
-    link.close().await;
-    if let Some(will) = will.filter(|_| end.fires_will()) {
+    }
+}
+
+/// Tells the router, publishes the will if the end calls for it, closes TLS and logs why.
+async fn finish(mut session: Established, mut tls: Tls, end: SessionEnd, peer: SocketAddr, ctx: &SessionContext) {
+    session.link.close().await;
+    if let Some(will) = session.will.take().filter(|_| end.fires_will()) {
         if let Err(e) = ctx.router.publish_will(&will).await {
-            tracing::error!(device_id = %identity.id, error = %e, "could not publish the will");
+            tracing::error!(device_id = %session.identity.id, error = %e, "could not publish the will");
         }
     }
-    let mut tls = reader.unsplit(writer);
     let _ = timeout(Duration::from_secs(1), tls.shutdown()).await;
+    let Established {
+        identity,
+        cert,
+        registration,
+        ..
+    } = session;
     drop(registration);
     ctx.audit.metrics().session_closed(identity.role);
     match &end {
-        SessionEnd::Revoked => ctx.audit.revoked_kick(&identity, &session.cert.serial),
-        SessionEnd::Protocol(detail) => {
-            ctx.audit
-                .reject(peer, RejectReason::ProtocolError, detail, Some(&session.cert))
-        }
+        SessionEnd::Revoked => ctx.audit.revoked_kick(&identity, &cert.serial),
+        SessionEnd::Protocol(detail) => ctx.audit.reject(peer, RejectReason::ProtocolError, detail, Some(&cert)),
         cause => {
             info!(event = "disconnect", device_id = %identity.id, role = %identity.role, %peer, %cause, "{identity} disconnected: {cause}")
         }
@@ -370,12 +422,46 @@ fn qos_and_pkid(publish: &Publish) -> (u8, u16) {
     ((raw[0] >> 1) & 0b11, u16::from_be_bytes([raw[1], raw[2]]))
 }
 
+/// Read buffer growth step while the client is sending.
+const READ_CHUNK: usize = 4096;
+/// Read buffer while waiting on a quiet client: enough for a PINGREQ or a small PUBLISH.
+const IDLE_READ: usize = 64;
+
+/// Answers the front gives itself, from the inbound pump to the outbound one. Both pumps run in
+/// the session's task; an empty queue holds no memory, unlike a channel.
+#[derive(Default)]
+struct ReplyQueue {
+    queue: Mutex<VecDeque<Reply>>,
+    added: Notify,
+}
+
+impl ReplyQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Reply>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, reply: Reply) {
+        self.lock().push_back(reply);
+        self.added.notify_one();
+    }
+
+    /// Waits until a reply was pushed since the last wait.
+    async fn ready(&self) {
+        self.added.notified().await;
+    }
+
+    fn take(&self) -> VecDeque<Reply> {
+        std::mem::take(&mut *self.lock())
+    }
+}
+
 /// What a session's two pumps share.
 struct Scope<'a> {
     identity: &'a Identity,
     rules: &'a TopicRules,
     ctx: &'a SessionContext,
     registration: &'a Registration,
+    replies: ReplyQueue,
     /// SUBSCRIBEs forwarded with some filters removed: packet id -> which filters were allowed,
     /// so the router's SUBACK can be widened back to one code per requested filter.
     pending_subacks: Mutex<HashMap<u16, Vec<bool>>>,
@@ -395,9 +481,7 @@ enum Action {
     End(SessionEnd),
 }
 
-/// An answer the front gives itself. Small on purpose: every session's reply channel
-/// pre-allocates a block of 32 of them (as rumqttd `Packet`s, 392 bytes each, that was 12.5 KiB
-/// per idle session).
+/// An answer the front gives itself.
 enum Reply {
     /// PUBACK for a denied QoS 1 PUBLISH.
     PubAck(u16),
@@ -429,7 +513,6 @@ impl Scope<'_> {
         reader: &mut ReadHalf<Tls>,
         rbuf: &mut BytesMut,
         link: &mut LazyLink,
-        direct: &mpsc::UnboundedSender<Reply>,
         keepalive: Option<Duration>,
     ) -> SessionEnd {
         let max = self.ctx.limits.max_packet_bytes;
@@ -448,36 +531,25 @@ impl Scope<'_> {
                         forwarded += 1;
                         let tx = match link.tx() {
                             Some(tx) => tx,
-                            None => match self.open_link(link).await {
+                            None => match Box::pin(self.open_link(link)).await {
                                 Ok(tx) => tx,
                                 Err(end) => return end,
                             },
                         };
                         tx.buffer().push_back(packet);
                     }
-                    Action::Reply(reply) => {
-                        let _ = direct.send(reply);
-                    }
+                    Action::Reply(reply) => self.replies.push(reply),
                     Action::Drop => {}
                     Action::End(end) => return end,
                 }
             }
             if forwarded > 0 {
                 self.ctx.audit.metrics().messages_in(publishes);
-                // One router event for the whole batch: re-send the last packet, which notifies.
-                if let Some(tx) = link.tx() {
-                    let last = tx.buffer().pop_back();
-                    if let Some(last) = last {
-                        if let Err(e) = tx.send(last).await {
-                            return SessionEnd::Io(format!("router link closed: {e}"));
-                        }
-                    }
+                if let Err(e) = link.tx().map_or(Ok(()), notify_router) {
+                    return SessionEnd::Io(format!("router link closed: {e}"));
                 }
             }
-            if rbuf.capacity() - rbuf.len() < 1024 {
-                rbuf.reserve(4 * 1024);
-            }
-            let read = reader.read_buf(rbuf);
+            let read = read_more(reader, rbuf);
             let read = match keepalive {
                 Some(limit) => match timeout(limit, read).await {
                     Ok(read) => read,
@@ -598,19 +670,14 @@ impl Scope<'_> {
         suback
     }
 
-    async fn outbound(
-        &self,
-        writer: &mut WriteHalf<Tls>,
-        mut link_arrival: oneshot::Receiver<LinkRx>,
-        mut direct: mpsc::UnboundedReceiver<Reply>,
-    ) -> SessionEnd {
+    async fn outbound(&self, writer: &mut WriteHalf<Tls>, mut link_arrival: oneshot::Receiver<LinkRx>) -> SessionEnd {
         let mut wbuf = BytesMut::new();
         let mut link_rx: Option<LinkRx> = None;
         loop {
             let mut wake_router = false;
             tokio::select! {
                 biased;
-                Some(reply) = direct.recv() => self.encode(reply.into(), &mut wbuf),
+                () = self.replies.ready() => {}
                 Ok(rx) = &mut link_arrival, if link_rx.is_none() => link_rx = Some(rx),
                 notification = next_notification(&mut link_rx) => match notification {
                     Ok(Some(n)) => wake_router |= self.encode_notification(n, &mut wbuf),
@@ -619,7 +686,7 @@ impl Scope<'_> {
                 },
             }
             // Take whatever else is ready without waiting, so one write carries many packets.
-            while let Ok(reply) = direct.try_recv() {
+            for reply in self.replies.take() {
                 self.encode(reply.into(), &mut wbuf);
             }
             while let Some(Ok(Some(n))) = link_rx.as_mut().and_then(|rx| poll_now(rx.next())) {
@@ -640,7 +707,9 @@ impl Scope<'_> {
                 wbuf.clear();
             }
             if let (true, Some(rx)) = (wake_router, &link_rx) {
-                if rx.wake().await.is_err() {
+                // The router's channel is bounded and LinkTx sends block on it too; a blocking
+                // send keeps the pump's state small.
+                if rx.ready().is_err() {
                     return SessionEnd::Io("router link closed".into());
                 }
             }
@@ -667,6 +736,36 @@ impl Scope<'_> {
             tracing::error!(device_id = %self.identity.id, error = %e, "could not encode a packet for the client; dropped");
         }
     }
+}
+
+/// Tells the router the link's buffer holds new packets. rumqttd notifies by sending a packet,
+/// so the last one is taken back and sent again: one router event for a whole batch.
+/// `LinkTx::send` is async in signature only (its send on the router channel is blocking), so
+/// it completes on its first poll and its state never joins the pump's.
+fn notify_router(tx: &mut LinkTx) -> Result<(), String> {
+    let last = tx.buffer().pop_back();
+    match last.map(|packet| poll_now(tx.send(packet))) {
+        None | Some(Some(Ok(_))) => Ok(()),
+        Some(Some(Err(e))) => Err(e.to_string()),
+        // Not in rumqttd 0.20. The packet is lost with the future, so the session ends and the
+        // client re-sends what was not acknowledged.
+        Some(None) => Err("the router link did not take the packet at once".into()),
+    }
+}
+
+/// Reads more bytes from the client. While the client is quiet the buffer is given back and a
+/// small one waits for the next packet, so an idle session holds no read buffer.
+async fn read_more(reader: &mut ReadHalf<Tls>, rbuf: &mut BytesMut) -> std::io::Result<usize> {
+    if rbuf.capacity() - rbuf.len() < 1024 {
+        rbuf.reserve(READ_CHUNK);
+    }
+    if let Some(read) = poll_now(reader.read_buf(rbuf)) {
+        return read;
+    }
+    if rbuf.is_empty() {
+        *rbuf = BytesMut::with_capacity(IDLE_READ);
+    }
+    reader.read_buf(rbuf).await
 }
 
 /// The next notification on the link, or never while there is no link.
