@@ -7,9 +7,10 @@
 //! client is not the bottleneck). Prints medians of `BENCH_RUNS` (default 3) runs:
 //! - full mTLS handshakes + CONNECT/CONNACK per second at concurrency 64 (no resumption);
 //! - QoS 1 and QoS 0 end to end, 64-byte payloads, 8 device publishers, 1 service subscriber;
-//! - broker RSS per idle mTLS session with `BENCH_IDLE_SESSIONS` (default 10000) held;
-//!   `BENCH_IDLE_WITHOUT_CONNECT=1` holds them after the handshake without CONNECT (no router
-//!   link), which separates the TLS front's cost from rumqttd's per-link cost.
+//! - broker RSS per idle mTLS session with `BENCH_IDLE_SESSIONS` (default 10000) held. What an
+//!   idle session has done is `BENCH_IDLE`: `connect` (default: CONNECT/CONNACK, nothing else),
+//!   `subscribe` (also subscribed to its own `devices/<id>/cmd`, as a device waiting for
+//!   commands is; with us that opens its router link) or `handshake` (the mTLS handshake only).
 
 use std::io::Write as _;
 use std::net::TcpListener as StdListener;
@@ -209,6 +210,23 @@ fn publish_packet(topic: &str, qos: u8, pkid: u16, out: &mut Vec<u8>) {
     out.extend_from_slice(&PAYLOAD);
 }
 
+/// Subscribes to one filter and waits for a SUBACK granting it.
+async fn subscribe(tls: &mut TlsStream<TcpStream>, filter: &str, qos: u8) -> std::io::Result<()> {
+    let mut packet = vec![0x82];
+    remaining_length(2 + 2 + filter.len() + 1, &mut packet);
+    packet.extend_from_slice(&[0x00, 0x01]);
+    packet.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    packet.extend_from_slice(filter.as_bytes());
+    packet.push(qos);
+    tls.write_all(&packet).await?;
+    let mut suback = [0u8; 5];
+    tls.read_exact(&mut suback).await?;
+    if suback[0] != 0x90 || suback[4] == 0x80 {
+        return Err(std::io::Error::other(format!("SUBACK {suback:02x?}")));
+    }
+    Ok(())
+}
+
 /// A completed mTLS handshake, no MQTT yet.
 async fn handshake(port: u16, config: Arc<rustls::ClientConfig>) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
@@ -310,21 +328,8 @@ async fn throughput(
     let mut sub = open(target.port, subscriber.0.clone(), &subscriber.1)
         .await
         .expect("subscriber connects");
-    let filter = b"devices/+/telemetry";
-    let mut subscribe = vec![
-        0x82,
-        (2 + 2 + filter.len() + 1) as u8,
-        0x00,
-        0x01,
-        0x00,
-        filter.len() as u8,
-    ];
-    subscribe.extend_from_slice(filter);
-    subscribe.push(qos);
-    sub.write_all(&subscribe).await.unwrap();
-    let mut suback = [0u8; 5];
-    sub.read_exact(&mut suback).await.unwrap();
-    assert_eq!(suback[0], 0x90, "SUBACK");
+    let filter = "devices/+/telemetry";
+    subscribe(&mut sub, filter, qos).await.expect("subscribed");
 
     let expected = per_publisher * publishers.len();
     let receiver = tokio::spawn(async move {
@@ -428,22 +433,72 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn rss_per_idle_session(target: &Target, sessions: &[(Arc<rustls::ClientConfig>, String)]) -> (f64, usize) {
-    let without_connect = std::env::var_os("BENCH_IDLE_WITHOUT_CONNECT").is_some();
+/// What each idle session has done before it is held (`BENCH_IDLE`).
+#[derive(Clone, Copy)]
+enum IdleMode {
+    /// The mTLS handshake only.
+    Handshake,
+    /// CONNECT/CONNACK.
+    Connect,
+    /// CONNECT/CONNACK and a subscription to its own command topic.
+    Subscribe,
+}
+
+impl IdleMode {
+    fn from_env() -> Self {
+        match std::env::var("BENCH_IDLE").as_deref() {
+            Ok("handshake") => IdleMode::Handshake,
+            Ok("subscribe") => IdleMode::Subscribe,
+            Ok("connect") | Err(_) => IdleMode::Connect,
+            Ok(other) => panic!("BENCH_IDLE: unknown mode {other:?} (connect, subscribe, handshake)"),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            IdleMode::Handshake => "after the handshake only",
+            IdleMode::Connect => "connected",
+            IdleMode::Subscribe => "connected and subscribed to devices/<id>/cmd",
+        }
+    }
+
+    /// Opens one session to this point.
+    async fn open(
+        self,
+        port: u16,
+        config: Arc<rustls::ClientConfig>,
+        client_id: &str,
+        cert_id: &str,
+    ) -> Option<TlsStream<TcpStream>> {
+        match self {
+            IdleMode::Handshake => handshake(port, config).await.ok(),
+            IdleMode::Connect => open(port, config, client_id).await.ok(),
+            IdleMode::Subscribe => {
+                let mut tls = open(port, config, client_id).await.ok()?;
+                subscribe(&mut tls, &format!("devices/{cert_id}/cmd"), 1).await.ok()?;
+                Some(tls)
+            }
+        }
+    }
+}
+
+async fn rss_per_idle_session(
+    target: &Target,
+    sessions: &[(Arc<rustls::ClientConfig>, String)],
+    cert_ids: &[String],
+    mode: IdleMode,
+) -> (f64, usize) {
     let before = rss_kib(target.pid);
     let gate = Arc::new(Semaphore::new(HANDSHAKE_CONCURRENCY));
     let tasks: Vec<_> = sessions
         .iter()
         .cloned()
-        .map(|(config, id)| {
+        .zip(cert_ids.iter().cloned())
+        .map(|((config, client_id), cert_id)| {
             let (gate, port) = (gate.clone(), target.port);
             tokio::spawn(async move {
                 let _permit = gate.acquire().await;
-                if without_connect {
-                    handshake(port, config).await.ok()
-                } else {
-                    open(port, config, &id).await.ok()
-                }
+                mode.open(port, config, &client_id, &cert_id).await
             })
         })
         .collect();
@@ -517,7 +572,8 @@ async fn measure(target: Target, fleet: &Fleet, runs: usize, per_publisher: usiz
         q0.push(qos0.rate);
         q0_lost = q0_lost.max(qos0.lost);
     }
-    let (rss, idle_held) = rss_per_idle_session(&target, &idle).await;
+    let idle_ids: Vec<String> = fleet.idle.iter().map(|(_, id)| id.clone()).collect();
+    let (rss, idle_held) = rss_per_idle_session(&target, &idle, &idle_ids, IdleMode::from_env()).await;
     let figures = Figures {
         name: target.name,
         handshakes: median(hs),
@@ -583,7 +639,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    println!("brokers on core 0, load on core 1; medians of {runs} runs; {PUBLISHERS} publishers x {per_publisher} messages of {} B", PAYLOAD.len());
+    println!(
+        "brokers on core 0, load on core 1; medians of {runs} runs; {PUBLISHERS} publishers x {per_publisher} messages of {} B; idle sessions {}",
+        PAYLOAD.len(),
+        IdleMode::from_env().describe()
+    );
     let targets = std::env::var("BENCH_TARGETS").unwrap_or_else(|_| "ours,mosquitto,rumqttd".into());
     let mut all = Vec::new();
     for name in targets.split(',') {
