@@ -5,9 +5,10 @@
 //! topic templates, and hands authorised traffic to rumqttd's router through local links. See
 //! `shared/design/broker.md` for why rumqttd's own TLS listener is not used.
 //!
-//! Module map: [`listener`] (accept loop, limits, shutdown) → [`session`] (one connection) using
-//! [`tls`] / [`reload`] (TLS material and its hot swap), [`acl`], [`codec`] and [`router`];
-//! [`audit`] and [`metrics`] record every decision.
+//! Module map: [`listener`] (accept loop, limits, shutdown) → [`session`] (one connection's life:
+//! handshake, CONNECT, close) → `pump` (its packets both ways), using [`tls`] / [`reload`] (TLS
+//! material and its hot swap), [`live`] (revocation kicks and takeover), [`acl`], [`codec`],
+//! [`link`] and [`router`]; [`audit`] and [`metrics`] record every decision.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod link;
 pub mod listener;
 pub mod live;
 pub mod metrics;
+mod pump;
 pub mod reload;
 pub mod router;
 pub mod session;
