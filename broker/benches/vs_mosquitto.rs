@@ -219,6 +219,7 @@ async fn subscribe(tls: &mut TlsStream<TcpStream>, filter: &str, qos: u8) -> std
     packet.extend_from_slice(filter.as_bytes());
     packet.push(qos);
     tls.write_all(&packet).await?;
+    tls.flush().await?;
     let mut suback = [0u8; 5];
     tls.read_exact(&mut suback).await?;
     if suback[0] != 0x90 || suback[4] == 0x80 {
@@ -242,6 +243,7 @@ async fn handshake(port: u16, config: Arc<rustls::ClientConfig>) -> std::io::Res
 async fn open(port: u16, config: Arc<rustls::ClientConfig>, client_id: &str) -> std::io::Result<TlsStream<TcpStream>> {
     let mut tls = handshake(port, config).await?;
     tls.write_all(&connect_packet(client_id)).await?;
+    tls.flush().await?;
     let mut connack = [0u8; 4];
     tls.read_exact(&mut connack).await?;
     if connack != [0x20, 0x02, 0x00, 0x00] {
@@ -293,6 +295,7 @@ async fn handshakes_per_second(target: &Target, configs: &[(Arc<rustls::ClientCo
                     if let Ok(mut tls) = open(port, config.clone(), &id).await {
                         done.fetch_add(1, Ordering::Relaxed);
                         let _ = tls.write_all(&[0xe0, 0x00]).await;
+                        let _ = tls.flush().await;
                     }
                 }
             })
@@ -354,6 +357,7 @@ async fn throughput(
             });
             if !acks.is_empty() {
                 let _ = sub.write_all(&acks).await;
+                let _ = sub.flush().await;
                 acks.clear();
             }
             last = Instant::now();
@@ -398,11 +402,12 @@ async fn throughput(
                 pkid = pkid.checked_add(1).unwrap_or(1);
                 publish_packet(&topic, qos, pkid, &mut out);
                 if out.len() >= 64 * 100 || sent + 1 == per_publisher {
+                    // Without the flush the last records can stay in rustls's buffer.
                     wr.write_all(&out).await.expect("publish");
+                    wr.flush().await.expect("publish");
                     out.clear();
                 }
             }
-            let _ = wr.write_all(&out).await;
             (wr, acker)
         }));
     }

@@ -43,6 +43,12 @@ async fn raw_tls(
         .await
 }
 
+/// Writes `bytes` and flushes them out of rustls's buffer.
+async fn send_raw(stream: &mut (impl AsyncWriteExt + Unpin), bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
 /// Reads until the peer closes (or 5 s): what the broker sent.
 async fn read_until_closed(stream: &mut (impl AsyncReadExt + Unpin)) -> Vec<u8> {
     let mut all = Vec::new();
@@ -125,7 +131,7 @@ async fn a_client_without_a_certificate_is_refused() {
     let files = ClientFiles::device(&fleet.device("dev-1"));
     let broker = start(&fleet, &[]);
     if let Ok(mut stream) = raw_tls(broker.port(), &files, false).await {
-        let _ = stream.write_all(&connect_packet(4, "dev-1")).await;
+        let _ = send_raw(&mut stream, &connect_packet(4, "dev-1")).await;
         assert!(
             read_until_closed(&mut stream).await.is_empty(),
             "no CONNACK without a certificate"
@@ -496,11 +502,11 @@ async fn garbage_and_oversized_input_close_only_that_connection() {
 
     // Garbage after a good handshake, then an oversized PUBLISH after a good CONNECT.
     let mut stream = raw_tls(broker.port(), &attacker, true).await.unwrap();
-    stream.write_all(&[0xF0, 0x00, 0xde, 0xad]).await.unwrap();
+    send_raw(&mut stream, &[0xF0, 0x00, 0xde, 0xad]).await.unwrap();
     read_until_closed(&mut stream).await;
     let mut stream = raw_tls(broker.port(), &attacker, true).await.unwrap();
-    stream.write_all(&connect_packet(4, "")).await.unwrap();
-    stream.write_all(&[0x30, 0x80, 0x80, 0x04]).await.unwrap(); // remaining length 65536
+    send_raw(&mut stream, &connect_packet(4, "")).await.unwrap();
+    send_raw(&mut stream, &[0x30, 0x80, 0x80, 0x04]).await.unwrap(); // remaining length 65536
     read_until_closed(&mut stream).await;
     let rejects = broker
         .events()
@@ -528,7 +534,7 @@ async fn an_mqtt5_connect_is_refused_with_connack_1() {
     let files = ClientFiles::device(&fleet.device("dev-1"));
     let broker = start(&fleet, &[]);
     let mut stream = raw_tls(broker.port(), &files, true).await.unwrap();
-    stream.write_all(&connect_packet(5, "dev-1")).await.unwrap();
+    send_raw(&mut stream, &connect_packet(5, "dev-1")).await.unwrap();
     assert_eq!(read_until_closed(&mut stream).await, vec![0x20, 0x02, 0x00, 0x01]);
     broker.wait_for_reject("unsupported_protocol_version");
 }
@@ -539,8 +545,8 @@ async fn a_second_connect_is_a_protocol_error() {
     let files = ClientFiles::device(&fleet.device("dev-1"));
     let broker = start(&fleet, &[]);
     let mut stream = raw_tls(broker.port(), &files, true).await.unwrap();
-    stream.write_all(&connect_packet(4, "dev-1")).await.unwrap();
-    stream.write_all(&connect_packet(4, "dev-1")).await.unwrap();
+    send_raw(&mut stream, &connect_packet(4, "dev-1")).await.unwrap();
+    send_raw(&mut stream, &connect_packet(4, "dev-1")).await.unwrap();
     let received = read_until_closed(&mut stream).await;
     assert_eq!(&received[..4], &[0x20, 0x02, 0x00, 0x00], "first CONNECT accepted");
     let reject = broker.wait_for_reject("protocol_error");
@@ -742,7 +748,7 @@ async fn a_new_server_certificate_is_picked_up_without_restart_and_sighup_forces
     let presented = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
     let days = fleet_identity::CertificateSummary::from_der(&presented).unwrap();
     assert!((days.not_after - days.not_before) / 86_400 <= 10);
-    stream.write_all(&connect_packet(4, "dev-1")).await.unwrap();
+    send_raw(&mut stream, &connect_packet(4, "dev-1")).await.unwrap();
 
     broker.hangup();
     broker.wait_for("reload on SIGHUP", Duration::from_secs(5), |e| {
@@ -762,7 +768,7 @@ async fn the_broker_listens_on_ipv6() {
         .connect(name, tcp)
         .await
         .unwrap();
-    stream.write_all(&connect_packet(4, "dev-1")).await.unwrap();
+    send_raw(&mut stream, &connect_packet(4, "dev-1")).await.unwrap();
     let mut connack = [0u8; 4];
     stream.read_exact(&mut connack).await.unwrap();
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
@@ -780,8 +786,8 @@ async fn a_silent_client_with_a_truncated_packet_is_dropped_after_its_keepalive(
     // Keepalive (bytes 10 and 11: after the 2-byte fixed header, name, level and flags): 1 s.
     connect[10] = 0;
     connect[11] = 1;
-    stream.write_all(&connect).await.unwrap();
-    stream.write_all(&[0x30, 0x20, 0x00]).await.unwrap(); // the start of a PUBLISH, never finished
+    send_raw(&mut stream, &connect).await.unwrap();
+    send_raw(&mut stream, &[0x30, 0x20, 0x00]).await.unwrap(); // the start of a PUBLISH, never finished
     let started = Instant::now();
     let received = read_until_closed(&mut stream).await;
     assert_eq!(&received[..4], &[0x20, 0x02, 0x00, 0x00]);
