@@ -83,7 +83,11 @@ pub struct Reloader {
     state: Arc<TlsState>,
     sessions: Arc<LiveSessions>,
     audit: Audit,
-    stamps: Vec<Option<FileStamp>>,
+    /// The files behind the material in force: what a reload reports as changed.
+    in_force: Vec<Option<FileStamp>>,
+    /// The files at the last poll: a reload is tried only when these change, so a bad file is
+    /// reported once, not at every poll.
+    seen: Vec<Option<FileStamp>>,
     stale_reported: Option<Instant>,
 }
 
@@ -96,14 +100,15 @@ impl Reloader {
         sessions: Arc<LiveSessions>,
         audit: Audit,
     ) -> Self {
-        let stamps = stamps(&files);
+        let in_force = stamps(&files);
         Self {
             files,
             provider,
             state,
             sessions,
             audit,
-            stamps,
+            seen: in_force.clone(),
+            in_force,
             stale_reported: None,
         }
     }
@@ -121,7 +126,7 @@ impl Reloader {
                     }
                 }
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    self.stamps = stamps(&self.files);
+                    self.seen = stamps(&self.files);
                     self.reload("all files (SIGHUP)");
                 }
                 _ = shutdown.changed() => return,
@@ -130,17 +135,23 @@ impl Reloader {
         }
     }
 
+    /// The files that differ from those in force, if any file changed since the last poll.
+    /// (A writer replacing the certificate and then the key can be seen half-way: that attempt
+    /// fails, and the next one reports both files.)
     fn changed_files(&mut self) -> Option<String> {
         let fresh = stamps(&self.files);
+        if fresh == self.seen {
+            return None;
+        }
+        self.seen = fresh;
         let changed: Vec<&str> = self
             .files
             .all()
             .iter()
-            .zip(self.stamps.iter().zip(&fresh))
+            .zip(self.in_force.iter().zip(&self.seen))
             .filter(|(_, (old, new))| old != new)
             .map(|((name, _), _)| *name)
             .collect();
-        self.stamps = fresh;
         (!changed.is_empty()).then(|| changed.join(", "))
     }
 
@@ -150,6 +161,7 @@ impl Reloader {
             Ok(material) => {
                 let revoked = material.crl.as_ref().map(|crl| crl.revoked.clone()).unwrap_or_default();
                 self.state.replace(material);
+                self.in_force = self.seen.clone();
                 self.audit.reload(what);
                 self.stale_reported = None;
                 // Sessions log `revoked_kick` themselves as they close.

@@ -87,11 +87,9 @@ async fn qos1_round_trip_between_a_device_and_a_service() {
     let service = ClientFiles::service(&fleet.service("ingest"));
     let broker = start(&fleet, &[]);
     let (svc, mut svc_loop) = connect(broker.port(), &service, "ingest").await.unwrap();
-    svc.subscribe("devices/+/telemetry", QoS::AtLeastOnce).await.unwrap();
-    wait_for_suback(&mut svc_loop).await;
+    subscribe_acked(&svc, &mut svc_loop, "devices/+/telemetry").await;
     let (dev, mut dev_loop) = connect(broker.port(), &device, "dev-1").await.unwrap();
-    dev.subscribe("devices/dev-1/cmd/#", QoS::AtLeastOnce).await.unwrap();
-    wait_for_suback(&mut dev_loop).await;
+    subscribe_acked(&dev, &mut dev_loop, "devices/dev-1/cmd/#").await;
 
     dev.publish("devices/dev-1/telemetry", QoS::AtLeastOnce, false, "21.5")
         .await
@@ -112,6 +110,12 @@ async fn qos1_round_trip_between_a_device_and_a_service() {
     assert_eq!(accept["tls_version"], "TLSv1_3");
     assert_eq!(accept["sha256"].as_str().unwrap().len(), 64);
     drop(svc);
+}
+
+/// Subscribes at QoS 1 and waits for the SUBACK.
+async fn subscribe_acked(client: &rumqttc::AsyncClient, eventloop: &mut rumqttc::EventLoop, filter: &str) {
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    wait_for_suback(eventloop).await;
 }
 
 async fn wait_for_suback(eventloop: &mut rumqttc::EventLoop) -> Vec<SubscribeReasonCode> {
@@ -248,8 +252,7 @@ async fn an_empty_client_id_is_given_the_device_id() {
     let service = ClientFiles::service(&fleet.service("ingest"));
     let broker = start(&fleet, &[]);
     let (svc, mut svc_loop) = connect(broker.port(), &service, "").await.unwrap();
-    svc.subscribe("devices/dev-1/#", QoS::AtLeastOnce).await.unwrap();
-    wait_for_suback(&mut svc_loop).await;
+    subscribe_acked(&svc, &mut svc_loop, "devices/dev-1/#").await;
     let (dev, mut dev_loop) = connect(broker.port(), &files, "").await.unwrap();
     dev.publish("devices/dev-1/telemetry", QoS::AtLeastOnce, false, "x")
         .await
@@ -266,8 +269,7 @@ async fn a_device_is_confined_to_its_own_topics() {
     let service = ClientFiles::service(&fleet.service("ingest"));
     let broker = start(&fleet, &[]);
     let (svc, mut svc_loop) = connect(broker.port(), &service, "ingest").await.unwrap();
-    svc.subscribe("devices/#", QoS::AtLeastOnce).await.unwrap();
-    wait_for_suback(&mut svc_loop).await;
+    subscribe_acked(&svc, &mut svc_loop, "devices/#").await;
 
     let (dev, mut dev_loop) = connect(broker.port(), &files, "dev-1").await.unwrap();
     let filters = ["devices/dev-1/cmd/#", "devices/+/telemetry", "#", "$SYS/#"]
@@ -345,8 +347,7 @@ async fn a_will_outside_the_namespace_is_refused_and_an_allowed_will_fires_on_ab
     broker.wait_for_reject("will_denied");
 
     let (svc, mut svc_loop) = connect(broker.port(), &service, "ingest").await.unwrap();
-    svc.subscribe("devices/dev-1/status", QoS::AtLeastOnce).await.unwrap();
-    wait_for_suback(&mut svc_loop).await;
+    subscribe_acked(&svc, &mut svc_loop, "devices/dev-1/status").await;
     let (dev, dev_loop) = connect_with(broker.port(), &files, "dev-1", |o| {
         o.set_last_will(LastWill::new(
             "devices/dev-1/status",
@@ -661,10 +662,7 @@ async fn a_persistent_session_receives_what_was_published_while_it_was_away() {
     let (svc, mut svc_loop) = connect_with(broker.port(), &service, "ingest", persistent)
         .await
         .unwrap();
-    svc.subscribe("devices/dev-1/telemetry", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    wait_for_suback(&mut svc_loop).await;
+    subscribe_acked(&svc, &mut svc_loop, "devices/dev-1/telemetry").await;
     svc.disconnect().await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), async { while svc_loop.poll().await.is_ok() {} })
         .await
@@ -810,8 +808,7 @@ async fn a_second_connection_with_the_same_client_id_takes_over_the_first() {
     let broker = start(&fleet, &[]);
     // The first connection has a router link (it subscribed); the second has none yet.
     let (first, mut first_loop) = connect(broker.port(), &files, "dev-1").await.unwrap();
-    first.subscribe("devices/dev-1/cmd", QoS::AtLeastOnce).await.unwrap();
-    wait_for_suback(&mut first_loop).await;
+    subscribe_acked(&first, &mut first_loop, "devices/dev-1/cmd").await;
     let (second, mut second_loop) = connect(broker.port(), &files, "dev-1").await.unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
@@ -826,8 +823,7 @@ async fn a_second_connection_with_the_same_client_id_takes_over_the_first() {
         e["event"] == "disconnect" && e["cause"].as_str().is_some_and(|c| c.contains("took over"))
     });
 
-    second.subscribe("devices/dev-1/cmd", QoS::AtLeastOnce).await.unwrap();
-    wait_for_suback(&mut second_loop).await;
+    subscribe_acked(&second, &mut second_loop, "devices/dev-1/cmd").await;
     let (ops, mut ops_loop) = connect(broker.port(), &service, "ops").await.unwrap();
     ops.publish("devices/dev-1/cmd", QoS::AtLeastOnce, false, "reboot")
         .await
@@ -859,10 +855,7 @@ async fn a_clean_session_discards_what_an_earlier_persistent_session_stored() {
     let (svc, mut svc_loop) = connect_with(broker.port(), &service, "ingest", persistent)
         .await
         .unwrap();
-    svc.subscribe("devices/dev-1/telemetry", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    wait_for_suback(&mut svc_loop).await;
+    subscribe_acked(&svc, &mut svc_loop, "devices/dev-1/telemetry").await;
     disconnect(svc, svc_loop).await;
 
     let (dev, mut dev_loop) = connect(broker.port(), &device, "dev-1").await.unwrap();
