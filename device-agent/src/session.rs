@@ -110,7 +110,7 @@ impl Runner {
                 tokio::select! {
                     () = &mut wait => break,
                     Some(message) = input.recv() => self.accept(message),
-                    () = &mut stop => return,
+                    () = &mut stop => return self.log_stopped(),
                 }
             }
         }
@@ -163,11 +163,21 @@ impl Runner {
                 () = stop.as_mut() => {
                     let _ = client.try_disconnect();
                     let _ = tokio::time::timeout(Duration::from_secs(2), async { while eventloop.poll().await.is_ok() {} }).await;
-                    info!(event = "stopped", queued = self.queue.len(), "stopped; {} messages stay queued on disk", self.queue.len());
+                    self.log_stopped();
                     return End::Stopped;
                 }
             }
         }
+    }
+
+    /// The last line of a run, whether it stopped while connected or while waiting to reconnect.
+    fn log_stopped(&self) {
+        info!(
+            event = "stopped",
+            queued = self.queue.len(),
+            "stopped; {} messages stay queued on disk",
+            self.queue.len()
+        );
     }
 
     /// Hands queued messages to the client, in order, while the window has room.

@@ -488,3 +488,16 @@ async fn messages_arrive_through_the_unix_socket_and_sigterm_exits_zero() {
     assert!(status.success(), "SIGTERM ends the agent cleanly: {status}");
     agent.wait_stderr("stopped;", Duration::from_secs(2));
 }
+
+#[test]
+fn sigterm_while_waiting_to_reconnect_exits_zero_and_says_so() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let mut agent = RunningAgent::start(agent_cmd("run", &bundle, free_port()));
+    agent.wait_stderr("connect_failed", Duration::from_secs(10));
+    let pid = agent.child.id().to_string();
+    run_ok(Command::new("kill").args(["-TERM", &pid]));
+    let status = agent.child.wait().unwrap();
+    assert!(status.success(), "SIGTERM during the backoff ends the agent cleanly: {status}");
+    agent.wait_stderr("stopped;", Duration::from_secs(2));
+}
