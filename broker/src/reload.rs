@@ -137,7 +137,7 @@ impl Reloader {
 
     /// The files that differ from those in force, if any file changed since the last poll.
     /// (A writer replacing the certificate and then the key can be seen half-way: that attempt
-    /// fails, and the next one reports both files.)
+    /// fails or is discarded, and the next one reports both files.)
     fn changed_files(&mut self) -> Option<String> {
         let fresh = stamps(&self.files);
         if fresh == self.seen {
@@ -157,7 +157,13 @@ impl Reloader {
 
     /// Loads the files and swaps them in, or keeps the old material if they are unusable.
     pub fn reload(&mut self, what: &str) {
-        match TlsMaterial::load(&self.files, &self.provider) {
+        let loaded = TlsMaterial::load(&self.files, &self.provider);
+        if stamps(&self.files) != self.seen {
+            // Written while they were read (a certificate and then its key, say): the next poll
+            // sees the change, loads them again and reports everything that changed.
+            return;
+        }
+        match loaded {
             Ok(material) => {
                 let revoked = material.crl.as_ref().map(|crl| crl.revoked.clone()).unwrap_or_default();
                 self.state.replace(material);

@@ -498,6 +498,9 @@ fn sigterm_while_waiting_to_reconnect_exits_zero_and_says_so() {
     let pid = agent.child.id().to_string();
     run_ok(Command::new("kill").args(["-TERM", &pid]));
     let status = agent.child.wait().unwrap();
-    assert!(status.success(), "SIGTERM during the backoff ends the agent cleanly: {status}");
+    assert!(
+        status.success(),
+        "SIGTERM during the backoff ends the agent cleanly: {status}"
+    );
     agent.wait_stderr("stopped;", Duration::from_secs(2));
 }
