@@ -10,7 +10,7 @@ use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
 use rumqttd::Notification;
 use tokio::sync::oneshot;
 
-use crate::live::Registration;
+use crate::live::{LinkClaim, Registration};
 use crate::router::{Link, LinkRefused, RouterHandle};
 
 /// Why a link could not be opened.
@@ -28,7 +28,7 @@ pub enum OpenError {
 }
 
 /// The sending half of a session's link, once open; the receiving half goes to the session's
-/// outbound pump through [`LazyLink::receiver`].
+/// outbound pump through the receiver [`LazyLink::new`] returns.
 pub struct LazyLink {
     client_id: String,
     clean_session: bool,
@@ -56,20 +56,14 @@ impl LazyLink {
     }
 
     /// Opens the link; the router's CONNACK. Refused when a newer connection has taken over
-    /// the client id, so an old session never takes the router session from a newer one.
+    /// the client id (see [`LinkClaim`]).
     pub async fn open(
         &mut self,
         router: &RouterHandle,
         registration: &Registration,
     ) -> Result<Notification, OpenError> {
-        if !registration.is_current() {
-            return Err(OpenError::TakenOver);
-        }
-        let (mut tx, rx, connack) = connect_off_thread(router, &self.client_id, self.clean_session).await?;
-        if !registration.is_current() {
-            disconnect(&mut tx).await;
-            return Err(OpenError::TakenOver);
-        }
+        let claim = registration.link_claim();
+        let (tx, rx, connack) = connect_off_thread(router, &self.client_id, self.clean_session, claim).await?;
         if let Some(handoff) = self.handoff.take() {
             let _ = handoff.send(rx);
         }
@@ -86,20 +80,47 @@ impl LazyLink {
 }
 
 /// Connects to the router from a blocking thread (rumqttd's `build` waits on a synchronous
-/// channel). If the session stops waiting, the link that arrives anyway is disconnected, so no
-/// orphan stays in the router.
-async fn connect_off_thread(router: &RouterHandle, client_id: &str, clean_session: bool) -> Result<Link, OpenError> {
+/// channel), holding the client id's gate. If the session stops waiting, the link that arrives
+/// anyway is disconnected, so no orphan stays in the router.
+async fn connect_off_thread(
+    router: &RouterHandle,
+    client_id: &str,
+    clean_session: bool,
+    claim: LinkClaim,
+) -> Result<Link, OpenError> {
     let (done, built) = oneshot::channel();
     let (router, client_id, runtime) = (router.clone(), client_id.to_owned(), tokio::runtime::Handle::current());
     tokio::task::spawn_blocking(move || {
-        if let Err(Ok((mut tx, ..))) = done.send(router.connect(&client_id, clean_session)) {
+        let _gate = claim.hold();
+        let link = connect_if_current(&router, &client_id, clean_session, &claim, &runtime);
+        if let Err(Ok((mut tx, ..))) = done.send(link) {
             runtime.block_on(disconnect(&mut tx));
         }
     });
     match built.await {
-        Ok(link) => Ok(link?),
+        Ok(link) => link,
         Err(_) => Err(OpenError::Failed("the router thread did not answer".into())),
     }
+}
+
+/// Connects if the session is still the newest with its client id, before and after: a newer
+/// session that registered meanwhile connects after us (it waits for the gate) and wins.
+fn connect_if_current(
+    router: &RouterHandle,
+    client_id: &str,
+    clean_session: bool,
+    claim: &LinkClaim,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Link, OpenError> {
+    if !claim.is_current() {
+        return Err(OpenError::TakenOver);
+    }
+    let (mut tx, rx, connack) = router.connect(client_id, clean_session)?;
+    if !claim.is_current() {
+        runtime.block_on(disconnect(&mut tx));
+        return Err(OpenError::TakenOver);
+    }
+    Ok((tx, rx, connack))
 }
 
 async fn disconnect(tx: &mut LinkTx) {

@@ -51,6 +51,7 @@ struct Entry {
     serial: String,
     client_id: String,
     kick: Arc<Kick>,
+    gate: Arc<Mutex<()>>,
 }
 
 #[derive(Default)]
@@ -58,6 +59,8 @@ struct Table {
     entries: HashMap<u64, Entry>,
     /// The newest registration of each router client id.
     current: HashMap<String, u64>,
+    /// One lock per client id with live sessions, held while one of them opens its router link.
+    gates: HashMap<String, Arc<Mutex<()>>>,
 }
 
 /// Live sessions by registration number.
@@ -76,7 +79,37 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// Whether no newer connection has taken over this session's client id.
+    /// What opening this session's router link needs, usable from a blocking thread.
+    pub fn link_claim(&self) -> LinkClaim {
+        let gate = self.table.lock().entries.get(&self.key).map(|e| e.gate.clone());
+        LinkClaim {
+            table: self.table.clone(),
+            key: self.key,
+            gate: gate.unwrap_or_default(),
+        }
+    }
+}
+
+/// The right to open a router link for a client id, for as long as the session is the newest
+/// one with that id.
+///
+/// rumqttd gives a client id to the last link that connects with it. Sessions of one client id
+/// open their links one at a time, each checking before and after that it is still the newest:
+/// so the newest session's link is always the last to connect, and an older session that raced
+/// it disconnects its own link instead of taking the id back.
+pub struct LinkClaim {
+    table: Arc<LiveSessions>,
+    key: u64,
+    gate: Arc<Mutex<()>>,
+}
+
+impl LinkClaim {
+    /// Holds the client id's gate.
+    pub fn hold(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether no newer connection has taken over the client id.
     pub fn is_current(&self) -> bool {
         let table = self.table.lock();
         let client_id = table.entries.get(&self.key).map(|e| e.client_id.as_str());
@@ -87,10 +120,15 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut table = self.table.lock();
-        if let Some(entry) = table.entries.remove(&self.key) {
-            if table.current.get(&entry.client_id) == Some(&self.key) {
-                table.current.remove(&entry.client_id);
-            }
+        let Some(entry) = table.entries.remove(&self.key) else {
+            return;
+        };
+        if table.current.get(&entry.client_id) == Some(&self.key) {
+            table.current.remove(&entry.client_id);
+        }
+        // The table's and this entry's: nobody else uses the gate.
+        if Arc::strong_count(&entry.gate) == 2 {
+            table.gates.remove(&entry.client_id);
         }
     }
 }
@@ -113,6 +151,7 @@ impl LiveSessions {
                 entry.kick.give(KickReason::TakenOver);
             }
         }
+        let gate = table.gates.entry(client_id.clone()).or_default().clone();
         table.entries.insert(
             key,
             Entry {
@@ -120,6 +159,7 @@ impl LiveSessions {
                 serial,
                 client_id,
                 kick: kick.clone(),
+                gate,
             },
         );
         drop(table);
@@ -179,13 +219,18 @@ mod tests {
         let other = device(&table, "dev-2", "02");
         let second = device(&table, "dev-1", "03");
         assert_eq!(reason(&first), Some(KickReason::TakenOver));
-        assert!(!first.is_current());
-        assert!(second.is_current() && other.is_current());
+        assert!(!first.link_claim().is_current());
+        assert!(second.link_claim().is_current() && other.link_claim().is_current());
         assert_eq!(reason(&second), None);
         // The old session ending does not unseat the new one.
         drop(first);
-        assert!(second.is_current());
+        assert!(second.link_claim().is_current());
         assert_eq!(table.len(), 2);
+        drop((second, other));
+        assert!(
+            table.lock().gates.is_empty(),
+            "gates go with the last session of their id"
+        );
     }
 
     #[test]

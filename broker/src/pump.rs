@@ -39,14 +39,17 @@ pub(crate) async fn pump(
         pending_subacks: Mutex::new(HashMap::new()),
     };
     let mut shutdown = ctx.shutdown.clone();
+    // Biased: a kick explains whatever else ends the session at the same time (a takeover also
+    // makes the router close this session's link).
     tokio::select! {
-        end = scope.inbound(reader, rbuf, &mut session.link, session.keepalive) => end,
-        end = scope.outbound(writer, link_arrival) => end,
+        biased;
         reason = session.registration.kick.wait() => match reason {
             KickReason::Revoked => SessionEnd::Revoked,
             KickReason::TakenOver => SessionEnd::TakenOver,
         },
         _ = shutdown.wait_for(|down| *down) => SessionEnd::Shutdown,
+        end = scope.inbound(reader, rbuf, &mut session.link, session.keepalive) => end,
+        end = scope.outbound(writer, link_arrival) => end,
     }
 }
 

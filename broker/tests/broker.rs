@@ -901,3 +901,52 @@ async fn a_clean_session_discards_what_an_earlier_persistent_session_stored() {
     .expect("the marker arrives");
     assert_eq!(received, ["marker"], "the stored message must have been discarded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_under_one_client_id_leaves_only_the_newest_session() {
+    const RACERS: usize = 20;
+    let fleet = TestFleet::new();
+    let files = ClientFiles::device(&fleet.device("dev-1"));
+    let service = ClientFiles::service(&fleet.service("ops"));
+    let broker = start(&fleet, &[]);
+    let port = broker.port();
+    // Connections race for the same client id; each publishes at once (opening its router link
+    // while the others are being taken over) and keeps its event loop running.
+    let racers: Vec<_> = (0..RACERS)
+        .map(|n| {
+            let files = files.clone();
+            tokio::spawn(async move {
+                let (client, mut eventloop) = connect(port, &files, "dev-1").await.unwrap();
+                client
+                    .publish("devices/dev-1/telemetry", QoS::AtLeastOnce, false, n.to_string())
+                    .await
+                    .unwrap();
+                while eventloop.poll().await.is_ok() {}
+            })
+        })
+        .collect();
+    broker.wait_for_count("racers accepted", Duration::from_secs(10), RACERS, |e| {
+        e["event"] == "accept"
+    });
+
+    let (last, mut last_loop) = connect(port, &files, "dev-1").await.unwrap();
+    broker.wait_for_count("every racer taken over", Duration::from_secs(5), RACERS, |e| {
+        e["event"] == "disconnect" && e["cause"].as_str().is_some_and(|c| c.contains("took over"))
+    });
+    for racer in racers {
+        tokio::time::timeout(Duration::from_secs(5), racer)
+            .await
+            .expect("a taken-over connection is closed")
+            .unwrap();
+    }
+    subscribe_acked(&last, &mut last_loop, "devices/dev-1/cmd").await;
+    let (ops, mut ops_loop) = connect(port, &service, "ops").await.unwrap();
+    ops.publish("devices/dev-1/cmd", QoS::AtLeastOnce, false, "ping")
+        .await
+        .unwrap();
+    tokio::spawn(async move { while ops_loop.poll().await.is_ok() {} });
+    let command = next_publish(&mut last_loop, Duration::from_secs(5))
+        .await
+        .expect("the newest connection gets the command");
+    assert_eq!(&command.payload[..], b"ping");
+}
