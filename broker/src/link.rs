@@ -88,6 +88,10 @@ async fn connect_off_thread(
     clean_session: bool,
     claim: LinkClaim,
 ) -> Result<Link, OpenError> {
+    // Sessions already taken over need no thread to learn it.
+    if !claim.is_current() {
+        return Err(OpenError::TakenOver);
+    }
     let (done, built) = oneshot::channel();
     let (router, client_id, runtime) = (router.clone(), client_id.to_owned(), tokio::runtime::Handle::current());
     tokio::task::spawn_blocking(move || {
