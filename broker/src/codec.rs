@@ -119,6 +119,12 @@ pub fn packet_name(packet: &Packet) -> &'static str {
     }
 }
 
+/// QoS and packet id of a client's PUBLISH (private fields in rumqttd, read from its encoding).
+pub fn qos_and_pkid(publish: &Publish) -> (u8, u16) {
+    let raw = publish.serialize();
+    ((raw[0] >> 1) & 0b11, u16::from_be_bytes([raw[1], raw[2]]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::timeout;
 
 use crate::acl::{OnDeniedPublish, TopicRules, Verdict};
-use crate::codec::{self, packet_name};
+use crate::codec::{self, packet_name, qos_and_pkid};
 use crate::link::{LazyLink, OpenError};
 use crate::live::{KickReason, Registration};
 use crate::session::{Established, SessionContext, SessionEnd, Tls};
@@ -51,12 +51,6 @@ pub(crate) async fn pump(
         end = scope.inbound(reader, rbuf, &mut session.link, session.keepalive) => end,
         end = scope.outbound(writer, link_arrival) => end,
     }
-}
-
-/// QoS and packet id of a client's PUBLISH (private fields in rumqttd, read from its encoding).
-fn qos_and_pkid(publish: &Publish) -> (u8, u16) {
-    let raw = publish.serialize();
-    ((raw[0] >> 1) & 0b11, u16::from_be_bytes([raw[1], raw[2]]))
 }
 
 /// Read buffer growth step while the client is sending.

@@ -118,6 +118,16 @@ async fn subscribe_acked(client: &rumqttc::AsyncClient, eventloop: &mut rumqttc:
     wait_for_suback(eventloop).await;
 }
 
+/// Sends DISCONNECT and waits until the broker has closed the connection.
+async fn disconnect_cleanly(client: rumqttc::AsyncClient, mut eventloop: rumqttc::EventLoop) {
+    client.disconnect().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await
+    .unwrap();
+}
+
 async fn wait_for_suback(eventloop: &mut rumqttc::EventLoop) -> Vec<SubscribeReasonCode> {
     match wait_for_incoming(eventloop, Duration::from_secs(5), "SUBACK", |p| {
         matches!(p, Packet::SubAck(_))
@@ -663,10 +673,7 @@ async fn a_persistent_session_receives_what_was_published_while_it_was_away() {
         .await
         .unwrap();
     subscribe_acked(&svc, &mut svc_loop, "devices/dev-1/telemetry").await;
-    svc.disconnect().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), async { while svc_loop.poll().await.is_ok() {} })
-        .await
-        .unwrap();
+    disconnect_cleanly(svc, svc_loop).await;
     broker.wait_for("service disconnect", Duration::from_secs(5), |e| {
         e["event"] == "disconnect" && e["device_id"] == "ingest"
     });
@@ -844,29 +851,21 @@ async fn a_clean_session_discards_what_an_earlier_persistent_session_stored() {
     let persistent = |o: &mut rumqttc::MqttOptions| {
         o.set_clean_session(false);
     };
-    let disconnect = |client: rumqttc::AsyncClient, mut eventloop: rumqttc::EventLoop| async move {
-        client.disconnect().await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while eventloop.poll().await.is_ok() {}
-        })
-        .await
-        .unwrap();
-    };
     let (svc, mut svc_loop) = connect_with(broker.port(), &service, "ingest", persistent)
         .await
         .unwrap();
     subscribe_acked(&svc, &mut svc_loop, "devices/dev-1/telemetry").await;
-    disconnect(svc, svc_loop).await;
+    disconnect_cleanly(svc, svc_loop).await;
 
     let (dev, mut dev_loop) = connect(broker.port(), &device, "dev-1").await.unwrap();
-    let publish_acked = |text: &'static str| {
+    let publish_telemetry = |text: &'static str| {
         let dev = dev.clone();
         async move {
             dev.publish("devices/dev-1/telemetry", QoS::AtLeastOnce, false, text)
                 .await
         }
     };
-    publish_acked("stored").await.unwrap();
+    publish_telemetry("stored").await.unwrap();
     wait_for_incoming(&mut dev_loop, Duration::from_secs(5), "PUBACK", |p| {
         matches!(p, Packet::PubAck(_))
     })
@@ -874,7 +873,7 @@ async fn a_clean_session_discards_what_an_earlier_persistent_session_stored() {
 
     // A clean CONNECT ends the stored session: nothing queued is delivered, now or later.
     let (svc, svc_loop) = connect(broker.port(), &service, "ingest").await.unwrap();
-    disconnect(svc, svc_loop).await;
+    disconnect_cleanly(svc, svc_loop).await;
     let (svc, mut svc_loop) = connect_with(broker.port(), &service, "ingest", persistent)
         .await
         .unwrap();
@@ -886,7 +885,7 @@ async fn a_clean_session_discards_what_an_earlier_persistent_session_stored() {
     tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match svc_loop.poll().await.unwrap() {
-                rumqttc::Event::Incoming(Packet::SubAck(_)) => publish_acked("marker").await.unwrap(),
+                rumqttc::Event::Incoming(Packet::SubAck(_)) => publish_telemetry("marker").await.unwrap(),
                 rumqttc::Event::Incoming(Packet::Publish(p)) => {
                     received.push(String::from_utf8_lossy(&p.payload).into_owned());
                     if p.payload == "marker" {
