@@ -57,10 +57,17 @@ struct Entry {
 #[derive(Default)]
 struct Table {
     entries: HashMap<u64, Entry>,
-    /// The newest registration of each router client id.
-    current: HashMap<String, u64>,
-    /// One lock per client id with live sessions, held while one of them opens its router link.
-    gates: HashMap<String, Arc<Mutex<()>>>,
+    /// Every router client id with live sessions.
+    client_ids: HashMap<String, ClientId>,
+}
+
+/// The sessions of one router client id.
+#[derive(Default)]
+struct ClientId {
+    /// The newest registration, while it lives.
+    newest: Option<u64>,
+    /// Held while one of the id's sessions opens its router link.
+    gate: Arc<Mutex<()>>,
 }
 
 /// Live sessions by registration number.
@@ -113,7 +120,7 @@ impl LinkClaim {
     pub fn is_current(&self) -> bool {
         let table = self.table.lock();
         let client_id = table.entries.get(&self.key).map(|e| e.client_id.as_str());
-        client_id.and_then(|id| table.current.get(id)) == Some(&self.key)
+        client_id.and_then(|id| table.client_ids.get(id)?.newest) == Some(self.key)
     }
 }
 
@@ -123,12 +130,15 @@ impl Drop for Registration {
         let Some(entry) = table.entries.remove(&self.key) else {
             return;
         };
-        if table.current.get(&entry.client_id) == Some(&self.key) {
-            table.current.remove(&entry.client_id);
+        let Some(id) = table.client_ids.get_mut(&entry.client_id) else {
+            return;
+        };
+        if id.newest == Some(self.key) {
+            id.newest = None;
         }
-        // The table's and this entry's: nobody else uses the gate.
+        // The table's and this entry's: no other session of the id is left.
         if Arc::strong_count(&entry.gate) == 2 {
-            table.gates.remove(&entry.client_id);
+            table.client_ids.remove(&entry.client_id);
         }
     }
 }
@@ -146,12 +156,12 @@ impl LiveSessions {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let kick = Arc::new(Kick::default());
         let mut table = self.lock();
-        if let Some(previous) = table.current.insert(client_id.clone(), key) {
-            if let Some(entry) = table.entries.get(&previous) {
-                entry.kick.give(KickReason::TakenOver);
-            }
+        let id = table.client_ids.entry(client_id.clone()).or_default();
+        let previous = id.newest.replace(key);
+        let gate = id.gate.clone();
+        if let Some(entry) = previous.and_then(|previous| table.entries.get(&previous)) {
+            entry.kick.give(KickReason::TakenOver);
         }
-        let gate = table.gates.entry(client_id.clone()).or_default().clone();
         table.entries.insert(
             key,
             Entry {
@@ -228,8 +238,8 @@ mod tests {
         assert_eq!(table.len(), 2);
         drop((second, other));
         assert!(
-            table.lock().gates.is_empty(),
-            "gates go with the last session of their id"
+            table.lock().client_ids.is_empty(),
+            "a client id goes with its last session"
         );
     }
 
