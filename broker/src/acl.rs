@@ -1,14 +1,16 @@
-//! Topic access control: templates rendered with the peer's identity, and filter containment.
+//! Topic access control: templates rendered with the peer's identity.
 //!
 //! A topic or SUBSCRIBE filter is allowed only if one of the rendered templates *covers* it: every
-//! topic the filter can match is matched by the template. So a device allowed `devices/{id}/#`
-//! may subscribe to `devices/{id}/cmd/+` but not to `devices/+/telemetry` or `#`. Shared
-//! subscriptions (`$share/<group>/<filter>`) are judged by their filter. Topics starting with `$`
-//! (such as `$SYS/...`) are matched only by templates that name the `$` level explicitly, as in
-//! MQTT itself, where `#` and `+` never match a leading `$` level.
+//! topic the filter can match is matched by the template (see [`crate::topic::covers`]). So a
+//! device allowed `devices/{id}/#` may subscribe to `devices/{id}/cmd/+` but not to
+//! `devices/+/telemetry` or `#`. Shared subscriptions (`$share/<group>/<filter>`) are judged by
+//! their filter. Topics starting with `$` (such as `$SYS/...`) are matched only by templates that
+//! name the `$` level explicitly, as in MQTT itself.
 
 use fleet_identity::{Identity, Role};
 use serde::Deserialize;
+
+use crate::topic::{covers, validate_filter, validate_topic_name, FilterError, SubscriptionFilter};
 
 /// What to do with a PUBLISH the ACL denies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -126,14 +128,10 @@ impl TopicRules {
 
     /// May this peer subscribe to `filter`?
     pub fn may_subscribe(&self, filter: &str) -> Verdict {
-        let filter = match strip_shared(filter) {
-            Ok(inner) => inner,
-            Err(e) => return Verdict::Invalid(e),
-        };
-        if let Err(e) = validate_filter(filter) {
-            return Verdict::Invalid(e);
+        match SubscriptionFilter::parse(filter) {
+            Ok(parsed) => covered_by_any(&self.subscribe, parsed.filter),
+            Err(e) => Verdict::Invalid(e),
         }
-        covered_by_any(&self.subscribe, filter)
     }
 }
 
@@ -142,99 +140,6 @@ fn covered_by_any(templates: &[String], filter: &str) -> Verdict {
         Verdict::Allowed
     } else {
         Verdict::Denied
-    }
-}
-
-/// Why a topic or filter is malformed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum FilterError {
-    /// Empty string.
-    #[error("it is empty")]
-    Empty,
-    /// Contains U+0000.
-    #[error("it contains a NUL character")]
-    Nul,
-    /// A topic name (PUBLISH, will) contains `+` or `#`.
-    #[error("a topic name may not contain the wildcards '+' or '#'")]
-    WildcardInTopic,
-    /// `#` not alone in the last level, or `+` not alone in its level.
-    #[error("'#' must be the whole last level and '+' a whole level")]
-    MisplacedWildcard,
-    /// `$share/` without a group and a filter.
-    #[error("a shared subscription needs $share/<group>/<filter>")]
-    BadSharedSubscription,
-}
-
-fn validate_common(s: &str) -> Result<(), FilterError> {
-    if s.is_empty() {
-        return Err(FilterError::Empty);
-    }
-    if s.contains('\0') {
-        return Err(FilterError::Nul);
-    }
-    Ok(())
-}
-
-/// Checks a topic name (what PUBLISH and wills carry).
-pub fn validate_topic_name(topic: &str) -> Result<(), FilterError> {
-    validate_common(topic)?;
-    if topic.contains(['+', '#']) {
-        return Err(FilterError::WildcardInTopic);
-    }
-    Ok(())
-}
-
-/// Checks a topic filter (what SUBSCRIBE carries).
-pub fn validate_filter(filter: &str) -> Result<(), FilterError> {
-    validate_common(filter)?;
-    let levels: Vec<&str> = filter.split('/').collect();
-    let last = levels.len() - 1;
-    for (i, level) in levels.iter().enumerate() {
-        let misplaced_hash = level.contains('#') && (*level != "#" || i != last);
-        let misplaced_plus = level.contains('+') && *level != "+";
-        if misplaced_hash || misplaced_plus {
-            return Err(FilterError::MisplacedWildcard);
-        }
-    }
-    Ok(())
-}
-
-/// `$share/<group>/<filter>` -> `<filter>`; anything else unchanged.
-fn strip_shared(filter: &str) -> Result<&str, FilterError> {
-    let Some(rest) = filter.strip_prefix("$share/") else {
-        return Ok(filter);
-    };
-    match rest.split_once('/') {
-        Some((group, inner)) if !group.is_empty() && !group.contains(['+', '#']) && !inner.is_empty() => Ok(inner),
-        _ => Err(FilterError::BadSharedSubscription),
-    }
-}
-
-/// Whether every topic matched by `filter` is matched by `template`. Both must be valid filters.
-pub fn covers(template: &str, filter: &str) -> bool {
-    let mut t = template.split('/');
-    let mut f = filter.split('/');
-    let mut first = true;
-    loop {
-        match (t.next(), f.next()) {
-            (Some("#"), Some(level)) => return !(first && level.starts_with('$')),
-            // "a/#" also matches "a" itself.
-            (Some("#"), None) => return true,
-            (Some(_), Some("#")) | (Some(_), None) | (None, Some(_)) => return false,
-            (Some("+"), Some(level)) => {
-                if level == "#" || (first && level.starts_with('$')) {
-                    return false;
-                }
-            }
-            (Some(_), Some("+")) => return false,
-            (Some(tl), Some(fl)) => {
-                if tl != fl {
-                    return false;
-                }
-            }
-            (None, None) => return true,
-        }
-        first = false;
     }
 }
 
@@ -332,21 +237,6 @@ mod tests {
             s.may_subscribe("$share//a"),
             Verdict::Invalid(FilterError::BadSharedSubscription)
         );
-    }
-
-    #[test]
-    fn containment_follows_mqtt_matching() {
-        assert!(covers("a/#", "a"));
-        assert!(covers("a/#", "a/b/c"));
-        assert!(covers("a/+/c", "a/b/c"));
-        assert!(covers("a/+/c", "a/+/c"));
-        assert!(!covers("a/+/c", "a/#"));
-        assert!(!covers("a/b", "a/+"));
-        assert!(!covers("a/b", "a/b/c"));
-        assert!(!covers("a/b/c", "a/b"));
-        assert!(covers("+/b", "x/b"));
-        assert!(!covers("+/b", "$x/b"));
-        assert!(covers("$SYS/#", "$SYS/broker/load"));
     }
 
     #[test]

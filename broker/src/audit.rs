@@ -1,114 +1,21 @@
 //! The audit trail: one structured `tracing` event per decision, and the metric it moves.
 //!
-//! Every event carries `event` (accept, reject, acl_denied, revoked_kick, reload, reload_failed,
-//! crl_stale) so a log pipeline can filter on it; rejects carry `reason`, one of the stable words
-//! of [`RejectReason`], which the README's troubleshooting table explains.
+//! Every event carries `event` (accept, reject, disconnect, acl_denied, subscription_refused,
+//! revoked_kick, slow_subscriber, queue_overflow, qos0_dropped, retain_refused, reload,
+//! reload_failed, crl_stale) so a log pipeline can filter on it; rejects and disconnects carry
+//! `reason`, one of the stable words of [`crate::reason`], which the README's troubleshooting
+//! table explains.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fleet_identity::Identity;
 use tracing::{info, warn};
 
-use crate::metrics::Metrics;
-
-/// Why a connection was refused. The words are a contract: logs, metrics and docs use them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RejectReason {
-    /// The client sent no certificate.
-    NoClientCert,
-    /// The certificate does not chain to a configured device CA.
-    UnknownIssuer,
-    /// The certificate's notAfter has passed.
-    Expired,
-    /// The certificate's notBefore is in the future.
-    NotYetValid,
-    /// The certificate is on the CRL.
-    Revoked,
-    /// The certificate is not for client authentication (e.g. a server certificate).
-    WrongPurpose,
-    /// A CA certificate was presented as the client's own.
-    CaCertAsLeaf,
-    /// The certificate does not carry exactly one valid identity.
-    BadIdentity,
-    /// The CONNECT client id is not the certificate's device id.
-    ClientIdMismatch,
-    /// The will topic is outside what the identity may publish to.
-    WillDenied,
-    /// The TLS handshake did not finish within `limits.handshake_timeout_ms`.
-    HandshakeTimeout,
-    /// No CONNECT arrived within `limits.connect_timeout_ms` after the handshake.
-    ConnectTimeout,
-    /// The TLS handshake failed for a reason other than the certificate (no common cipher,
-    /// garbage instead of a ClientHello, connection closed).
-    TlsError,
-    /// The client broke the MQTT protocol (malformed, oversized, unexpected or second CONNECT).
-    ProtocolError,
-    /// The client speaks an MQTT version this broker does not (MQTT 5 for now).
-    UnsupportedProtocolVersion,
-    /// `limits.max_connections` sessions are already open.
-    TooManyConnections,
-}
-
-impl RejectReason {
-    /// Every reason, for documentation and metrics.
-    pub const ALL: [RejectReason; 16] = [
-        RejectReason::NoClientCert,
-        RejectReason::UnknownIssuer,
-        RejectReason::Expired,
-        RejectReason::NotYetValid,
-        RejectReason::Revoked,
-        RejectReason::WrongPurpose,
-        RejectReason::CaCertAsLeaf,
-        RejectReason::BadIdentity,
-        RejectReason::ClientIdMismatch,
-        RejectReason::WillDenied,
-        RejectReason::HandshakeTimeout,
-        RejectReason::ConnectTimeout,
-        RejectReason::TlsError,
-        RejectReason::ProtocolError,
-        RejectReason::UnsupportedProtocolVersion,
-        RejectReason::TooManyConnections,
-    ];
-
-    /// The stable word.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::NoClientCert => "no_client_cert",
-            RejectReason::UnknownIssuer => "unknown_issuer",
-            RejectReason::Expired => "expired",
-            RejectReason::NotYetValid => "not_yet_valid",
-            RejectReason::Revoked => "revoked",
-            RejectReason::WrongPurpose => "wrong_purpose",
-            RejectReason::CaCertAsLeaf => "ca_cert_as_leaf",
-            RejectReason::BadIdentity => "bad_identity",
-            RejectReason::ClientIdMismatch => "client_id_mismatch",
-            RejectReason::WillDenied => "will_denied",
-            RejectReason::HandshakeTimeout => "handshake_timeout",
-            RejectReason::ConnectTimeout => "connect_timeout",
-            RejectReason::TlsError => "tls_error",
-            RejectReason::ProtocolError => "protocol_error",
-            RejectReason::UnsupportedProtocolVersion => "unsupported_protocol_version",
-            RejectReason::TooManyConnections => "too_many_connections",
-        }
-    }
-
-    /// The index of this reason in [`RejectReason::ALL`] (for metric arrays).
-    pub fn index(self) -> usize {
-        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
-    }
-}
-
-/// What the broker knows about a presented client certificate.
-#[derive(Clone, Debug, Default)]
-pub struct PresentedCert {
-    /// The identity id, if one could be read.
-    pub id: Option<String>,
-    /// Serial, lower-case hex.
-    pub serial: String,
-    /// SHA-256 fingerprint, lower-case hex.
-    pub sha256: String,
-}
+use crate::metrics::{DropReason, Metrics};
+use crate::reason::{RejectReason, SessionEnd};
+use crate::tls::PresentedCert;
 
 /// Writes audit events and counts them.
 #[derive(Clone)]
@@ -161,6 +68,48 @@ impl Audit {
     /// A live session was closed because its certificate was revoked.
     pub fn revoked_kick(&self, identity: &Identity, serial: &str) {
         warn!(event = "revoked_kick", device_id = %identity.id, role = %identity.role, serial, "closed the session of {} {}: certificate revoked", identity.role, identity.id);
+    }
+
+    /// An established session ended (other than by revocation or a protocol error, which have
+    /// their own events).
+    pub fn disconnect(&self, peer: SocketAddr, identity: &Identity, client_id: &str, end: &SessionEnd) {
+        info!(event = "disconnect", reason = end.as_str(), device_id = %identity.id, role = %identity.role, client_id, %peer, cause = %end, "{identity} disconnected: {end}");
+    }
+
+    /// A SUBSCRIBE filter the ACL allowed but the router did not take.
+    pub fn subscription_refused(&self, identity: &Identity, filter: &str, why: &str) {
+        warn!(event = "subscription_refused", device_id = %identity.id, role = %identity.role, filter, why, "{identity} may not subscribe to {filter:?}: {why}");
+    }
+
+    /// A session's queue stayed full while publishers waited: it is being disconnected.
+    pub fn slow_subscriber(&self, client_id: &str, timeout: Duration) {
+        self.metrics.slow_subscriber();
+        warn!(
+            event = "slow_subscriber",
+            client_id,
+            timeout_ms = timeout.as_millis() as u64,
+            "disconnecting {client_id}: its queue stayed full for {timeout:?} while publishers waited"
+        );
+    }
+
+    /// Deliveries to `client_id` were dropped (`count` since the last report for this session
+    /// and reason; reported at most every few seconds while it continues).
+    pub fn deliveries_dropped(&self, client_id: &str, reason: DropReason, count: u64) {
+        warn!(
+            event = reason.as_str(),
+            client_id,
+            count,
+            "dropped {count} deliveries to {client_id} ({})",
+            reason.as_str()
+        );
+    }
+
+    /// A retained message was not stored (it was still delivered); `count` since the last report.
+    pub fn retain_refused(&self, topic: &str, why: &str, count: u64) {
+        warn!(
+            event = "retain_refused",
+            topic, why, count, "did not retain {count} message(s), the last on {topic:?}: {why}"
+        );
     }
 
     /// New TLS material is in force.

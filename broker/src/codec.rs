@@ -1,8 +1,18 @@
-//! MQTT 3.1.1 framing over rumqttd's codec, with the guards that keep hostile bytes from
-//! reaching code paths in it that panic.
+//! MQTT 3.1.1 packets over rumqttd's codec (`rumqttd::protocol::v4`), with the guards that keep
+//! hostile bytes from reaching code paths in it that panic.
+//!
+//! rumqttd keeps a PUBLISH's QoS, packet id and DUP flag private, and can only build a QoS 1/2
+//! PUBLISH by serialising and re-parsing it (a copy of the payload per message). So those three
+//! fields are read from the frame's own header bytes on the way in, and PUBLISH is the one
+//! packet this module encodes itself on the way out. Everything else is rumqttd's.
 
-use bytes::{BufMut, BytesMut};
-use rumqttd::protocol::{self, v4::V4, ConnAck, ConnectReturnCode, LastWill, Packet, Protocol, Publish};
+use bytes::{BufMut, Bytes, BytesMut};
+use rumqttd::protocol::v4::{self, V4};
+use rumqttd::protocol::{
+    self, ConnAck, Connect, ConnectReturnCode, LastWill, Packet, Protocol, Subscribe, Unsubscribe,
+};
+
+use crate::router::QoS;
 
 /// Why bytes from a client could not be framed.
 #[derive(Debug, thiserror::Error)]
@@ -18,30 +28,140 @@ pub enum FrameError {
     Malformed(String),
 }
 
-/// Takes the next complete packet out of `buf`, or `None` if more bytes are needed.
-pub fn decode(buf: &mut BytesMut, max_packet_bytes: usize) -> Result<Option<Packet>, FrameError> {
-    let Some(first) = buf.first() else { return Ok(None) };
-    // Types 0 and 15 (AUTH) are not MQTT 3.1.1; rumqttd's decoder would hit `unreachable!` on 15.
-    let kind = first >> 4;
-    if kind == 0 || kind == 15 {
-        return Err(FrameError::Malformed(format!("reserved packet type {kind}")));
-    }
-    match V4.read_mut(buf, max_packet_bytes) {
-        Ok(packet) => Ok(Some(packet)),
-        Err(protocol::Error::InsufficientBytes(_)) => Ok(None),
-        Err(protocol::Error::PayloadSizeLimitExceeded(n)) => Err(FrameError::TooLarge(n)),
-        Err(protocol::Error::InvalidProtocolLevel(level)) => Err(FrameError::UnsupportedProtocolLevel(level)),
-        Err(e) => Err(FrameError::Malformed(e.to_string())),
+/// A PUBLISH from a client. Topic and payload are slices of the read buffer.
+#[derive(Debug)]
+pub struct InboundPublish {
+    /// Topic name bytes (not yet checked to be UTF-8).
+    pub topic: Bytes,
+    /// Payload.
+    pub payload: Bytes,
+    /// QoS.
+    pub qos: QoS,
+    /// Packet id (0 for QoS 0).
+    pub pkid: u16,
+    /// Whether the client says this is a resend.
+    pub dup: bool,
+    /// The retain flag.
+    pub retain: bool,
+}
+
+/// A decoded packet from a client, small enough to hold in a session's state.
+#[derive(Debug)]
+pub enum Inbound {
+    /// CONNECT and its will.
+    Connect(Box<(Connect, Option<LastWill>)>),
+    /// PUBLISH, with the fields rumqttd does not expose.
+    Publish(InboundPublish),
+    /// PUBACK for a packet id.
+    PubAck(u16),
+    /// PUBREC for a packet id.
+    PubRec(u16),
+    /// PUBREL for a packet id.
+    PubRel(u16),
+    /// PUBCOMP for a packet id.
+    PubComp(u16),
+    /// SUBSCRIBE.
+    Subscribe(Subscribe),
+    /// UNSUBSCRIBE.
+    Unsubscribe(Unsubscribe),
+    /// PINGREQ.
+    PingReq,
+    /// DISCONNECT.
+    Disconnect,
+    /// A packet only a server sends (CONNACK, SUBACK, ...), by name.
+    ServerOnly(&'static str),
+}
+
+impl Inbound {
+    /// The packet's name as the MQTT specification writes it, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Inbound::Connect(_) => "CONNECT",
+            Inbound::Publish(_) => "PUBLISH",
+            Inbound::PubAck(_) => "PUBACK",
+            Inbound::PubRec(_) => "PUBREC",
+            Inbound::PubRel(_) => "PUBREL",
+            Inbound::PubComp(_) => "PUBCOMP",
+            Inbound::Subscribe(_) => "SUBSCRIBE",
+            Inbound::Unsubscribe(_) => "UNSUBSCRIBE",
+            Inbound::PingReq => "PINGREQ",
+            Inbound::Disconnect => "DISCONNECT",
+            Inbound::ServerOnly(name) => name,
+        }
     }
 }
 
-/// Appends `packet` to `buf` as MQTT 3.1.1.
+/// Takes the next complete packet out of `buf`, or `None` if more bytes are needed.
+pub fn decode(buf: &mut BytesMut, max_packet_bytes: usize) -> Result<Option<Inbound>, FrameError> {
+    let header = match v4::check(buf.iter(), max_packet_bytes) {
+        Ok(header) => header,
+        Err(protocol::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(e) => return Err(frame_error(e)),
+    };
+    // Types 0 and 15 (AUTH) are not MQTT 3.1.1; rumqttd's decoder would hit `unreachable!` on 15.
+    let kind = header.byte1 >> 4;
+    if kind == 0 || kind == 15 {
+        return Err(FrameError::Malformed(format!("reserved packet type {kind}")));
+    }
+    let publish_header = (kind == 3).then(|| publish_header(buf, &header)).transpose()?;
+    let packet = V4.read_mut(buf, max_packet_bytes).map_err(frame_error)?;
+    Ok(Some(match (packet, publish_header) {
+        (Packet::Publish(publish, _), Some((qos, pkid, dup))) => Inbound::Publish(InboundPublish {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos,
+            pkid,
+            dup,
+            retain: publish.retain,
+        }),
+        (Packet::Connect(connect, _, will, _, _), _) => Inbound::Connect(Box::new((connect, will))),
+        (Packet::PubAck(ack, _), _) => Inbound::PubAck(ack.pkid),
+        (Packet::PubRec(rec, _), _) => Inbound::PubRec(rec.pkid),
+        (Packet::PubRel(rel, _), _) => Inbound::PubRel(rel.pkid),
+        (Packet::PubComp(comp, _), _) => Inbound::PubComp(comp.pkid),
+        (Packet::Subscribe(subscribe, _), _) => Inbound::Subscribe(subscribe),
+        (Packet::Unsubscribe(unsubscribe, _), _) => Inbound::Unsubscribe(unsubscribe),
+        (Packet::PingReq(_), _) => Inbound::PingReq,
+        (Packet::Disconnect(..), _) => Inbound::Disconnect,
+        (other, _) => Inbound::ServerOnly(packet_name(&other)),
+    }))
+}
+
+/// QoS, packet id and DUP of the complete PUBLISH frame at the start of `buf`.
+fn publish_header(buf: &[u8], header: &v4::FixedHeader) -> Result<(QoS, u16, bool), FrameError> {
+    let flags = header.byte1;
+    let qos = QoS::from_u8((flags >> 1) & 0b11).ok_or_else(|| FrameError::Malformed("PUBLISH with QoS 3".into()))?;
+    let dup = flags & 0b1000 != 0;
+    if qos == QoS::AtMostOnce {
+        return Ok((qos, 0, dup));
+    }
+    let frame = &buf[..header.frame_length()];
+    let at = header.fixed_header_len;
+    let topic_len = frame
+        .get(at..at + 2)
+        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        .ok_or_else(|| FrameError::Malformed("PUBLISH too short for its topic".into()))?;
+    let pkid = frame
+        .get(at + 2 + topic_len..at + 4 + topic_len)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        .ok_or_else(|| FrameError::Malformed("PUBLISH too short for its packet id".into()))?;
+    Ok((qos, pkid, dup))
+}
+
+fn frame_error(e: protocol::Error) -> FrameError {
+    match e {
+        protocol::Error::PayloadSizeLimitExceeded(n) => FrameError::TooLarge(n),
+        protocol::Error::InvalidProtocolLevel(level) => FrameError::UnsupportedProtocolLevel(level),
+        e => FrameError::Malformed(e.to_string()),
+    }
+}
+
+/// Appends `packet` (any server-to-client packet but PUBLISH) to `buf` as MQTT 3.1.1.
 ///
 /// Properties (MQTT 5 only) are dropped and CONNACK codes outside 3.1.1 are mapped to "server
 /// unavailable", because rumqttd's v4 encoder panics on both.
 pub fn encode(packet: Packet, buf: &mut BytesMut) -> Result<(), FrameError> {
     let packet = match packet {
-        Packet::Publish(p, _) => Packet::Publish(p, None),
         Packet::PubAck(p, _) => Packet::PubAck(p, None),
         Packet::PubRec(p, _) => Packet::PubRec(p, None),
         Packet::PubRel(p, _) => Packet::PubRel(p, None),
@@ -50,12 +170,55 @@ pub fn encode(packet: Packet, buf: &mut BytesMut) -> Result<(), FrameError> {
         Packet::UnsubAck(p, _) => Packet::UnsubAck(p, None),
         Packet::ConnAck(ack, _) => Packet::ConnAck(v4_connack(ack), None),
         Packet::PingResp(p) => Packet::PingResp(p),
-        // Servers send nothing else in 3.1.1 (not even DISCONNECT): drop it.
+        // Servers send nothing else in 3.1.1 (not even DISCONNECT), and PUBLISH goes through
+        // `encode_publish`: drop it.
         _ => return Ok(()),
     };
     V4.write(packet, buf)
         .map(|_| ())
         .map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// The fields of an outgoing PUBLISH.
+pub struct OutgoingPublish<'a> {
+    /// Topic name (at most 65,535 bytes: it arrived in a PUBLISH or a will).
+    pub topic: &'a str,
+    /// Payload.
+    pub payload: &'a [u8],
+    /// QoS on the wire.
+    pub qos: QoS,
+    /// Packet id (ignored for QoS 0).
+    pub pkid: u16,
+    /// DUP flag.
+    pub dup: bool,
+    /// RETAIN flag.
+    pub retain: bool,
+}
+
+/// Appends a PUBLISH to `buf`.
+pub fn encode_publish(publish: &OutgoingPublish<'_>, buf: &mut BytesMut) {
+    let with_pkid = publish.qos != QoS::AtMostOnce;
+    let remaining = 2 + publish.topic.len() + if with_pkid { 2 } else { 0 } + publish.payload.len();
+    buf.reserve(remaining + 5);
+    buf.put_u8(
+        0b0011_0000 | (u8::from(publish.dup && with_pkid) << 3) | ((publish.qos as u8) << 1) | u8::from(publish.retain),
+    );
+    let mut len = remaining;
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        if len == 0 {
+            buf.put_u8(byte);
+            break;
+        }
+        buf.put_u8(byte | 0x80);
+    }
+    buf.put_u16(publish.topic.len() as u16);
+    buf.put_slice(publish.topic.as_bytes());
+    if with_pkid {
+        buf.put_u16(publish.pkid);
+    }
+    buf.put_slice(publish.payload);
 }
 
 fn v4_connack(ack: ConnAck) -> ConnAck {
@@ -74,29 +237,9 @@ fn v4_connack(ack: ConnAck) -> ConnAck {
     }
 }
 
-/// A CONNACK with `code` and no session present: a refusal, or the front accepting a clean
-/// session itself.
-pub fn connack(code: ConnectReturnCode) -> Packet {
-    Packet::ConnAck(
-        ConnAck {
-            session_present: false,
-            code,
-        },
-        None,
-    )
-}
-
-/// A PUBLISH carrying the will at its QoS. rumqttd keeps a publish's QoS private, so it is built
-/// through the crate's own serialisation format.
-pub fn will_publish(will: &LastWill) -> Publish {
-    let qos = will.qos as u8;
-    let mut raw = BytesMut::with_capacity(5 + will.topic.len() + will.message.len());
-    raw.put_u8(0b0011_0000 | u8::from(will.retain) | (qos << 1));
-    raw.put_u16(u16::from(qos > 0));
-    raw.put_u16(will.topic.len() as u16);
-    raw.extend_from_slice(&will.topic);
-    raw.extend_from_slice(&will.message);
-    Publish::deserialize(raw.freeze())
+/// A CONNACK with `code`.
+pub fn connack(code: ConnectReturnCode, session_present: bool) -> Packet {
+    Packet::ConnAck(ConnAck { session_present, code }, None)
 }
 
 /// The packet's name as the MQTT specification writes it, for logs.
@@ -117,12 +260,6 @@ pub fn packet_name(packet: &Packet) -> &'static str {
         Packet::PingResp(..) => "PINGRESP",
         Packet::Disconnect(..) => "DISCONNECT",
     }
-}
-
-/// QoS and packet id of a client's PUBLISH (private fields in rumqttd, read from its encoding).
-pub fn qos_and_pkid(publish: &Publish) -> (u8, u16) {
-    let raw = publish.serialize();
-    ((raw[0] >> 1) & 0b11, u16::from_be_bytes([raw[1], raw[2]]))
 }
 
 #[cfg(test)]
@@ -168,7 +305,47 @@ mod tests {
     #[test]
     fn mqtt5_only_connack_codes_are_not_sent_to_a_311_client() {
         let mut buf = BytesMut::new();
-        encode(connack(ConnectReturnCode::Banned), &mut buf).unwrap();
+        encode(connack(ConnectReturnCode::Banned, false), &mut buf).unwrap();
         assert_eq!(&buf[..], &[0x20, 0x02, 0x00, 0x03]);
+    }
+
+    #[test]
+    fn a_publish_round_trips_with_its_qos_packet_id_and_dup() {
+        let mut buf = BytesMut::new();
+        let payload = vec![7u8; 300];
+        for (qos, pkid, dup, retain) in [
+            (QoS::AtMostOnce, 0, false, true),
+            (QoS::AtLeastOnce, 513, true, false),
+            (QoS::ExactlyOnce, 65535, false, true),
+        ] {
+            let publish = OutgoingPublish {
+                topic: "devices/dev-1/telemetry",
+                payload: &payload,
+                qos,
+                pkid,
+                dup,
+                retain,
+            };
+            encode_publish(&publish, &mut buf);
+            let Some(Inbound::Publish(decoded)) = decode(&mut buf, 1024).unwrap() else {
+                panic!("a PUBLISH");
+            };
+            assert_eq!(&decoded.topic[..], b"devices/dev-1/telemetry");
+            assert_eq!(&decoded.payload[..], &payload[..]);
+            assert_eq!(
+                (decoded.qos, decoded.pkid, decoded.dup, decoded.retain),
+                (qos, pkid, dup, retain)
+            );
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_publish_with_qos_3_or_cut_short_is_malformed() {
+        let mut qos3 = BytesMut::from(&[0x36u8, 0x05, 0x00, 0x01, b'a', 0x00, 0x01][..]);
+        assert!(matches!(decode(&mut qos3, 1024), Err(FrameError::Malformed(_))));
+        // QoS 1, topic length 4 but only 1 byte of topic and no packet id in the frame.
+        let mut short = BytesMut::from(&[0x32u8, 0x03, 0x00, 0x04, b'a'][..]);
+        assert!(matches!(decode(&mut short, 1024), Err(FrameError::Malformed(_))));
     }
 }

@@ -51,6 +51,22 @@ pub struct Limits {
     pub connect_timeout_ms: u64,
     /// Largest MQTT packet accepted (remaining length), bytes. Default 256 KiB.
     pub max_packet_bytes: usize,
+    /// Messages waiting for one session (not yet sent to it). Default 1000.
+    pub max_queued_messages: usize,
+    /// Topic and payload bytes waiting for one session. Default 1 MiB.
+    pub max_queued_bytes: usize,
+    /// QoS 1/2 messages sent to one session and not yet acknowledged; also the QoS 2 messages
+    /// a client may have awaiting PUBREL. Default 100.
+    pub max_inflight: usize,
+    /// How long an online subscriber's queue may stay full while publishers wait for it before
+    /// it is disconnected (`slow_subscriber`). Default 10000 ms.
+    pub slow_subscriber_timeout_ms: u64,
+    /// Subscriptions per session. Default 100.
+    pub max_subscriptions: usize,
+    /// Topics holding a retained message. Default 10000.
+    pub max_retained_messages: usize,
+    /// Topic and payload bytes of all retained messages. Default 64 MiB.
+    pub max_retained_bytes: usize,
 }
 
 impl Default for Limits {
@@ -60,6 +76,28 @@ impl Default for Limits {
             handshake_timeout_ms: 10_000,
             connect_timeout_ms: 10_000,
             max_packet_bytes: 256 * 1024,
+            max_queued_messages: 1000,
+            max_queued_bytes: 1024 * 1024,
+            max_inflight: 100,
+            slow_subscriber_timeout_ms: 10_000,
+            max_subscriptions: 100,
+            max_retained_messages: 10_000,
+            max_retained_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// What the router bounds.
+    pub fn router(&self) -> crate::router::Limits {
+        crate::router::Limits {
+            max_queued_messages: self.max_queued_messages,
+            max_queued_bytes: self.max_queued_bytes,
+            max_inflight: self.max_inflight,
+            slow_subscriber_timeout: std::time::Duration::from_millis(self.slow_subscriber_timeout_ms),
+            max_subscriptions: self.max_subscriptions,
+            max_retained_messages: self.max_retained_messages,
+            max_retained_bytes: self.max_retained_bytes,
         }
     }
 }
@@ -160,6 +198,26 @@ impl BrokerConfig {
         }
         if self.limits.max_packet_bytes < 64 {
             return Err(invalid("limits.max_packet_bytes", "must be at least 64"));
+        }
+        let at_least_one: [(&'static str, usize); 6] = [
+            ("limits.max_queued_messages", self.limits.max_queued_messages),
+            ("limits.max_queued_bytes", self.limits.max_queued_bytes),
+            ("limits.max_subscriptions", self.limits.max_subscriptions),
+            ("limits.max_retained_messages", self.limits.max_retained_messages),
+            ("limits.max_retained_bytes", self.limits.max_retained_bytes),
+            (
+                "limits.slow_subscriber_timeout_ms",
+                self.limits.slow_subscriber_timeout_ms as usize,
+            ),
+        ];
+        if let Some((field, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
+            return Err(invalid(field, "must be at least 1"));
+        }
+        if !(1..=65_000).contains(&self.limits.max_inflight) {
+            return Err(invalid(
+                "limits.max_inflight",
+                "must be between 1 and 65000 (MQTT packet ids are 16 bits)",
+            ));
         }
         self.acl.validate().map_err(|e| ConfigError::Invalid {
             path: path.to_owned(),

@@ -2,13 +2,19 @@
 //!
 //! The broker terminates mutual TLS itself (tokio-rustls, CRL-aware, hot-reloadable), binds the
 //! MQTT client id to the certificate's identity, checks every PUBLISH and SUBSCRIBE against
-//! topic templates, and hands authorised traffic to rumqttd's router through local links. See
-//! `shared/design/broker.md` for why rumqttd's own TLS listener is not used.
+//! topic templates, and routes messages with its own [`router`], which bounds every queue and
+//! slows publishers down rather than lose a QoS 1/2 message. rumqttd is used only as the MQTT
+//! packet codec ([`codec`]); its own TLS listener is not used because it cannot bind a client id
+//! to a certificate, check revocation or bound a handshake's time, and its router because its
+//! memory grows with every message routed.
 //!
-//! Module map: [`listener`] (accept loop, limits, shutdown) → [`session`] (one connection's life:
-//! handshake, CONNECT, close) → `pump` (its packets both ways), using [`tls`] / [`reload`] (TLS
-//! material and its hot swap), [`live`] (revocation kicks and takeover), [`acl`], [`codec`],
-//! [`link`] and [`router`]; [`audit`] and [`metrics`] record every decision.
+//! Module map. The front: [`listener`] (accept loop, limits, shutdown) → [`session`] (one
+//! connection's life) → [`handshake`] → [`connect`] (CONNECT, identity binding, the router
+//! session) → [`pump`] (packets both ways), over [`connection`] (framing, buffers) and
+//! [`codec`]. Beside it: [`tls`] / [`reload`] (TLS material and its hot swap), [`live`]
+//! (revocation and shutdown reach connected sessions through a [`kick`]), [`acl`] over
+//! [`topic`]. The [`router`] is behind a small typed API and knows nothing of certificates.
+//! [`audit`] and [`metrics`] record every decision, in the words of [`reason`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -16,15 +22,21 @@ pub mod acl;
 pub mod audit;
 pub mod codec;
 pub mod config;
-pub mod link;
+pub mod connect;
+pub mod connection;
+pub mod context;
+pub mod handshake;
+pub mod kick;
 pub mod listener;
 pub mod live;
 pub mod metrics;
-mod pump;
+pub mod pump;
+pub mod reason;
 pub mod reload;
 pub mod router;
 pub mod session;
 pub mod tls;
+pub mod topic;
 
 pub use config::BrokerConfig;
 pub use listener::{Broker, StartError};

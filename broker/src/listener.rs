@@ -11,13 +11,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tracing::{info, warn};
 
-use crate::audit::{Audit, RejectReason};
+use crate::audit::Audit;
 use crate::config::BrokerConfig;
+use crate::context::SessionContext;
 use crate::live::LiveSessions;
 use crate::metrics::Metrics;
+use crate::reason::RejectReason;
 use crate::reload::{Reloader, TlsState};
-use crate::router::{LinkRefused, RouterHandle};
-use crate::session::{serve, SessionContext};
+use crate::router::Router;
+use crate::session::serve;
 use crate::tls::{TlsFiles, TlsLoadError, TlsMaterial};
 
 /// How long shutdown waits for sessions to close before giving up on them.
@@ -37,9 +39,6 @@ pub enum StartError {
         /// The operating system's reason.
         source: std::io::Error,
     },
-    /// rumqttd's router did not start.
-    #[error("the MQTT router did not start: {0}")]
-    Router(#[from] LinkRefused),
 }
 
 /// The crypto provider for the broker: aws-lc-rs (cheaper handshakes, post-quantum hybrid key
@@ -61,7 +60,7 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Loads the TLS material, starts the router and binds every listen address.
+    /// Loads the TLS material, creates the router and binds every listen address.
     pub async fn bind(config: &BrokerConfig) -> Result<Self, StartError> {
         let provider = crypto_provider();
         let files = TlsFiles::of(config);
@@ -77,16 +76,15 @@ impl Broker {
         let metrics = Arc::new(Metrics::default());
         let audit = Audit::new(metrics.clone());
         let sessions = Arc::new(LiveSessions::default());
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (shutdown, _) = watch::channel(false);
         let max_connections = config.limits.max_connections;
         let ctx = Arc::new(SessionContext {
             tls: tls.clone(),
             acl: Arc::new(config.acl.clone()),
             limits: config.limits.clone(),
-            router: RouterHandle::spawn(max_connections + 16)?,
+            router: Router::new(config.limits.router(), audit.clone()),
             sessions: sessions.clone(),
             audit: audit.clone(),
-            shutdown: shutdown_rx,
         });
         Ok(Self {
             listeners,
@@ -107,11 +105,20 @@ impl Broker {
 
     /// Serves until `stop` completes, then stops accepting, closes every session and returns.
     pub async fn run(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
-        let shutdown_rx = self.ctx.shutdown.clone();
+        let shutdown_rx = self.shutdown.subscribe();
         tokio::spawn(self.reloader.run(shutdown_rx.clone()));
         let _metrics_task = match self.metrics_listen {
             Some(addr) => {
-                let (bound, task) = crate::metrics::serve(addr, self.metrics.clone(), self.ctx.tls.clone()).await?;
+                let (metrics, ctx) = (self.metrics.clone(), self.ctx.clone());
+                let render = Arc::new(move || {
+                    let mut out = String::new();
+                    metrics.render(&mut out);
+                    ctx.router.render_metrics(&mut out);
+                    ctx.tls
+                        .render_metrics(time::OffsetDateTime::now_utc().unix_timestamp(), &mut out);
+                    out
+                });
+                let (bound, task) = crate::metrics::serve(addr, render).await?;
                 info!(event = "metrics", addr = %bound, "metrics on http://{bound}/metrics");
                 Some(AbortOnDrop(task))
             }
@@ -130,6 +137,7 @@ impl Broker {
         stop.await;
         info!(event = "shutdown", "shutting down: closing sessions");
         let _ = self.shutdown.send(true);
+        self.ctx.sessions.close_all();
         let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
         if tokio::time::timeout(SHUTDOWN_GRACE, self.permits.acquire_many(all))
             .await

@@ -1,6 +1,7 @@
 //! Counters for the Prometheus endpoint, and the endpoint itself (a minimal HTTP responder: it
-//! answers any GET with the text exposition format).
+//! answers any GET with the text exposition format of whatever it is given to render).
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,8 +11,7 @@ use fleet_identity::Role;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::audit::RejectReason;
-use crate::reload::TlsState;
+use crate::reason::RejectReason;
 
 /// The broker's counters. All relaxed atomics: they are statistics, not synchronisation.
 #[derive(Default)]
@@ -23,6 +23,49 @@ pub struct Metrics {
     messages_in: AtomicU64,
     messages_out: AtomicU64,
     acl_denials: AtomicU64,
+    dropped: [AtomicU64; DropReason::ALL.len()],
+    queued_messages: AtomicI64,
+    queued_bytes: AtomicI64,
+    publisher_waits: AtomicU64,
+    slow_subscribers: AtomicU64,
+}
+
+/// Why a delivery was not made. Each is counted in `broker_messages_dropped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// An offline persistent session's queue was over its bounds: its oldest delivery went.
+    QueueOverflow,
+    /// A QoS 0 message met a full queue of an online subscriber.
+    Qos0SubscriberFull,
+    /// A QoS 0 message for an offline persistent session (never queued, as MQTT allows).
+    OfflineQos0,
+    /// What a clean session held when it ended, or a message for a session that was ending.
+    SessionEnded,
+    /// A retained message that the retained store's bounds did not let it keep (the message
+    /// itself was still delivered).
+    RetainRefused,
+}
+
+impl DropReason {
+    /// Every reason, in metric order.
+    pub const ALL: [DropReason; 5] = [
+        DropReason::QueueOverflow,
+        DropReason::Qos0SubscriberFull,
+        DropReason::OfflineQos0,
+        DropReason::SessionEnded,
+        DropReason::RetainRefused,
+    ];
+
+    /// The stable word (metric label and audit event).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DropReason::QueueOverflow => "queue_overflow",
+            DropReason::Qos0SubscriberFull => "qos0_dropped",
+            DropReason::OfflineQos0 => "offline_qos0",
+            DropReason::SessionEnded => "session_ended",
+            DropReason::RetainRefused => "retain_refused",
+        }
+    }
 }
 
 impl Metrics {
@@ -65,67 +108,105 @@ impl Metrics {
         self.messages_out.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// `n` deliveries not made, for `reason`.
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        self.dropped[reason as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Deliveries not made for `reason` so far.
+    pub fn dropped_so_far(&self, reason: DropReason) -> u64 {
+        self.dropped[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Session queues grew (or shrank) by `messages` and `bytes`.
+    pub fn queued(&self, messages: i64, bytes: i64) {
+        self.queued_messages.fetch_add(messages, Ordering::Relaxed);
+        self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A publication waited for a full subscriber.
+    pub fn publisher_waited(&self) {
+        self.publisher_waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A subscriber was disconnected as slow.
+    pub fn slow_subscriber(&self) {
+        self.slow_subscribers.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Open sessions of `role`.
     pub fn open_sessions(&self, role: Role) -> i64 {
         self.sessions(role).load(Ordering::Relaxed)
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self, tls: &TlsState, now: i64) -> String {
+    /// The Prometheus text exposition of these counters.
+    pub fn render(&self, out: &mut String) {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut out = String::new();
         out.push_str("# HELP broker_handshakes_total Connections by outcome and reject reason.\n# TYPE broker_handshakes_total counter\n");
-        out.push_str(&format!(
-            "broker_handshakes_total{{outcome=\"accepted\",reason=\"\"}} {}\n",
+        let _ = writeln!(
+            out,
+            "broker_handshakes_total{{outcome=\"accepted\",reason=\"\"}} {}",
             load(&self.accepted)
-        ));
+        );
         for reason in RejectReason::ALL {
-            out.push_str(&format!(
-                "broker_handshakes_total{{outcome=\"rejected\",reason=\"{}\"}} {}\n",
+            let _ = writeln!(
+                out,
+                "broker_handshakes_total{{outcome=\"rejected\",reason=\"{}\"}} {}",
                 reason.as_str(),
                 load(&self.rejected[reason.index()])
-            ));
+            );
         }
         out.push_str("# HELP broker_sessions Connected sessions by role.\n# TYPE broker_sessions gauge\n");
         for role in [Role::Device, Role::Service] {
-            out.push_str(&format!(
-                "broker_sessions{{role=\"{role}\"}} {}\n",
-                self.open_sessions(role)
-            ));
+            let _ = writeln!(out, "broker_sessions{{role=\"{role}\"}} {}", self.open_sessions(role));
         }
-        out.push_str(&format!(
-            "# TYPE broker_messages_in_total counter\nbroker_messages_in_total {}\n",
+        let _ = writeln!(
+            out,
+            "# TYPE broker_messages_in_total counter\nbroker_messages_in_total {}",
             load(&self.messages_in)
-        ));
-        out.push_str(&format!(
-            "# TYPE broker_messages_out_total counter\nbroker_messages_out_total {}\n",
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE broker_messages_out_total counter\nbroker_messages_out_total {}",
             load(&self.messages_out)
-        ));
-        out.push_str(&format!(
-            "# TYPE broker_acl_denials_total counter\nbroker_acl_denials_total {}\n",
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE broker_acl_denials_total counter\nbroker_acl_denials_total {}",
             load(&self.acl_denials)
-        ));
-        let material = tls.current();
-        out.push_str(&format!(
-            "# HELP broker_server_cert_expiry_seconds Seconds until the server certificate expires.\n# TYPE broker_server_cert_expiry_seconds gauge\nbroker_server_cert_expiry_seconds {}\n",
-            material.server.not_after - now
-        ));
-        if let Some(crl) = &material.crl {
-            out.push_str(&format!("# HELP broker_crl_age_seconds Seconds since the CRL's thisUpdate.\n# TYPE broker_crl_age_seconds gauge\nbroker_crl_age_seconds {}\n", now - crl.this_update));
-            out.push_str(&format!(
-                "# TYPE broker_crl_entries gauge\nbroker_crl_entries {}\n",
-                crl.revoked.len()
-            ));
+        );
+        out.push_str("# HELP broker_messages_dropped_total Deliveries not made, by reason (every drop is counted here).\n# TYPE broker_messages_dropped_total counter\n");
+        for reason in DropReason::ALL {
+            let _ = writeln!(
+                out,
+                "broker_messages_dropped_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                load(&self.dropped[reason as usize])
+            );
         }
-        out
+        let _ = writeln!(
+            out,
+            "# HELP broker_queued_messages Deliveries waiting in session queues.\n# TYPE broker_queued_messages gauge\nbroker_queued_messages {}\n# TYPE broker_queued_bytes gauge\nbroker_queued_bytes {}",
+            self.queued_messages.load(Ordering::Relaxed),
+            self.queued_bytes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP broker_publisher_waits_total Publications that waited for a full subscriber queue (flow control).\n# TYPE broker_publisher_waits_total counter\nbroker_publisher_waits_total {}",
+            load(&self.publisher_waits)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP broker_slow_subscriber_disconnects_total Subscribers disconnected because their queue stayed full.\n# TYPE broker_slow_subscriber_disconnects_total counter\nbroker_slow_subscriber_disconnects_total {}",
+            load(&self.slow_subscribers)
+        );
     }
 }
 
-/// Serves the metrics on `addr` until the task is dropped. Returns the bound address.
+/// Serves `render()` on `addr` until the task is dropped. Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    tls: Arc<TlsState>,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -134,7 +215,7 @@ pub async fn serve(
             let Ok((mut stream, _)) = listener.accept().await else {
                 continue;
             };
-            let (metrics, tls) = (metrics.clone(), tls.clone());
+            let render = render.clone();
             tokio::spawn(async move {
                 // Read the request head (bounded in size and time), then answer with the metrics.
                 let mut head = vec![0u8; 4096];
@@ -152,7 +233,7 @@ pub async fn serve(
                 if read != Ok(true) {
                     return;
                 }
-                let body = metrics.render(&tls, time::OffsetDateTime::now_utc().unix_timestamp());
+                let body = render();
                 let response = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
                 let _ = stream.write_all(response.as_bytes()).await;
                 let _ = stream.shutdown().await;

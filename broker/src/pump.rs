@@ -1,417 +1,418 @@
-//! The two pumps of an established session: client to router, with every PUBLISH and
-//! SUBSCRIBE checked against the ACL, and router to client, with writes coalesced.
+//! An established session's packets, both ways, in one poll loop: the client's packets are
+//! checked against the ACL and handed to the router; the router's deliveries are written to the
+//! client, with writes coalesced.
+//!
+//! Flow control lives here as much as in the router. A publication that waits for a full
+//! subscriber ([`Publication`]) holds back the packets behind it (acknowledgements and PINGREQ
+//! still pass, so two clients publishing to each other cannot wedge), and reading stops while
+//! it waits, so TCP slows the client down. Reading also stops while too much output is waiting
+//! to be written, so a client that never reads cannot make the broker buffer replies for it.
 
-use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::sync::Mutex;
-use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
 
-use bytes::BytesMut;
-use fleet_identity::Identity;
-use rumqttd::local::{LinkError, LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, PingResp, PubAck, PubAckReason, Publish, SubAck, Subscribe, SubscribeReasonCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{oneshot, Notify};
-use tokio::time::timeout;
+use rumqttd::protocol::{
+    Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, SubAck,
+    Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
+};
+use tokio::time::Sleep;
 
-use crate::acl::{OnDeniedPublish, TopicRules, Verdict};
-use crate::codec::{self, packet_name, qos_and_pkid};
-use crate::link::{LazyLink, OpenError};
-use crate::live::{KickReason, Registration};
-use crate::session::{Established, SessionContext, SessionEnd, Tls};
+use crate::acl::{OnDeniedPublish, Verdict};
+use crate::codec::{Inbound, InboundPublish, OutgoingPublish};
+use crate::connect::Established;
+use crate::connection::Connection;
+use crate::context::SessionContext;
+use crate::reason::SessionEnd;
+use crate::router::{Message, Outgoing, Publication, QoS, SubscribeRefused};
 
-/// Moves packets both ways until something ends the session.
-pub(crate) async fn pump(
-    session: &mut Established,
-    reader: &mut ReadHalf<Tls>,
-    writer: &mut WriteHalf<Tls>,
-    link_arrival: oneshot::Receiver<LinkRx>,
-    rbuf: &mut BytesMut,
-    ctx: &SessionContext,
-) -> SessionEnd {
-    let scope = Scope {
-        identity: &session.identity,
-        rules: &session.rules,
-        ctx,
-        registration: &session.registration,
-        replies: ReplyQueue::default(),
-        pending_subacks: Mutex::new(HashMap::new()),
-    };
-    let mut shutdown = ctx.shutdown.clone();
-    // Biased: a kick explains whatever else ends the session at the same time (a takeover also
-    // makes the router close this session's link).
-    tokio::select! {
-        biased;
-        reason = session.registration.kick.wait() => match reason {
-            KickReason::Revoked => SessionEnd::Revoked,
-            KickReason::TakenOver => SessionEnd::TakenOver,
-        },
-        _ = shutdown.wait_for(|down| *down) => SessionEnd::Shutdown,
-        end = scope.inbound(reader, rbuf, &mut session.link, session.keepalive) => end,
-        end = scope.outbound(writer, link_arrival) => end,
-    }
+/// Output waiting to be written beyond which the pump neither reads nor takes deliveries.
+const OUTPUT_HIGH: usize = 64 * 1024;
+/// Deliveries taken from the router per call.
+const DELIVERY_BATCH: usize = 128;
+/// Rounds of work per poll before the task yields to others on its worker.
+const ROUNDS_PER_POLL: usize = 32;
+
+/// A publication waiting for room, and the acknowledgement the client gets when it completes.
+struct Waiting {
+    publication: Publication,
+    ack: Option<Packet>,
 }
 
-/// Read buffer growth step while the client is sending.
-const READ_CHUNK: usize = 4096;
-/// Read buffer while waiting on a quiet client: enough for a PINGREQ or a small PUBLISH.
-const IDLE_READ: usize = 64;
-
-/// Answers the front gives itself, from the inbound pump to the outbound one. Both pumps run in
-/// the session's task; an empty queue holds no memory, unlike a channel.
-#[derive(Default)]
-struct ReplyQueue {
-    queue: Mutex<VecDeque<Reply>>,
-    added: Notify,
-}
-
-impl ReplyQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Reply>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn push(&self, reply: Reply) {
-        self.lock().push_back(reply);
-        self.added.notify_one();
-    }
-
-    /// Waits until a reply was pushed since the last wait.
-    async fn ready(&self) {
-        self.added.notified().await;
-    }
-
-    fn take(&self) -> VecDeque<Reply> {
-        std::mem::take(&mut *self.lock())
-    }
-}
-
-/// What a session's two pumps share.
-struct Scope<'a> {
-    identity: &'a Identity,
-    rules: &'a TopicRules,
+struct Pump<'a> {
     ctx: &'a SessionContext,
-    registration: &'a Registration,
-    replies: ReplyQueue,
-    /// SUBSCRIBEs forwarded with some filters removed: packet id -> which filters were allowed,
-    /// so the router's SUBACK can be widened back to one code per requested filter.
-    pending_subacks: Mutex<HashMap<u16, Vec<bool>>>,
+    session: &'a Established,
+    conn: &'a mut Connection,
+    waiting: Option<Waiting>,
+    /// A packet read while `waiting`, processed once it completes.
+    held: Option<Inbound>,
+    last_read: Instant,
+    /// The deadline the timer is set to.
+    armed: Option<Instant>,
 }
 
-/// What to do with one packet from the client.
-// A transient value per packet: boxing the forwarded packet would allocate on the hot path.
-#[allow(clippy::large_enum_variant)]
-enum Action {
-    /// Pass it to the router.
-    Forward(Packet),
-    /// Answer it ourselves.
-    Reply(Reply),
-    /// Nothing.
-    Drop,
-    /// End the session.
-    End(SessionEnd),
+/// Moves packets both ways until something ends the session. Returns why, and a publication
+/// still waiting for room (which the caller completes: it may already have reached some
+/// subscribers).
+pub(crate) async fn pump(
+    session: &Established,
+    conn: &mut Connection,
+    ctx: &SessionContext,
+) -> (SessionEnd, Option<Publication>) {
+    let timer = tokio::time::sleep(std::time::Duration::from_secs(3600));
+    let mut timer = std::pin::pin!(timer);
+    let mut pump = Pump {
+        ctx,
+        session,
+        conn,
+        waiting: None,
+        held: None,
+        last_read: Instant::now(),
+        armed: None,
+    };
+    let end = poll_fn(|cx| pump.poll(cx, timer.as_mut())).await;
+    (end, pump.waiting.map(|w| w.publication))
 }
 
-/// An answer the front gives itself.
-enum Reply {
-    /// PUBACK for a denied QoS 1 PUBLISH.
-    PubAck(u16),
-    /// SUBACK when every filter was denied.
-    SubAck(SubAck),
-    /// PINGRESP.
-    PingResp,
-}
-
-impl From<Reply> for Packet {
-    fn from(reply: Reply) -> Packet {
-        match reply {
-            Reply::PubAck(pkid) => Packet::PubAck(
-                PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                },
-                None,
-            ),
-            Reply::SubAck(suback) => Packet::SubAck(suback, None),
-            Reply::PingResp => Packet::PingResp(PingResp),
-        }
-    }
-}
-
-impl Scope<'_> {
-    async fn inbound(
-        &self,
-        reader: &mut ReadHalf<Tls>,
-        rbuf: &mut BytesMut,
-        link: &mut LazyLink,
-        keepalive: Option<Duration>,
-    ) -> SessionEnd {
-        let max = self.ctx.limits.max_packet_bytes;
-        loop {
-            let mut forwarded = 0u64;
-            let mut publishes = 0u64;
-            loop {
-                let packet = match codec::decode(rbuf, max) {
-                    Ok(Some(packet)) => packet,
-                    Ok(None) => break,
-                    Err(e) => return SessionEnd::Protocol(e.to_string()),
-                };
-                match self.on_client_packet(packet) {
-                    Action::Forward(packet) => {
-                        publishes += u64::from(matches!(packet, Packet::Publish(..)));
-                        forwarded += 1;
-                        let tx = match link.tx() {
-                            Some(tx) => tx,
-                            None => match Box::pin(self.open_link(link)).await {
-                                Ok(tx) => tx,
-                                Err(end) => return end,
-                            },
-                        };
-                        tx.buffer().push_back(packet);
+impl Pump<'_> {
+    fn poll(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<SessionEnd> {
+        for _ in 0..ROUNDS_PER_POLL {
+            if let Poll::Ready(reason) = self.session.kick.poll(cx) {
+                return Poll::Ready(SessionEnd::Kicked(reason));
+            }
+            let mut progress = false;
+            if let Some(waiting) = &mut self.waiting {
+                if waiting.publication.poll(cx).is_ready() {
+                    let ack = waiting.ack.take();
+                    self.waiting = None;
+                    if let Some(ack) = ack {
+                        self.reply(ack);
                     }
-                    Action::Reply(reply) => self.replies.push(reply),
-                    Action::Drop => {}
-                    Action::End(end) => return end,
+                    progress = true;
                 }
             }
-            if forwarded > 0 {
-                self.ctx.audit.metrics().messages_in(publishes);
-                if let Err(e) = link.tx().map_or(Ok(()), notify_router) {
-                    return SessionEnd::Io(format!("router link closed: {e}"));
+            match self.handle_input() {
+                Ok(handled) => progress |= handled,
+                Err(end) => return Poll::Ready(end),
+            }
+            progress |= self.take_deliveries(cx);
+            match self.conn.poll_write(cx) {
+                Poll::Ready(Ok(wrote)) => progress |= wrote,
+                Poll::Ready(Err(e)) => return Poll::Ready(SessionEnd::Io(e.to_string())),
+                Poll::Pending => {}
+            }
+            if self.may_read() {
+                match self.conn.poll_read(cx) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(SessionEnd::PeerClosed),
+                    Poll::Ready(Ok(_)) => {
+                        self.last_read = Instant::now();
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(SessionEnd::Io(e.to_string())),
+                    Poll::Pending => {}
                 }
             }
-            let read = read_more(reader, rbuf);
-            let read = match keepalive {
-                Some(limit) => match timeout(limit, read).await {
-                    Ok(read) => read,
-                    Err(_) => return SessionEnd::KeepaliveTimeout,
-                },
-                None => read.await,
+            if !progress {
+                return match self.poll_timer(cx, timer.as_mut()) {
+                    Some(end) => Poll::Ready(end),
+                    None => Poll::Pending,
+                };
+            }
+        }
+        // Plenty done: let the worker's other tasks run, and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Reading waits while a packet is held behind a waiting publication, and while output
+    /// piles up.
+    fn may_read(&self) -> bool {
+        self.held.is_none() && self.conn.pending_output() < OUTPUT_HIGH
+    }
+
+    /// Sets the timer to the next deadline (keepalive, a waiting subscriber's timeout); the end
+    /// if the keepalive has run out.
+    fn poll_timer(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Option<SessionEnd> {
+        loop {
+            let now = Instant::now();
+            let keepalive = self.session.keepalive.map(|limit| self.last_read + limit);
+            if keepalive.is_some_and(|at| at <= now) {
+                if self.may_read() {
+                    return Some(SessionEnd::KeepaliveTimeout);
+                }
+                // We stopped reading, not the client: its packets wait in the socket.
+                self.last_read = now;
+                continue;
+            }
+            let waiting = self.waiting.as_ref().and_then(|w| w.publication.deadline());
+            let next = match (keepalive, waiting) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
-            match read {
-                Ok(0) => return SessionEnd::PeerClosed,
-                Ok(_) => {}
-                Err(e) => return SessionEnd::Io(e.to_string()),
+            let next = next?;
+            if self.armed != Some(next) {
+                self.armed = Some(next);
+                timer.as_mut().reset(next.into());
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            if keepalive != Some(next) {
+                // A waiting subscriber's time is up: the publication decides what that means.
+                cx.waker().wake_by_ref();
+                return None;
             }
         }
     }
 
-    /// Opens the link for the first packet bound for the router; the router's CONNACK is not
-    /// for the client, which had the front's.
-    async fn open_link<'l>(&self, link: &'l mut LazyLink) -> Result<&'l mut LinkTx, SessionEnd> {
-        match link.open(&self.ctx.router, self.registration).await {
-            Ok(_connack) => link
-                .tx()
-                .ok_or_else(|| SessionEnd::Io("the router link did not open".into())),
-            Err(OpenError::TakenOver) => Err(SessionEnd::TakenOver),
-            Err(e) => Err(SessionEnd::Io(e.to_string())),
+    /// Moves deliveries from the router into the write buffer, while there is room for output.
+    fn take_deliveries(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.conn.pending_output() >= OUTPUT_HIGH {
+            return false;
+        }
+        let (session, conn) = (self.session, &mut *self.conn);
+        let mut published = 0u64;
+        let handed = session
+            .attached
+            .poll_outgoing(cx, DELIVERY_BATCH, &mut |outgoing| match outgoing {
+                Outgoing::Publish { delivery, pkid, dup } => {
+                    published += 1;
+                    conn.queue_publish(&OutgoingPublish {
+                        topic: &delivery.message.topic,
+                        payload: &delivery.message.payload,
+                        qos: delivery.qos,
+                        pkid,
+                        dup,
+                        retain: delivery.retain,
+                    });
+                }
+                Outgoing::PubRel(pkid) => {
+                    let _ = conn.queue(pubrel(pkid));
+                }
+            });
+        if published > 0 {
+            self.ctx.audit.metrics().messages_out(published);
+        }
+        handed > 0
+    }
+
+    /// Handles the packets already read, as far as allowed. True if any was handled.
+    fn handle_input(&mut self) -> Result<bool, SessionEnd> {
+        let mut handled = false;
+        let mut published = 0u64;
+        let result = loop {
+            if self.conn.pending_output() >= OUTPUT_HIGH {
+                break Ok(());
+            }
+            let packet = match self.held.take() {
+                Some(packet) => packet,
+                None => match self.conn.next_packet() {
+                    Ok(Some(packet)) => packet,
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(SessionEnd::Protocol(e.to_string())),
+                },
+            };
+            if self.waiting.is_some() && !passes_a_waiting_publication(&packet) {
+                self.held = Some(packet);
+                break Ok(());
+            }
+            handled = true;
+            published += u64::from(matches!(packet, Inbound::Publish(_)));
+            if let Err(end) = self.on_packet(packet) {
+                break Err(end);
+            }
+        };
+        if published > 0 {
+            self.ctx.audit.metrics().messages_in(published);
+        }
+        result.map(|()| handled)
+    }
+
+    fn reply(&mut self, packet: Packet) {
+        if let Err(e) = self.conn.queue(packet) {
+            tracing::error!(device_id = %self.session.identity.id, error = %e, "could not encode a packet for the client; dropped");
         }
     }
 
-    fn on_client_packet(&self, packet: Packet) -> Action {
+    fn on_packet(&mut self, packet: Inbound) -> Result<(), SessionEnd> {
+        let attached = &self.session.attached;
         match packet {
-            Packet::Publish(publish, _) => self.on_publish(publish),
-            Packet::Subscribe(subscribe, _) => self.on_subscribe(subscribe),
-            Packet::PingReq(_) => Action::Reply(Reply::PingResp),
-            Packet::Disconnect(..) => Action::End(SessionEnd::ClientDisconnect),
-            packet @ (Packet::PubAck(..)
-            | Packet::PubRec(..)
-            | Packet::PubRel(..)
-            | Packet::PubComp(..)
-            | Packet::Unsubscribe(..)) => Action::Forward(packet),
-            Packet::Connect(..) => Action::End(SessionEnd::Protocol("a second CONNECT on the same connection".into())),
-            other => Action::End(SessionEnd::Protocol(format!(
-                "a client may not send {}",
-                packet_name(&other)
-            ))),
-        }
-    }
-
-    fn on_publish(&self, publish: Publish) -> Action {
-        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-            return Action::End(SessionEnd::Protocol("PUBLISH topic is not UTF-8".into()));
-        };
-        match self.rules.may_publish(topic) {
-            Verdict::Allowed => Action::Forward(Packet::Publish(publish, None)),
-            Verdict::Invalid(e) => Action::End(SessionEnd::Protocol(format!("PUBLISH to {topic:?}: {e}"))),
-            Verdict::Denied => {
-                self.ctx.audit.acl_denied(self.identity, "publish", topic);
-                let (qos, pkid) = qos_and_pkid(&publish);
-                match (self.ctx.acl.on_denied_publish, qos) {
-                    (OnDeniedPublish::Disconnect, _) | (_, 2) => Action::End(SessionEnd::AclDisconnect),
-                    (OnDeniedPublish::Drop, 1) => Action::Reply(Reply::PubAck(pkid)),
-                    (OnDeniedPublish::Drop, _) => Action::Drop,
+            Inbound::Publish(publish) => return self.on_publish(publish),
+            Inbound::PubAck(pkid) => {
+                attached.puback(pkid);
+            }
+            Inbound::PubRec(pkid) => {
+                if attached.pubrec(pkid) {
+                    self.reply(pubrel(pkid));
                 }
             }
+            Inbound::PubComp(pkid) => {
+                attached.pubcomp(pkid);
+            }
+            Inbound::PubRel(pkid) => {
+                attached.release(pkid);
+                self.reply(Packet::PubComp(
+                    PubComp {
+                        pkid,
+                        reason: PubCompReason::Success,
+                    },
+                    None,
+                ));
+            }
+            Inbound::Subscribe(subscribe) => self.on_subscribe(subscribe),
+            Inbound::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe),
+            Inbound::PingReq => self.reply(Packet::PingResp(PingResp)),
+            Inbound::Disconnect => return Err(SessionEnd::ClientDisconnect),
+            Inbound::Connect(_) => return Err(SessionEnd::Protocol("a second CONNECT on the same connection".into())),
+            Inbound::ServerOnly(name) => return Err(SessionEnd::Protocol(format!("a client may not send {name}"))),
         }
+        Ok(())
     }
 
-    fn on_subscribe(&self, mut subscribe: Subscribe) -> Action {
-        let allowed: Vec<bool> = subscribe
-            .filters
-            .iter()
-            .map(|filter| match self.rules.may_subscribe(&filter.path) {
-                Verdict::Allowed => true,
-                Verdict::Denied | Verdict::Invalid(_) => {
-                    self.ctx.audit.acl_denied(self.identity, "subscribe", &filter.path);
-                    false
-                }
-            })
-            .collect();
-        if allowed.iter().all(|a| *a) {
-            return Action::Forward(Packet::Subscribe(subscribe, None));
-        }
-        if !allowed.iter().any(|a| *a) {
-            let return_codes = vec![SubscribeReasonCode::Failure; allowed.len()];
-            return Action::Reply(Reply::SubAck(SubAck {
-                pkid: subscribe.pkid,
-                return_codes,
-            }));
-        }
-        let mut keep = allowed.iter();
-        subscribe.filters.retain(|_| *keep.next().unwrap_or(&false));
-        self.pending_subacks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(subscribe.pkid, allowed);
-        Action::Forward(Packet::Subscribe(subscribe, None))
-    }
-
-    /// Restores a denied filter's 0x80 in the router's SUBACK, at its requested position.
-    fn widen_suback(&self, mut suback: SubAck) -> SubAck {
-        let Some(allowed) = self
-            .pending_subacks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&suback.pkid)
-        else {
-            return suback;
+    fn on_publish(&mut self, publish: InboundPublish) -> Result<(), SessionEnd> {
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return Err(SessionEnd::Protocol("PUBLISH topic is not UTF-8".into()));
         };
-        let mut granted = suback.return_codes.into_iter();
-        suback.return_codes = allowed
-            .iter()
-            .map(|ok| {
-                if *ok {
-                    granted.next().unwrap_or(SubscribeReasonCode::Failure)
-                } else {
+        let ack = acknowledgement(publish.qos, publish.pkid);
+        match self.session.rules.may_publish(topic) {
+            Verdict::Allowed => {}
+            Verdict::Invalid(e) => return Err(SessionEnd::Protocol(format!("PUBLISH to {topic:?}: {e}"))),
+            Verdict::Denied => {
+                self.ctx.audit.acl_denied(&self.session.identity, "publish", topic);
+                if self.ctx.acl.on_denied_publish == OnDeniedPublish::Disconnect {
+                    return Err(SessionEnd::AclDisconnect);
+                }
+                // Dropped, and acknowledged as Mosquitto does, so the client does not resend it.
+                if let Some(ack) = ack {
+                    self.reply(ack);
+                }
+                return Ok(());
+            }
+        }
+        if publish.qos == QoS::ExactlyOnce {
+            match self.session.attached.receive_exactly_once(publish.pkid) {
+                Ok(true) => {}
+                // A resend of one already routed: acknowledge it again, deliver it once.
+                Ok(false) => {
+                    self.reply(pubrec(publish.pkid));
+                    return Ok(());
+                }
+                Err(e) => return Err(SessionEnd::Protocol(e.to_string())),
+            }
+        }
+        let message = Message::new(topic, &publish.payload, publish.qos, publish.retain);
+        let publication = self.ctx.router.publish(message);
+        self.await_or_ack(publication, ack);
+        Ok(())
+    }
+
+    /// Acknowledges now if the publication is complete, else once it is.
+    fn await_or_ack(&mut self, publication: Publication, ack: Option<Packet>) {
+        if publication.is_complete() {
+            if let Some(ack) = ack {
+                self.reply(ack);
+            }
+        } else {
+            self.waiting = Some(Waiting { publication, ack });
+        }
+    }
+
+    fn on_subscribe(&mut self, subscribe: Subscribe) {
+        let session = self.session;
+        let (identity, attached) = (&session.identity, &session.attached);
+        let mut return_codes = Vec::with_capacity(subscribe.filters.len());
+        let mut granted = Vec::new();
+        for filter in &subscribe.filters {
+            let qos = QoS::from_u8(filter.qos as u8).unwrap_or(QoS::AtMostOnce);
+            let code = match self.session.rules.may_subscribe(&filter.path) {
+                Verdict::Allowed => match attached.subscribe(&filter.path, qos) {
+                    Ok(()) => {
+                        granted.push((filter.path.as_str(), qos));
+                        SubscribeReasonCode::Success(filter.qos)
+                    }
+                    Err(refused @ SubscribeRefused::TooManySubscriptions) => {
+                        self.ctx
+                            .audit
+                            .subscription_refused(identity, &filter.path, &refused.to_string());
+                        SubscribeReasonCode::Failure
+                    }
+                    Err(_) => SubscribeReasonCode::Failure,
+                },
+                Verdict::Denied | Verdict::Invalid(_) => {
+                    self.ctx.audit.acl_denied(identity, "subscribe", &filter.path);
                     SubscribeReasonCode::Failure
                 }
-            })
-            .collect();
-        suback
-    }
-
-    async fn outbound(&self, writer: &mut WriteHalf<Tls>, mut link_arrival: oneshot::Receiver<LinkRx>) -> SessionEnd {
-        let mut wbuf = BytesMut::new();
-        let mut link_rx: Option<LinkRx> = None;
-        loop {
-            let mut wake_router = false;
-            tokio::select! {
-                biased;
-                () = self.replies.ready() => {}
-                Ok(rx) = &mut link_arrival, if link_rx.is_none() => link_rx = Some(rx),
-                notification = next_notification(&mut link_rx) => match notification {
-                    Ok(Some(n)) => wake_router |= self.encode_notification(n, &mut wbuf),
-                    Ok(None) => {}
-                    Err(e) => return SessionEnd::Io(format!("router link closed: {e}")),
-                },
-            }
-            // Take whatever else is ready without waiting, so one write carries many packets.
-            for reply in self.replies.take() {
-                self.encode(reply.into(), &mut wbuf);
-            }
-            while let Some(Ok(Some(n))) = link_rx.as_mut().and_then(|rx| poll_now(rx.next())) {
-                wake_router |= self.encode_notification(n, &mut wbuf);
-                if wbuf.len() > 64 * 1024 {
-                    break;
-                }
-            }
-            if !wbuf.is_empty() {
-                if let Err(e) = async {
-                    writer.write_all(&wbuf).await?;
-                    writer.flush().await
-                }
-                .await
-                {
-                    return SessionEnd::Io(e.to_string());
-                }
-                wbuf.clear();
-            }
-            if let (true, Some(rx)) = (wake_router, &link_rx) {
-                // The router's channel is bounded and LinkTx sends block on it too; a blocking
-                // send keeps the pump's state small.
-                if rx.ready().is_err() {
-                    return SessionEnd::Io("router link closed".into());
-                }
-            }
+            };
+            return_codes.push(code);
         }
+        self.reply(Packet::SubAck(
+            SubAck {
+                pkid: subscribe.pkid,
+                return_codes,
+            },
+            None,
+        ));
+        let retained = attached.retained_for(&granted);
+        self.await_or_ack(retained, None);
     }
 
-    /// Encodes a router notification; true if the router asked to be woken when we are ready.
-    fn encode_notification(&self, notification: rumqttd::Notification, wbuf: &mut BytesMut) -> bool {
-        match Option::<Packet>::from(notification) {
-            Some(Packet::SubAck(suback, _)) => self.encode(Packet::SubAck(self.widen_suback(suback), None), wbuf),
-            Some(packet) => {
-                if matches!(packet, Packet::Publish(..)) {
-                    self.ctx.audit.metrics().messages_out(1);
-                }
-                self.encode(packet, wbuf);
-            }
-            None => return true,
+    fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        for filter in &unsubscribe.filters {
+            self.session.attached.unsubscribe(filter);
         }
-        false
-    }
-
-    fn encode(&self, packet: Packet, wbuf: &mut BytesMut) {
-        if let Err(e) = codec::encode(packet, wbuf) {
-            tracing::error!(device_id = %self.identity.id, error = %e, "could not encode a packet for the client; dropped");
-        }
-    }
-}
-
-/// Tells the router the link's buffer holds new packets. rumqttd notifies by sending a packet,
-/// so the last one is taken back and sent again: one router event for a whole batch.
-/// `LinkTx::send` is async in signature only (its send on the router channel is blocking), so
-/// it completes on its first poll and its state never joins the pump's.
-fn notify_router(tx: &mut LinkTx) -> Result<(), String> {
-    let last = tx.buffer().pop_back();
-    match last.map(|packet| poll_now(tx.send(packet))) {
-        None | Some(Some(Ok(_))) => Ok(()),
-        Some(Some(Err(e))) => Err(e.to_string()),
-        // Not in rumqttd 0.20. The packet is lost with the future, so the session ends and the
-        // client re-sends what was not acknowledged.
-        Some(None) => Err("the router link did not take the packet at once".into()),
+        // Exactly one UNSUBACK, also for filters never subscribed (MQTT-3.10.4-5).
+        self.reply(Packet::UnsubAck(
+            UnsubAck {
+                pkid: unsubscribe.pkid,
+                reasons: Vec::new(),
+            },
+            None,
+        ));
     }
 }
 
-/// Reads more bytes from the client. While the client is quiet the buffer is given back and a
-/// small one waits for the next packet, so an idle session holds no read buffer.
-async fn read_more(reader: &mut ReadHalf<Tls>, rbuf: &mut BytesMut) -> std::io::Result<usize> {
-    if rbuf.capacity() - rbuf.len() < 1024 {
-        rbuf.reserve(READ_CHUNK);
-    }
-    if let Some(read) = poll_now(reader.read_buf(rbuf)) {
-        return read;
-    }
-    if rbuf.is_empty() {
-        *rbuf = BytesMut::with_capacity(IDLE_READ);
-    }
-    reader.read_buf(rbuf).await
+/// Packets that concern the broker's own deliveries to the client, or nothing at all: they may
+/// overtake a publication that waits for room, which is what keeps two clients publishing to
+/// each other from waiting on each other forever.
+fn passes_a_waiting_publication(packet: &Inbound) -> bool {
+    matches!(
+        packet,
+        Inbound::PubAck(_) | Inbound::PubRec(_) | Inbound::PubComp(_) | Inbound::PubRel(_) | Inbound::PingReq
+    )
 }
 
-/// The next notification on the link, or never while there is no link.
-async fn next_notification(link_rx: &mut Option<LinkRx>) -> Result<Option<rumqttd::Notification>, LinkError> {
-    match link_rx {
-        Some(rx) => rx.next().await,
-        None => std::future::pending().await,
+/// What a client is owed for a PUBLISH of `qos`.
+fn acknowledgement(qos: QoS, pkid: u16) -> Option<Packet> {
+    match qos {
+        QoS::AtMostOnce => None,
+        QoS::AtLeastOnce => Some(Packet::PubAck(
+            PubAck {
+                pkid,
+                reason: PubAckReason::Success,
+            },
+            None,
+        )),
+        QoS::ExactlyOnce => Some(pubrec(pkid)),
     }
 }
 
-/// Polls a future once; its result if it was ready.
-fn poll_now<F: Future>(future: F) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(output) => Some(output),
-        Poll::Pending => None,
-    }
+fn pubrec(pkid: u16) -> Packet {
+    Packet::PubRec(
+        PubRec {
+            pkid,
+            reason: PubRecReason::Success,
+        },
+        None,
+    )
+}
+
+fn pubrel(pkid: u16) -> Packet {
+    Packet::PubRel(
+        PubRel {
+            pkid,
+            reason: PubRelReason::Success,
+        },
+        None,
+    )
 }

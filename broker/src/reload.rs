@@ -45,6 +45,25 @@ impl TlsState {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(material);
     }
 
+    /// Gauges of the material in force (server certificate expiry, CRL age), Prometheus text.
+    pub fn render_metrics(&self, now: i64, out: &mut String) {
+        use std::fmt::Write as _;
+        let material = self.current();
+        let _ = writeln!(
+            out,
+            "# HELP broker_server_cert_expiry_seconds Seconds until the server certificate expires.\n# TYPE broker_server_cert_expiry_seconds gauge\nbroker_server_cert_expiry_seconds {}",
+            material.server.not_after - now
+        );
+        if let Some(crl) = &material.crl {
+            let _ = writeln!(
+                out,
+                "# HELP broker_crl_age_seconds Seconds since the CRL's thisUpdate.\n# TYPE broker_crl_age_seconds gauge\nbroker_crl_age_seconds {}\n# TYPE broker_crl_entries gauge\nbroker_crl_entries {}",
+                now - crl.this_update,
+                crl.revoked.len()
+            );
+        }
+    }
+
     /// Whether the certificate with `serial` is revoked by the CRL in force.
     pub fn is_revoked(&self, serial: &str) -> bool {
         self.current()

@@ -17,7 +17,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherEr
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
-use crate::audit::{PresentedCert, RejectReason};
+use crate::reason::RejectReason;
 
 /// The files the TLS configuration is built from.
 #[derive(Clone, Debug)]
@@ -72,6 +72,17 @@ fn fail(path: &Path, problem: impl ToString) -> TlsLoadError {
         path: path.to_owned(),
         problem: problem.to_string(),
     }
+}
+
+/// What the broker knows about a presented client certificate.
+#[derive(Clone, Debug, Default)]
+pub struct PresentedCert {
+    /// The identity id, if one could be read.
+    pub id: Option<String>,
+    /// Serial, lower-case hex.
+    pub serial: String,
+    /// SHA-256 fingerprint, lower-case hex.
+    pub sha256: String,
 }
 
 /// Facts about the server certificate.

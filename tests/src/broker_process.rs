@@ -87,6 +87,37 @@ impl BrokerProcess {
         self.child.id()
     }
 
+    /// Resident memory now (`VmRSS`), KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// The most resident memory so far (`VmHWM`), KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+
+    /// The Prometheus text from the metrics endpoint (start the broker with
+    /// `BROKER__METRICS__LISTEN=127.0.0.1:0`).
+    pub fn metrics(&self) -> String {
+        let event = self.wait_for("the metrics address", Duration::from_secs(5), |e| {
+            e["event"] == "metrics"
+        });
+        let addr = event["addr"].as_str().expect("metrics event carries addr");
+        let mut http = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+        std::io::Write::write_all(&mut http, b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut http, &mut body).expect("response");
+        body
+    }
+
+    /// The value of the metric line that starts with `series` (name and labels), if present.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics()
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+    }
+
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.addr.port()
@@ -153,6 +184,18 @@ impl BrokerProcess {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-HUP", &pid]).status();
     }
+}
+
+/// A `/proc/<pid>/status` field in KiB (0 if the process is gone).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn render(lines: &[Value]) -> String {

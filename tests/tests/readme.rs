@@ -3,7 +3,8 @@
 
 use std::process::Command;
 
-use broker::audit::RejectReason;
+use broker::metrics::DropReason;
+use broker::reason::{KickReason, RejectReason, SessionEnd};
 use device_agent::diagnosis::Diagnosis;
 use e2e::{run_ok, workspace_bin};
 
@@ -47,14 +48,49 @@ fn every_diagnosis() -> Vec<Diagnosis> {
     all
 }
 
+/// Every way a session ends; exhaustive like [`every_diagnosis`].
+fn every_session_end() -> Vec<SessionEnd> {
+    let all = vec![
+        SessionEnd::ClientDisconnect,
+        SessionEnd::PeerClosed,
+        SessionEnd::KeepaliveTimeout,
+        SessionEnd::Protocol(String::new()),
+        SessionEnd::AclDisconnect,
+        SessionEnd::Kicked(KickReason::Revoked),
+        SessionEnd::Kicked(KickReason::TakenOver),
+        SessionEnd::Kicked(KickReason::SlowSubscriber),
+        SessionEnd::Kicked(KickReason::Shutdown),
+        SessionEnd::Io(String::new()),
+    ];
+    for end in &all {
+        match end {
+            SessionEnd::ClientDisconnect
+            | SessionEnd::PeerClosed
+            | SessionEnd::KeepaliveTimeout
+            | SessionEnd::Protocol(_)
+            | SessionEnd::AclDisconnect
+            | SessionEnd::Io(_) => {}
+            SessionEnd::Kicked(kick) => match kick {
+                KickReason::Revoked | KickReason::TakenOver | KickReason::SlowSubscriber | KickReason::Shutdown => {}
+            },
+        }
+    }
+    all
+}
+
 #[test]
 fn the_troubleshooting_table_covers_every_reject_reason_and_check_outcome() {
     let readme = readme();
-    for reason in RejectReason::ALL {
+    let ends = every_session_end();
+    let words = RejectReason::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .chain(ends.iter().map(SessionEnd::as_str))
+        .chain(DropReason::ALL.iter().map(|r| r.as_str()));
+    for word in words {
         assert!(
-            readme.contains(&format!("| `{}` |", reason.as_str())),
-            "README's troubleshooting table lacks `{}`",
-            reason.as_str()
+            readme.contains(&format!("| `{word}` |")),
+            "README's troubleshooting tables lack `{word}`"
         );
     }
     for diagnosis in every_diagnosis() {

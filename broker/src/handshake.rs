@@ -1,0 +1,79 @@
+//! The TLS handshake of one connection, with a deadline, and the audit of its outcome: the
+//! certificate's identity when it is accepted, the stable reason when it is not.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fleet_identity::Identity;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
+
+use crate::connection::Tls;
+use crate::context::SessionContext;
+use crate::reason::RejectReason;
+use crate::tls::{classify_handshake_error, HandshakeNotes, PresentedCert, HANDSHAKE_NOTES};
+
+/// Who a peer proved to be in its handshake.
+pub(crate) struct Authenticated {
+    pub(crate) identity: Identity,
+    pub(crate) cert: PresentedCert,
+    pub(crate) tls_version: String,
+}
+
+/// Runs the handshake; refusals are logged here.
+pub(crate) async fn handshake(tcp: TcpStream, peer: SocketAddr, ctx: &SessionContext) -> Option<(Tls, Authenticated)> {
+    let acceptor = TlsAcceptor::from(ctx.tls.current().config.clone());
+    let deadline = Duration::from_millis(ctx.limits.handshake_timeout_ms);
+    let (outcome, notes) = HANDSHAKE_NOTES
+        .scope(RefCell::new(HandshakeNotes::default()), async move {
+            let outcome = timeout(deadline, acceptor.accept(tcp)).await;
+            (outcome, HANDSHAKE_NOTES.with(|notes| notes.take()))
+        })
+        .await;
+    let presented = notes.presented.as_ref();
+    match outcome {
+        Err(_) => {
+            let detail = format!("no complete handshake within {} ms", ctx.limits.handshake_timeout_ms);
+            ctx.audit
+                .reject(peer, RejectReason::HandshakeTimeout, &detail, presented);
+            None
+        }
+        Ok(Err(error)) => {
+            let (reason, detail) = classify_handshake_error(&error, &notes);
+            ctx.audit.reject(peer, reason, &detail, presented);
+            None
+        }
+        Ok(Ok(tls)) => {
+            let HandshakeNotes {
+                presented: Some(cert),
+                identity: Some(identity),
+                ..
+            } = notes
+            else {
+                ctx.audit.reject(
+                    peer,
+                    RejectReason::TlsError,
+                    "handshake finished without a verified client identity",
+                    presented,
+                );
+                return None;
+            };
+            let tls_version = tls
+                .get_ref()
+                .1
+                .protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default();
+            Some((
+                tls,
+                Authenticated {
+                    identity,
+                    cert,
+                    tls_version,
+                },
+            ))
+        }
+    }
+}

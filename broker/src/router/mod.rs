@@ -1,0 +1,535 @@
+//! The router: who is subscribed to what, each session's outgoing queue and inflight window,
+//! and the retained messages. The front (TLS, identity, ACL) calls it through a small typed API:
+//! [`Router::attach`] for a connection's session, [`Router::publish`], and the [`Attached`]
+//! handle for everything a connection does with its own session.
+//!
+//! # Design
+//!
+//! There is no router thread. A publisher's own connection task matches the topic against the
+//! [subscription tree](subscriptions) (a read lock) and puts a [`Delivery`] into each matching
+//! session's queue (that session's own lock); the subscriber's connection task drains its
+//! queue into its socket. So fan-out runs on whichever worker thread runs the publisher, and
+//! many publishers route at once on every core the runtime has.
+//!
+//! Memory follows what is queued: a message is one shared allocation, held by the queues and
+//! inflight windows it is in and freed when the last one lets go. Nothing is kept for messages
+//! that have passed.
+//!
+//! Every queue is bounded (`max_queued_messages`, `max_queued_bytes`) and so is every inflight
+//! window (`max_inflight`). When an online subscriber's queue is full, a publication waits
+//! ([`Publication`]): the publisher's connection stops reading its socket and holds back its
+//! PUBACK/PUBREC until the delivery is queued, so TCP slows the publishing device instead of
+//! the broker dropping or buffering without bound. A subscriber whose queue stays full for
+//! `slow_subscriber_timeout` is slow: a QoS 1/2 publication waiting for it disconnects it,
+//! after which its session (if persistent) queues offline; QoS 0 to it is dropped while it
+//! stays full. Offline persistent sessions drop their oldest beyond the bounds and never queue
+//! QoS 0. Every drop is counted ([`crate::metrics::DropReason`]) and reported in the audit log,
+//! rate-limited per session.
+//!
+//! Lock order, to rule out deadlocks: session registry → one session → subscription tree. A
+//! publication holds the tree's read lock only while matching, then offers to each session
+//! with no other lock held; retained messages have their own lock, never held with another.
+//!
+//! # Room for what comes next
+//!
+//! - **Durable sessions**: a persistent session's state changes in a handful of places
+//!   (`Session::offer`, `poll_outgoing`, the acks, `add_subscription`, `attach`/`detach`).
+//!   A store is a journal written at those points; a publication that reaches a persistent
+//!   session completes (and the publisher gets its PUBACK) only once the journal has it on
+//!   disk, which is the same "acknowledgement waits" path [`Publication`] already is for a full
+//!   queue. Restart replays the journal into sessions before the listener opens.
+//! - **MQTT 5**: [`Message`] gains the publish properties (and an expiry instant checked when
+//!   a delivery is handed out); a subscription's options grow from a QoS to no-local,
+//!   retain-as-published, retain handling and an identifier; the owner's inflight bound is
+//!   already per connection (the client's Receive Maximum); session expiry is a timer that
+//!   discards a detached session; reason codes come from [`crate::reason`].
+//! - **A bridge**: an uplink is one more attached session whose owner writes to an upstream
+//!   broker instead of a device; its queue, bounds and drop accounting are the same.
+
+mod message;
+mod retained;
+mod session;
+mod subscriptions;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+pub use message::{Delivery, Message, QoS};
+pub use session::Outgoing;
+
+use crate::audit::Audit;
+use crate::kick::Kick;
+use crate::metrics::{DropReason, Metrics};
+use crate::topic::SubscriptionFilter;
+use retained::RetainedStore;
+use session::{Offered, Policy, Reporter, Session};
+use subscriptions::SubscriptionTree;
+
+/// What the router bounds, per session and overall.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Deliveries waiting in one session's queue (not yet handed to its connection).
+    pub max_queued_messages: usize,
+    /// Topic and payload bytes waiting in one session's queue.
+    pub max_queued_bytes: usize,
+    /// QoS 1/2 deliveries handed to a connection and not yet acknowledged; also the QoS 2
+    /// messages a client may have awaiting PUBREL.
+    pub max_inflight: usize,
+    /// How long an online subscriber's queue may stay full while publishers wait for it.
+    pub slow_subscriber_timeout: Duration,
+    /// Subscriptions per session.
+    pub max_subscriptions: usize,
+    /// Topics with a retained message.
+    pub max_retained_messages: usize,
+    /// Topic and payload bytes of all retained messages.
+    pub max_retained_bytes: usize,
+}
+
+/// What sessions need from the router to keep their bounds and report drops.
+pub(crate) struct Env {
+    pub(crate) limits: Limits,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) audit: Audit,
+}
+
+/// How the front names a session.
+#[derive(Clone, Debug)]
+pub struct SessionKey {
+    /// Unique per client: a second connection with the same key takes the session over.
+    pub client: Arc<str>,
+    /// Shared subscription groups form only among sessions with the same scope, so that
+    /// tenants who do not trust each other never split one group's messages.
+    pub share_scope: Arc<str>,
+}
+
+/// The router. Cheap to clone; every clone is the same router.
+#[derive(Clone)]
+pub struct Router {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    env: Env,
+    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    tree: RwLock<SubscriptionTree>,
+    retained: Mutex<RetainedStore>,
+    /// Retained messages refused by the store's bounds, reported at a limited rate.
+    retain_refusals: Mutex<Reporter>,
+    generations: AtomicU64,
+}
+
+/// A subscription the router did not take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeRefused {
+    /// The session has `limits.max_subscriptions` already.
+    #[error("the session already has limits.max_subscriptions subscriptions")]
+    TooManySubscriptions,
+    /// The filter is malformed.
+    #[error("the filter is malformed")]
+    Invalid,
+    /// The session was discarded (its connection is being taken over).
+    #[error("the session has ended")]
+    SessionEnded,
+}
+
+/// More QoS 2 messages awaiting PUBREL than `limits.max_inflight`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("more than limits.max_inflight QoS 2 messages awaiting PUBREL")]
+pub struct TooManyUnreleased;
+
+impl Router {
+    /// An empty router.
+    pub fn new(limits: Limits, audit: Audit) -> Self {
+        let retained = RetainedStore::new(limits.max_retained_messages, limits.max_retained_bytes);
+        let metrics = audit.metrics().clone();
+        Self {
+            shared: Arc::new(Shared {
+                env: Env { limits, metrics, audit },
+                retain_refusals: Mutex::new(Reporter::default()),
+                sessions: Mutex::new(HashMap::new()),
+                tree: RwLock::new(SubscriptionTree::default()),
+                retained: Mutex::new(retained),
+                generations: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn env(&self) -> &Env {
+        &self.shared.env
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
+        self.shared.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn retained(&self) -> MutexGuard<'_, RetainedStore> {
+        self.shared.retained.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attaches a connection to the session named by `key`: a clean session starts empty
+    /// (discarding any stored one); otherwise a stored persistent session is resumed. A
+    /// connection attached to it before is kicked (taken over by `kick`'s connection).
+    /// `max_inflight` bounds what this connection is handed unacknowledged.
+    pub fn attach(&self, key: SessionKey, clean: bool, kick: Arc<Kick>, max_inflight: usize) -> Attached {
+        let env = self.env();
+        let generation = self.shared.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut sessions = self.sessions();
+        let (session, session_present) = match sessions.get(&key.client) {
+            Some(existing) if !clean && existing.is_resumable() => (existing.clone(), true),
+            existing => {
+                if let Some(existing) = existing.cloned() {
+                    let filters = existing.discard(&kick, env);
+                    self.remove_from_tree(&existing, &filters);
+                }
+                let session = Arc::new(Session::new(key.client.clone(), key.share_scope, !clean));
+                sessions.insert(key.client, session.clone());
+                (session, false)
+            }
+        };
+        drop(sessions);
+        session.attach(generation, kick, max_inflight.max(1), !clean, env);
+        Attached {
+            router: self.clone(),
+            session,
+            generation,
+            session_present,
+        }
+    }
+
+    fn remove_from_tree(&self, session: &Arc<Session>, filters: &[Box<str>]) {
+        if filters.is_empty() {
+            return;
+        }
+        let mut tree = self.shared.tree.write().unwrap_or_else(|p| p.into_inner());
+        for filter in filters {
+            if let Ok(parsed) = SubscriptionFilter::parse(filter) {
+                tree.remove(&parsed, session);
+            }
+        }
+    }
+
+    /// Routes `message` to every matching subscription (and stores it if retained). The
+    /// publication is complete when [`Publication::is_complete`]; otherwise it waits for full
+    /// queues and must be driven with [`Publication::poll`].
+    pub fn publish(&self, message: Arc<Message>) -> Publication {
+        let env = self.env();
+        if message.retain {
+            self.retain(&message);
+        }
+        let mut targets = Vec::new();
+        self.shared
+            .tree
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .matches(&message.topic, &mut targets);
+        let now = Instant::now();
+        let mut waiting = Vec::new();
+        for (session, granted) in targets {
+            let delivery = Delivery {
+                message: message.clone(),
+                qos: message.qos.min(granted),
+                retain: false,
+            };
+            if let Offered::Full(delivery) = session.offer(delivery, Policy::Route, now, env) {
+                waiting.push((session, Some(delivery)));
+            }
+        }
+        if !waiting.is_empty() {
+            env.metrics.publisher_waited();
+        }
+        Publication::new(self, Waiting::Routed(waiting))
+    }
+
+    fn retain(&self, message: &Arc<Message>) {
+        let refused = self.retained().store(message);
+        if let Err(why) = refused {
+            let env = self.env();
+            env.metrics.dropped(DropReason::RetainRefused, 1);
+            let due = self
+                .shared
+                .retain_refusals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .note(1, Instant::now());
+            if let Some(count) = due {
+                env.audit.retain_refused(&message.topic, why.describe(), count);
+            }
+        }
+    }
+
+    /// The router's gauges and per-session counters in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        let (count, bytes) = self.retained().size();
+        let _ = writeln!(
+            out,
+            "# HELP broker_retained_messages Topics holding a retained message.\n# TYPE broker_retained_messages gauge\nbroker_retained_messages {count}\n# TYPE broker_retained_bytes gauge\nbroker_retained_bytes {bytes}"
+        );
+        let sessions = self.sessions();
+        let _ = writeln!(
+            out,
+            "# HELP broker_router_sessions Sessions the router holds (connected or persistent).\n# TYPE broker_router_sessions gauge\nbroker_router_sessions {}",
+            sessions.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP broker_session_overflow_dropped_total Deliveries a session lost to the queue bounds while offline.\n# TYPE broker_session_overflow_dropped_total counter"
+        );
+        for session in sessions.values().filter(|s| s.overflowed() > 0) {
+            let _ = writeln!(
+                out,
+                "broker_session_overflow_dropped_total{{client_id=\"{}\"}} {}",
+                session.client.escape_default(),
+                session.overflowed()
+            );
+        }
+    }
+}
+
+impl retained::Refused {
+    fn describe(self) -> &'static str {
+        match self {
+            retained::Refused::TooMany => "limits.max_retained_messages reached",
+            retained::Refused::TooLarge => "limits.max_retained_bytes reached",
+        }
+    }
+}
+
+/// A publication (or a subscription's retained messages) with deliveries still waiting for
+/// room in full queues. Nothing here is lost: each waiting delivery is either queued once
+/// there is room, or queued offline / dropped and counted once its subscriber is kicked as slow.
+#[must_use = "a waiting publication must be driven to completion before the publisher is acknowledged"]
+pub struct Publication {
+    router: Option<Router>,
+    waiting: Waiting,
+    /// When a waiting subscriber's timeout runs out: poll again then, even if nothing woke us.
+    deadline: Option<Instant>,
+}
+
+enum Waiting {
+    /// A routed message: at most one delivery per session.
+    Routed(Vec<(Arc<Session>, Option<Delivery>)>),
+    /// Retained messages for a session's own new subscriptions, in order.
+    Backlog(Arc<Session>, VecDeque<Delivery>),
+}
+
+impl Waiting {
+    fn is_empty(&self) -> bool {
+        match self {
+            Waiting::Routed(waiting) => waiting.is_empty(),
+            Waiting::Backlog(_, deliveries) => deliveries.is_empty(),
+        }
+    }
+}
+
+impl Publication {
+    fn new(router: &Router, waiting: Waiting) -> Self {
+        Self {
+            router: (!waiting.is_empty()).then(|| router.clone()),
+            waiting,
+            deadline: None,
+        }
+    }
+
+    /// Whether every delivery has been queued (or dropped and counted).
+    pub fn is_complete(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// When to poll again if nothing wakes the task before.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Offers the waiting deliveries again; ready once none waits.
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(router) = &self.router else {
+            return Poll::Ready(());
+        };
+        let env = router.env();
+        let now = Instant::now();
+        self.deadline = None;
+        match &mut self.waiting {
+            Waiting::Routed(waiting) => {
+                for (session, slot) in waiting.iter_mut() {
+                    if let Some(delivery) = slot.take() {
+                        if let Err((delivery, due)) = offer_when_room(session, delivery, Policy::Route, cx, now, env) {
+                            *slot = Some(delivery);
+                            self.deadline = Some(self.deadline.map_or(due, |d| d.min(due)));
+                        }
+                    }
+                }
+                waiting.retain(|(_, slot)| slot.is_some());
+            }
+            Waiting::Backlog(session, deliveries) => {
+                while let Some(delivery) = deliveries.pop_front() {
+                    if let Err((delivery, due)) = offer_when_room(session, delivery, Policy::Backlog, cx, now, env) {
+                        deliveries.push_front(delivery);
+                        self.deadline = Some(due);
+                        break;
+                    }
+                }
+            }
+        }
+        if self.waiting.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Drives the publication to completion (wills, and a connection's last publication).
+    pub async fn finish(mut self) {
+        std::future::poll_fn(|cx| self.poll(cx)).await;
+    }
+}
+
+/// Offers `delivery` if `session` has room (or no longer needs to be waited for); otherwise
+/// hands it back with when to look again, the task registered to be woken on room.
+fn offer_when_room(
+    session: &Session,
+    mut delivery: Delivery,
+    policy: Policy,
+    cx: &mut Context<'_>,
+    now: Instant,
+    env: &Env,
+) -> Result<(), (Delivery, Instant)> {
+    loop {
+        if let Some(due) = session.wait_for_room(cx.waker(), delivery.qos, now, policy, env) {
+            return Err((delivery, due));
+        }
+        match session.offer(delivery, policy, now, env) {
+            Offered::Full(refused) => delivery = refused,
+            Offered::Queued | Offered::Dropped => return Ok(()),
+        }
+    }
+}
+
+/// A connection's hold on its session. Dropping it detaches the connection: a clean session
+/// ends, a persistent one keeps queueing for the next connection.
+pub struct Attached {
+    router: Router,
+    session: Arc<Session>,
+    generation: u64,
+    session_present: bool,
+}
+
+impl Attached {
+    /// Whether a stored session was resumed (CONNACK's session present flag).
+    pub fn session_present(&self) -> bool {
+        self.session_present
+    }
+
+    /// Subscribes to `filter` (as the client named it, `$share/` prefix included) at `qos`,
+    /// replacing a subscription with the same filter.
+    pub fn subscribe(&self, filter: &str, qos: QoS) -> Result<(), SubscribeRefused> {
+        let parsed = SubscriptionFilter::parse(filter).map_err(|_| SubscribeRefused::Invalid)?;
+        let tree = &self.router.shared.tree;
+        self.session
+            .add_subscription(filter, qos, self.router.env().limits.max_subscriptions, || {
+                tree.write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(&parsed, &self.session, qos)
+            })
+    }
+
+    /// The retained messages that new subscriptions to `granted` (filter, QoS) match, as a
+    /// publication to this session itself: each message once, at the highest QoS of the
+    /// filters that match it. Shared subscriptions get none (MQTT 5, 4.8.2).
+    pub fn retained_for(&self, granted: &[(&str, QoS)]) -> Publication {
+        let mut found: Vec<Delivery> = Vec::new();
+        let mut index: HashMap<*const Message, usize> = HashMap::new();
+        for (filter, qos) in granted {
+            let Ok(SubscriptionFilter { group: None, filter }) = SubscriptionFilter::parse(filter) else {
+                continue;
+            };
+            // The retained store's lock is taken per filter, so many filters never hold it long.
+            for message in self.router.retained().matching(filter) {
+                let qos = message.qos.min(*qos);
+                match index.get(&Arc::as_ptr(&message)) {
+                    Some(&at) => found[at].qos = found[at].qos.max(qos),
+                    None => {
+                        index.insert(Arc::as_ptr(&message), found.len());
+                        found.push(Delivery {
+                            message,
+                            qos,
+                            retain: true,
+                        });
+                    }
+                }
+            }
+        }
+        Publication::new(&self.router, Waiting::Backlog(self.session.clone(), found.into()))
+    }
+
+    /// Unsubscribes from `filter`; true if there was such a subscription.
+    pub fn unsubscribe(&self, filter: &str) -> bool {
+        let Ok(parsed) = SubscriptionFilter::parse(filter) else {
+            return false;
+        };
+        let tree = &self.router.shared.tree;
+        self.session.remove_subscription(filter, || {
+            tree.write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&parsed, &self.session);
+        })
+    }
+
+    /// Hands over up to `budget` packets to write (resends first, then the queue, within the
+    /// inflight bound). Returns how many; when none, the task is woken once there are some.
+    pub fn poll_outgoing(&self, cx: &mut Context<'_>, budget: usize, out: &mut dyn FnMut(Outgoing<'_>)) -> usize {
+        self.session
+            .poll_outgoing(self.generation, cx, budget, self.router.env(), out)
+    }
+
+    /// PUBACK from the client; false if no QoS 1 delivery had that packet id.
+    pub fn puback(&self, pkid: u16) -> bool {
+        self.session.puback(self.generation, pkid)
+    }
+
+    /// PUBREC from the client; true if the caller must answer PUBREL.
+    pub fn pubrec(&self, pkid: u16) -> bool {
+        self.session.pubrec(self.generation, pkid)
+    }
+
+    /// PUBCOMP from the client; false if no released QoS 2 delivery had that packet id.
+    pub fn pubcomp(&self, pkid: u16) -> bool {
+        self.session.pubcomp(self.generation, pkid)
+    }
+
+    /// A QoS 2 PUBLISH from the client: `Ok(true)` if it must be routed, `Ok(false)` if it is a
+    /// resend of one already routed and not yet released.
+    pub fn receive_exactly_once(&self, pkid: u16) -> Result<bool, TooManyUnreleased> {
+        self.session
+            .receive_exactly_once(pkid, &self.router.env().limits)
+            .map_err(|_| TooManyUnreleased)
+    }
+
+    /// PUBREL from the client: the QoS 2 exchange for `pkid` is over.
+    pub fn release(&self, pkid: u16) {
+        self.session.release(pkid);
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let router = &self.router;
+        let Some(filters) = self.session.detach(self.generation, router.env()) else {
+            return;
+        };
+        router.remove_from_tree(&self.session, &filters);
+        let mut sessions = router.sessions();
+        if sessions
+            .get(&self.session.client)
+            .is_some_and(|s| Arc::ptr_eq(s, &self.session))
+        {
+            sessions.remove(&self.session.client);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

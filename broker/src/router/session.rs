@@ -1,0 +1,637 @@
+//! One client id's state in the router: its subscriptions, its outgoing queue and inflight
+//! window, and the QoS 2 packet ids it received and has not yet seen released.
+//!
+//! A session outlives its connections when it is persistent (`clean_session = false`). The
+//! connection attached to it (its *owner*, known by a generation number) drains the queue; a
+//! connection that was taken over keeps a stale generation, and everything it asks is ignored.
+//!
+//! Bounds and what happens at them:
+//! - online, queue full: a delivery is refused ([`Offered::Full`]) so the publisher waits and
+//!   its client is slowed. If the queue stays full past the slow-subscriber timeout, a waiting
+//!   QoS 1/2 publication kicks the owner as a slow subscriber (the session is then treated as
+//!   offline), and QoS 0 deliveries to it are dropped and counted while it stays full.
+//! - offline persistent: everything but QoS 0 is queued; beyond the bounds the oldest is
+//!   dropped, counted per session and reported as `queue_overflow`.
+//! - clean session gone: the session is discarded with whatever it held.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Waker};
+use std::time::{Duration, Instant};
+
+use atomic_waker::AtomicWaker;
+
+use super::message::{Delivery, QoS};
+use super::{Env, Limits, SubscribeRefused, TooManyUnreleased};
+use crate::kick::Kick;
+use crate::metrics::DropReason;
+use crate::reason::KickReason;
+
+/// How often a session's drops are reported again while they continue.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// The router's state for one client id.
+pub(crate) struct Session {
+    /// The client key, as logs and metrics name the session.
+    pub(crate) client: Arc<str>,
+    /// Shared subscription groups are formed only among sessions with the same scope.
+    pub(crate) share_scope: Arc<str>,
+    state: Mutex<State>,
+    /// Wakes the owner when a delivery is waiting.
+    consumer: AtomicWaker,
+    /// Online with room in the queue: read without the lock to pick a shared group's member.
+    accepting: AtomicBool,
+    /// Deliveries this session lost to the overflow rule, for the per-session metric.
+    overflowed: AtomicU64,
+}
+
+struct State {
+    owner: Option<Owner>,
+    persistent: bool,
+    /// Set once a clean session ends or is replaced: nothing is queued here again.
+    discarded: bool,
+    /// Filters as the client named them (with any `$share/` prefix) and their granted QoS.
+    subscriptions: Vec<(Box<str>, QoS)>,
+    queue: VecDeque<Delivery>,
+    /// Topic and payload bytes of the deliveries in `queue`.
+    queued_bytes: usize,
+    inflight: VecDeque<Inflight>,
+    next_pkid: u16,
+    /// Packet ids handed out so far: tells when a new one could collide with a live one.
+    pkids_issued: u64,
+    /// QoS 2 packet ids received from the client and not yet released by its PUBREL.
+    awaiting_release: Vec<u16>,
+    /// Publishers waiting for room in the queue.
+    space_waiters: Vec<Waker>,
+    /// Since when publishers have been refused for lack of room; cleared once the queue drains
+    /// to half its bound.
+    full_since: Option<Instant>,
+    qos0_drops: Reporter,
+    overflow_drops: Reporter,
+}
+
+/// The connection attached to a session.
+struct Owner {
+    generation: u64,
+    kick: Arc<Kick>,
+    max_inflight: usize,
+}
+
+/// A delivery handed to the owner and not yet completed.
+struct Inflight {
+    pkid: u16,
+    /// `pkids_issued` when this pkid was issued.
+    issued: u64,
+    delivery: Delivery,
+    released: bool,
+    /// Whether the current owner has been sent it (PUBLISH, or PUBREL once released).
+    sent: bool,
+}
+
+/// What the owner must write next.
+pub enum Outgoing<'a> {
+    /// A PUBLISH (with DUP when it is a resend to a reconnected session).
+    Publish {
+        /// What to send.
+        delivery: &'a Delivery,
+        /// Its packet id (0 for QoS 0).
+        pkid: u16,
+        /// Whether this is a redelivery.
+        dup: bool,
+    },
+    /// A PUBREL to resend after a reconnect.
+    PubRel(u16),
+}
+
+/// How a delivery is offered to a session's queue.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Policy {
+    /// A routed message: QoS 0 is dropped when the queue is full.
+    Route,
+    /// Retained messages for a session's own new subscription: everything waits for room.
+    Backlog,
+}
+
+/// The outcome of an offer.
+pub(crate) enum Offered {
+    /// In the queue.
+    Queued,
+    /// The owner's queue is full: try again when there is room (or the owner is kicked).
+    Full(Delivery),
+    /// Not queued, for this reason (already counted).
+    Dropped,
+}
+
+/// A rate-limited report of drops: the first at once, then at most one per [`REPORT_EVERY`].
+#[derive(Default)]
+pub(crate) struct Reporter {
+    unreported: u64,
+    last: Option<Instant>,
+}
+
+impl Reporter {
+    /// Notes `n` more drops; the count to report now, if due.
+    pub(crate) fn note(&mut self, n: u64, now: Instant) -> Option<u64> {
+        self.unreported += n;
+        if self.last.is_some_and(|last| now.duration_since(last) < REPORT_EVERY) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unreported))
+    }
+}
+
+impl Session {
+    pub(crate) fn new(client: Arc<str>, share_scope: Arc<str>, persistent: bool) -> Self {
+        Self {
+            client,
+            share_scope,
+            state: Mutex::new(State {
+                owner: None,
+                persistent,
+                discarded: false,
+                subscriptions: Vec::new(),
+                queue: VecDeque::new(),
+                queued_bytes: 0,
+                inflight: VecDeque::new(),
+                next_pkid: 1,
+                pkids_issued: 0,
+                awaiting_release: Vec::new(),
+                space_waiters: Vec::new(),
+                full_since: None,
+                qos0_drops: Reporter::default(),
+                overflow_drops: Reporter::default(),
+            }),
+            consumer: AtomicWaker::new(),
+            accepting: AtomicBool::new(false),
+            overflowed: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent; a panic elsewhere cannot tear it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a shared group may prefer this member: online with room.
+    pub(crate) fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries dropped by the overflow rule so far.
+    pub(crate) fn overflowed(&self) -> u64 {
+        self.overflowed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the session is persistent and not discarded (for takeover decisions).
+    pub(crate) fn is_resumable(&self) -> bool {
+        let state = self.lock();
+        state.persistent && !state.discarded
+    }
+
+    /// Attaches a new connection, kicking the one attached before. Unfinished deliveries will
+    /// be sent again (with DUP) to the new owner.
+    pub(crate) fn attach(&self, generation: u64, kick: Arc<Kick>, max_inflight: usize, persistent: bool, env: &Env) {
+        let waiters = {
+            let mut state = self.lock();
+            if let Some(old) = state.owner.take() {
+                old.kick.take_over(kick.clone());
+            }
+            state.owner = Some(Owner {
+                generation,
+                kick,
+                max_inflight,
+            });
+            state.persistent = persistent;
+            state.full_since = None;
+            for entry in &mut state.inflight {
+                entry.sent = false;
+            }
+            self.update_accepting(&state, &env.limits);
+            std::mem::take(&mut state.space_waiters)
+        };
+        waiters.into_iter().for_each(Waker::wake);
+    }
+
+    /// Detaches the connection with `generation`, if it is still the owner. A clean session is
+    /// discarded (what it held counted as dropped) and its filters returned, for the caller to
+    /// remove it from the tree and the registry.
+    pub(crate) fn detach(&self, generation: u64, env: &Env) -> Option<Vec<Box<str>>> {
+        let (filters, waiters) = {
+            let mut state = self.lock();
+            if !state.owned_by(generation) {
+                return None;
+            }
+            state.owner = None;
+            state.full_since = None;
+            for entry in &mut state.inflight {
+                entry.sent = false;
+            }
+            self.accepting.store(false, Ordering::Relaxed);
+            let filters = (!state.persistent).then(|| self.discard_locked(&mut state, env));
+            (filters, std::mem::take(&mut state.space_waiters))
+        };
+        waiters.into_iter().for_each(Waker::wake);
+        filters
+    }
+
+    /// Discards the session for a clean session (of `successor`'s connection) that replaces it:
+    /// kicks its owner and returns its filters so the caller can remove them from the tree.
+    pub(crate) fn discard(&self, successor: &Arc<Kick>, env: &Env) -> Vec<Box<str>> {
+        let (filters, waiters) = {
+            let mut state = self.lock();
+            if let Some(owner) = state.owner.take() {
+                owner.kick.take_over(successor.clone());
+            }
+            let filters = self.discard_locked(&mut state, env);
+            (filters, std::mem::take(&mut state.space_waiters))
+        };
+        waiters.into_iter().for_each(Waker::wake);
+        filters
+    }
+
+    /// Marks the session discarded, counts what it held as dropped; returns its filters.
+    fn discard_locked(&self, state: &mut State, env: &Env) -> Vec<Box<str>> {
+        state.discarded = true;
+        let held = state.queue.len() + state.inflight.len();
+        env.metrics
+            .queued(-(state.queue.len() as i64), -(state.queued_bytes as i64));
+        env.metrics.dropped(DropReason::SessionEnded, held as u64);
+        state.queue = VecDeque::new();
+        state.inflight = VecDeque::new();
+        state.queued_bytes = 0;
+        state.awaiting_release = Vec::new();
+        self.accepting.store(false, Ordering::Relaxed);
+        std::mem::take(&mut state.subscriptions)
+            .into_iter()
+            .map(|(f, _)| f)
+            .collect()
+    }
+
+    /// Offers a delivery to the queue (see the module docs for the rules at the bounds).
+    pub(crate) fn offer(&self, delivery: Delivery, policy: Policy, now: Instant, env: &Env) -> Offered {
+        let limits = &env.limits;
+        let mut report = None;
+        let outcome = {
+            let mut state = self.lock();
+            let online = state.owner.as_ref().is_some_and(|o| o.kick.reason().is_none());
+            let qos0 = delivery.qos == QoS::AtMostOnce && policy == Policy::Route;
+            if state.discarded {
+                env.metrics.dropped(DropReason::SessionEnded, 1);
+                Offered::Dropped
+            } else if online && state.has_room(delivery.message.size(), limits) {
+                let was_empty = state.queue.is_empty();
+                state.push(delivery, env);
+                self.update_accepting(&state, limits);
+                drop(state);
+                if was_empty {
+                    self.consumer.wake();
+                }
+                return Offered::Queued;
+            } else if online && qos0 && state.full_for(now) >= limits.slow_subscriber_timeout {
+                env.metrics.dropped(DropReason::Qos0SubscriberFull, 1);
+                report = state
+                    .qos0_drops
+                    .note(1, now)
+                    .map(|n| (DropReason::Qos0SubscriberFull, n));
+                Offered::Dropped
+            } else if online {
+                state.full_since.get_or_insert(now);
+                Offered::Full(delivery)
+            } else if !state.persistent {
+                // Its connection is ending and takes the session with it.
+                env.metrics.dropped(DropReason::SessionEnded, 1);
+                Offered::Dropped
+            } else if qos0 {
+                env.metrics.dropped(DropReason::OfflineQos0, 1);
+                Offered::Dropped
+            } else {
+                state.push(delivery, env);
+                let mut dropped = 0;
+                while state.queue.len() > 1
+                    && (state.queue.len() > limits.max_queued_messages || state.queued_bytes > limits.max_queued_bytes)
+                {
+                    state.pop(env);
+                    dropped += 1;
+                }
+                if dropped > 0 {
+                    self.overflowed.fetch_add(dropped, Ordering::Relaxed);
+                    env.metrics.dropped(DropReason::QueueOverflow, dropped);
+                    report = state
+                        .overflow_drops
+                        .note(dropped, now)
+                        .map(|n| (DropReason::QueueOverflow, n));
+                }
+                Offered::Queued
+            }
+        };
+        if let Some((reason, count)) = report {
+            env.audit.deliveries_dropped(&self.client, reason, count);
+        }
+        outcome
+    }
+
+    /// After a refused offer of a delivery at `qos`: registers `waker` for room. Returns when to
+    /// check again (the slow-subscriber timeout's end), or `None` if the caller should offer
+    /// again now. Once the queue has been full for the timeout, a QoS 1/2 delivery kicks the
+    /// owner as a slow subscriber, and a QoS 0 delivery stops waiting (offered again, it is
+    /// dropped): QoS 0 alone never disconnects a subscriber.
+    /// A subscription's own retained backlog (`Policy::Backlog`) waits without a deadline: a
+    /// client reading its retained messages is not slow, however many there are.
+    pub(crate) fn wait_for_room(
+        &self,
+        waker: &Waker,
+        qos: QoS,
+        now: Instant,
+        policy: Policy,
+        env: &Env,
+    ) -> Option<Instant> {
+        let mut state = self.lock();
+        let online = state.owner.as_ref().is_some_and(|o| o.kick.reason().is_none());
+        if !online || state.discarded || state.has_room(0, &env.limits) {
+            return None;
+        }
+        if !state.space_waiters.iter().any(|w| w.will_wake(waker)) {
+            state.space_waiters.push(waker.clone());
+        }
+        if policy == Policy::Backlog {
+            return Some(now + env.limits.slow_subscriber_timeout);
+        }
+        let since = *state.full_since.get_or_insert(now);
+        let due = since + env.limits.slow_subscriber_timeout;
+        if now >= due && qos == QoS::AtMostOnce {
+            return None;
+        }
+        if now >= due {
+            if let Some(owner) = &state.owner {
+                owner.kick.give(KickReason::SlowSubscriber);
+            }
+            self.accepting.store(false, Ordering::Relaxed);
+            drop(state);
+            env.audit
+                .slow_subscriber(&self.client, env.limits.slow_subscriber_timeout);
+            return None;
+        }
+        Some(due)
+    }
+
+    /// Hands the owner (`generation`) what it should write next, at most `budget` packets.
+    /// Returns how many were handed out; when none, the owner is woken once there are some.
+    pub(crate) fn poll_outgoing(
+        &self,
+        generation: u64,
+        cx: &mut Context<'_>,
+        budget: usize,
+        env: &Env,
+        out: &mut dyn FnMut(Outgoing<'_>),
+    ) -> usize {
+        self.consumer.register(cx.waker());
+        let mut state = self.lock();
+        let Some(max_inflight) = state
+            .owner
+            .as_ref()
+            .filter(|o| o.generation == generation)
+            .map(|o| o.max_inflight)
+        else {
+            return 0;
+        };
+        let mut handed = 0;
+        for entry in state.inflight.iter_mut().filter(|e| !e.sent) {
+            if handed == budget {
+                return handed;
+            }
+            entry.sent = true;
+            handed += 1;
+            if entry.released {
+                out(Outgoing::PubRel(entry.pkid));
+            } else {
+                out(Outgoing::Publish {
+                    delivery: &entry.delivery,
+                    pkid: entry.pkid,
+                    dup: true,
+                });
+            }
+        }
+        let mut popped = 0;
+        while handed < budget {
+            let Some(front) = state.queue.front() else { break };
+            if front.qos != QoS::AtMostOnce && state.inflight.len() >= max_inflight {
+                break;
+            }
+            let Some(delivery) = state.pop(env) else { break };
+            popped += 1;
+            handed += 1;
+            if delivery.qos == QoS::AtMostOnce {
+                out(Outgoing::Publish {
+                    delivery: &delivery,
+                    pkid: 0,
+                    dup: false,
+                });
+                continue;
+            }
+            let (pkid, issued) = state.issue_pkid();
+            state.inflight.push_back(Inflight {
+                pkid,
+                issued,
+                delivery,
+                released: false,
+                sent: true,
+            });
+            if let Some(entry) = state.inflight.back() {
+                out(Outgoing::Publish {
+                    delivery: &entry.delivery,
+                    pkid,
+                    dup: false,
+                });
+            }
+        }
+        if popped == 0 {
+            return handed;
+        }
+        if state.queue.len() <= env.limits.max_queued_messages / 2 {
+            state.full_since = None;
+        }
+        self.update_accepting(&state, &env.limits);
+        let waiters = if state.space_waiters.is_empty() {
+            Vec::new()
+        } else {
+            std::mem::take(&mut state.space_waiters)
+        };
+        drop(state);
+        waiters.into_iter().for_each(Waker::wake);
+        handed
+    }
+
+    /// PUBACK from the owner: completes a QoS 1 delivery. False for an unknown packet id.
+    pub(crate) fn puback(&self, generation: u64, pkid: u16) -> bool {
+        self.complete(generation, pkid, |e| e.delivery.qos == QoS::AtLeastOnce)
+    }
+
+    /// PUBCOMP from the owner: completes a released QoS 2 delivery.
+    pub(crate) fn pubcomp(&self, generation: u64, pkid: u16) -> bool {
+        self.complete(generation, pkid, |e| e.released)
+    }
+
+    fn complete(&self, generation: u64, pkid: u16, matches: impl Fn(&Inflight) -> bool) -> bool {
+        let mut state = self.lock();
+        if !state.owned_by(generation) {
+            return false;
+        }
+        match state.inflight.iter().position(|e| e.pkid == pkid && matches(e)) {
+            Some(at) => {
+                state.inflight.remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// PUBREC from the owner: the QoS 2 delivery is now awaiting PUBCOMP. True if the caller
+    /// must answer PUBREL (the packet id is known).
+    pub(crate) fn pubrec(&self, generation: u64, pkid: u16) -> bool {
+        let mut state = self.lock();
+        if !state.owned_by(generation) {
+            return false;
+        }
+        match state
+            .inflight
+            .iter_mut()
+            .find(|e| e.pkid == pkid && e.delivery.qos == QoS::ExactlyOnce)
+        {
+            Some(entry) => {
+                entry.released = true;
+                entry.sent = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A QoS 2 PUBLISH from the client with `pkid`: true if it is new and must be routed, false
+    /// if it is a resend of one not yet released (answer PUBREC, do not route it again).
+    pub(crate) fn receive_exactly_once(&self, pkid: u16, limits: &Limits) -> Result<bool, TooManyUnreleased> {
+        let mut state = self.lock();
+        if state.awaiting_release.contains(&pkid) {
+            return Ok(false);
+        }
+        if state.awaiting_release.len() >= limits.max_inflight {
+            return Err(TooManyUnreleased);
+        }
+        state.awaiting_release.push(pkid);
+        Ok(true)
+    }
+
+    /// PUBREL from the client.
+    pub(crate) fn release(&self, pkid: u16) {
+        self.lock().awaiting_release.retain(|p| *p != pkid);
+    }
+
+    /// Records a subscription (replacing one with the same filter) and runs `insert` (the tree
+    /// update) under the session's lock, so the tree never holds a subscription of a session
+    /// that was discarded meanwhile. Refused beyond `max` subscriptions.
+    pub(crate) fn add_subscription(
+        &self,
+        filter: &str,
+        qos: QoS,
+        max: usize,
+        insert: impl FnOnce(),
+    ) -> Result<(), SubscribeRefused> {
+        let mut state = self.lock();
+        if state.discarded {
+            return Err(SubscribeRefused::SessionEnded);
+        }
+        let count = state.subscriptions.len();
+        match state.subscriptions.iter_mut().find(|(f, _)| &**f == filter) {
+            Some(existing) => existing.1 = qos,
+            None if count >= max => return Err(SubscribeRefused::TooManySubscriptions),
+            None => state.subscriptions.push((filter.into(), qos)),
+        }
+        insert();
+        Ok(())
+    }
+
+    /// Forgets a subscription, running `remove` (the tree update) under the session's lock;
+    /// true if it existed.
+    pub(crate) fn remove_subscription(&self, filter: &str, remove: impl FnOnce()) -> bool {
+        let mut state = self.lock();
+        let before = state.subscriptions.len();
+        state.subscriptions.retain(|(f, _)| &**f != filter);
+        let existed = state.subscriptions.len() != before;
+        if existed {
+            remove();
+        }
+        existed
+    }
+
+    fn update_accepting(&self, state: &State, limits: &Limits) {
+        let online = state.owner.as_ref().is_some_and(|o| o.kick.reason().is_none());
+        self.accepting.store(
+            online && !state.discarded && state.has_room(0, limits),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Messages and bytes waiting in the queue (tests and metrics).
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.queue.len(), state.inflight.len())
+    }
+}
+
+impl State {
+    /// How long publishers have been refused for lack of room.
+    fn full_for(&self, now: Instant) -> Duration {
+        self.full_since
+            .map_or(Duration::ZERO, |since| now.duration_since(since))
+    }
+
+    fn owned_by(&self, generation: u64) -> bool {
+        self.owner.as_ref().is_some_and(|o| o.generation == generation)
+    }
+
+    /// Room for a delivery of `size` bytes. An empty queue takes any one delivery, so a message
+    /// larger than `max_queued_bytes` is slow, never stuck.
+    fn has_room(&self, size: usize, limits: &Limits) -> bool {
+        self.queue.is_empty()
+            || (self.queue.len() < limits.max_queued_messages && self.queued_bytes + size <= limits.max_queued_bytes)
+    }
+
+    fn push(&mut self, delivery: Delivery, env: &Env) {
+        let size = delivery.message.size();
+        self.queued_bytes += size;
+        self.queue.push_back(delivery);
+        env.metrics.queued(1, size as i64);
+    }
+
+    fn pop(&mut self, env: &Env) -> Option<Delivery> {
+        let delivery = self.queue.pop_front()?;
+        let size = delivery.message.size();
+        self.queued_bytes -= size;
+        env.metrics.queued(-1, -(size as i64));
+        if self.queue.is_empty() && self.queue.capacity() > 16 {
+            // A burst's queue is given back; an idle session holds none.
+            self.queue = VecDeque::new();
+        }
+        Some(delivery)
+    }
+
+    /// The next free packet id, and its issue number.
+    fn issue_pkid(&mut self) -> (u16, u64) {
+        loop {
+            let pkid = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            self.pkids_issued += 1;
+            // Ids are issued in order, so one can collide with a live delivery only once the
+            // oldest live one is a whole cycle of ids old.
+            let may_collide = self
+                .inflight
+                .front()
+                .is_some_and(|oldest| self.pkids_issued - oldest.issued >= u64::from(u16::MAX));
+            if !may_collide || !self.inflight.iter().any(|e| e.pkid == pkid) {
+                return (pkid, self.pkids_issued);
+            }
+        }
+    }
+}
