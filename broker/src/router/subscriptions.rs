@@ -210,12 +210,12 @@ fn remove_at(node: &mut Node, levels: &[&str], group: Option<&str>, session: &Ar
             }
         }
     };
-    let Some(child) = node.children.get_mut(*level) else {
+    let Some(child) = node.children.get_mut(level) else {
         return false;
     };
     let removed = remove_at(child, rest, group, session);
     if child.is_empty() {
-        node.children.remove(*level);
+        node.children.remove(level);
     }
     removed
 }
