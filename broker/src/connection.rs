@@ -1,30 +1,49 @@
-//! A client's connection as MQTT packets: the TLS stream, a read buffer that packets are decoded
-//! from and a write buffer that packets are encoded into. The only place that moves bytes
-//! between the socket and packets.
+//! A client's connection as MQTT packets over TLS: the TCP socket, rustls's *unbuffered*
+//! connection, and four buffers that this type owns: TLS records read and not yet decrypted,
+//! plaintext decrypted and not yet decoded, packets encoded and not yet encrypted, and TLS
+//! records not yet written. The only place that moves bytes between the socket and packets.
 //!
-//! Both buffers start empty, grow with traffic and are given back while the client is quiet,
-//! so an idle session holds no buffer of its own.
+//! Why rustls's unbuffered API: its buffered connection keeps a 4 KiB read buffer for the life
+//! of every connection, the largest single cost of an idle session. Here every buffer starts
+//! empty, grows with traffic and is given back while the client is quiet, so an idle session
+//! holds only rustls's keys and state.
 
-use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use rumqttd::protocol::Packet;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::{ProtocolVersion, ServerConfig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 
 use crate::codec::{self, FrameError, Inbound, OutgoingPublish};
 
-/// The TLS stream of a client connection.
-pub type Tls = TlsStream<TcpStream>;
+/// The most read from the socket at once: a whole TLS record (at most 16 KiB and its framing).
+const READ_CHUNK: usize = 17 * 1024;
+/// Room for the TLS framing of each record: header, content type, AEAD tag (and TLS 1.2's
+/// explicit nonce).
+const RECORD_OVERHEAD: usize = 64;
+/// The largest plaintext in one TLS record.
+const MAX_FRAGMENT: usize = 16 * 1024;
 
-/// Read buffer growth step while the client is sending.
-const READ_CHUNK: usize = 4096;
-/// Read buffer while waiting on a quiet client: enough for a PINGREQ or a small PUBLISH.
-const IDLE_READ: usize = 64;
+/// Why the TLS handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// rustls refused the peer (its certificate, or the protocol).
+    #[error(transparent)]
+    Tls(#[from] rustls::Error),
+    /// The socket failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The client closed the connection before the handshake finished.
+    #[error("the client closed the connection during the TLS handshake")]
+    Closed,
+}
 
 /// Why a packet could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -35,41 +54,155 @@ pub enum ReadError {
     /// The client closed the connection.
     #[error("connection closed")]
     Closed,
-    /// The socket failed.
+    /// The socket or TLS failed.
     #[error("read failed: {0}")]
     Io(#[from] std::io::Error),
 }
 
 /// A client connection, framed.
 pub struct Connection {
-    stream: Tls,
+    tcp: TcpStream,
+    /// Boxed: rustls's connection state is about a kilobyte, and keeping it out of the
+    /// session's task lets the task be allocated small.
+    tls: Box<UnbufferedServerConnection>,
+    /// TLS records read from the socket, not yet decrypted.
+    tls_in: BytesMut,
+    /// TLS records to write to the socket.
+    tls_out: BytesMut,
+    /// Plaintext decrypted, not yet decoded into packets.
     rbuf: BytesMut,
+    /// Packets encoded, not yet encrypted.
     wbuf: BytesMut,
-    /// Bytes handed to TLS that may still sit in its buffer.
-    unflushed: bool,
+    /// The client sent close_notify, or closed the socket.
+    peer_closed: bool,
     max_packet_bytes: usize,
 }
 
+/// What the handshake needs next.
+enum HandshakeStep {
+    /// More TLS bytes from the client.
+    Read,
+    /// The handshake is over.
+    Done,
+}
+
 impl Connection {
-    /// Frames `stream`, refusing packets larger than `max_packet_bytes`.
-    pub fn new(stream: Tls, max_packet_bytes: usize) -> Self {
-        Self {
-            stream,
+    /// Runs the server side of the TLS handshake on `tcp`. Packets larger than
+    /// `max_packet_bytes` will be refused.
+    pub async fn accept(
+        tcp: TcpStream,
+        config: Arc<ServerConfig>,
+        max_packet_bytes: usize,
+    ) -> Result<Self, HandshakeError> {
+        let mut conn = Self {
+            tcp,
+            tls: Box::new(UnbufferedServerConnection::new(config)?),
+            tls_in: BytesMut::new(),
+            tls_out: BytesMut::new(),
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
-            unflushed: false,
+            peer_closed: false,
             max_packet_bytes,
+        };
+        loop {
+            let step = match conn.handshake_step() {
+                Ok(step) => step,
+                Err(e) => {
+                    // rustls queued an alert for the client: send it, best effort.
+                    conn.drain_alert();
+                    let _ = conn.flush_tls().await;
+                    return Err(e.into());
+                }
+            };
+            conn.flush_tls().await?;
+            match step {
+                HandshakeStep::Done => return Ok(conn),
+                HandshakeStep::Read => {
+                    conn.tls_in.reserve(4096);
+                    if conn.tcp.read_buf(&mut conn.tls_in).await? == 0 {
+                        return Err(HandshakeError::Closed);
+                    }
+                }
+            }
         }
     }
 
-    /// The TLS stream (for its negotiated parameters).
-    pub fn tls(&self) -> &Tls {
-        &self.stream
+    /// Processes what the client sent during the handshake.
+    fn handshake_step(&mut self) -> Result<HandshakeStep, rustls::Error> {
+        loop {
+            let UnbufferedStatus { discard, state } = self.tls.process_tls_records(&mut self.tls_in[..]);
+            let step = match state? {
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    encode_into(&mut self.tls_out, records_for(1024), |out| {
+                        encode.encode(out).map_err(encode_size)
+                    })?;
+                    None
+                }
+                ConnectionState::TransmitTlsData(transmit) => {
+                    // What was encoded goes out (in order) before the next read.
+                    transmit.done();
+                    None
+                }
+                ConnectionState::BlockedHandshake => Some(HandshakeStep::Read),
+                // Application data (a CONNECT right behind the Finished) is decrypted later.
+                _ => Some(HandshakeStep::Done),
+            };
+            self.tls_in.advance(discard);
+            if let Some(step) = step {
+                return Ok(step);
+            }
+        }
+    }
+
+    /// Encodes what rustls still has to say (a fatal alert after an error). Only while it has
+    /// records queued: each call then hands one over before it would look at the input again,
+    /// which after an error it must not.
+    fn drain_alert(&mut self) {
+        while self.tls.wants_write() {
+            let UnbufferedStatus { discard, state } = self.tls.process_tls_records(&mut self.tls_in[..]);
+            let encoded = match state {
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                    encode_into(&mut self.tls_out, records_for(1024), |out| {
+                        encode.encode(out).map_err(encode_size)
+                    })
+                    .is_ok()
+                }
+                _ => false,
+            };
+            self.tls_in.advance(discard);
+            if !encoded {
+                return;
+            }
+        }
+    }
+
+    /// Writes every pending TLS record.
+    async fn flush_tls(&mut self) -> std::io::Result<()> {
+        while !self.tls_out.is_empty() {
+            let n = self.tcp.write(&self.tls_out).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.tls_out.advance(n);
+        }
+        if self.tls_out.capacity() > 0 {
+            self.tls_out = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// The TLS version negotiated.
+    pub fn protocol_version(&self) -> Option<ProtocolVersion> {
+        self.tls.protocol_version()
     }
 
     /// The next packet among the bytes already read, if a whole one is there.
     pub fn next_packet(&mut self) -> Result<Option<Inbound>, FrameError> {
-        codec::decode(&mut self.rbuf, self.max_packet_bytes)
+        let packet = codec::decode(&mut self.rbuf, self.max_packet_bytes);
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+            self.rbuf = BytesMut::new();
+        }
+        packet
     }
 
     /// Reads the next packet, waiting for bytes as needed.
@@ -84,17 +217,72 @@ impl Connection {
         }
     }
 
-    /// Reads whatever bytes have arrived into the read buffer; `Ok(0)` when the client closed.
+    /// Reads and decrypts what the client sent into the packet buffer: the number of plaintext
+    /// bytes added, `Ok(0)` once the client has closed.
     pub fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-            self.rbuf.reserve(READ_CHUNK);
+        loop {
+            let added = self.decrypt().map_err(std::io::Error::other)?;
+            if added > 0 {
+                return Poll::Ready(Ok(added));
+            }
+            if self.peer_closed {
+                return Poll::Ready(Ok(0));
+            }
+            // Read into the stack and keep only what arrived: a quiet session holds no read
+            // buffer, and a burst is read in as few calls as the socket allows.
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut read = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.tcp).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if read.filled().is_empty() => self.peer_closed = true,
+                Poll::Ready(Ok(())) => self.tls_in.extend_from_slice(read.filled()),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    if self.tls_in.is_empty() && self.tls_in.capacity() > 0 {
+                        self.tls_in = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+            }
         }
-        let read = poll_once(self.stream.read_buf(&mut self.rbuf), cx);
-        if read.is_pending() && self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_READ {
-            // Quiet: give the buffer back. The waker is registered; the next bytes go here.
-            self.rbuf = BytesMut::with_capacity(IDLE_READ);
+    }
+
+    /// Decrypts every whole TLS record read so far; the plaintext bytes it produced. Answers
+    /// rustls needs to send (a key update) are encoded for the next write.
+    fn decrypt(&mut self) -> Result<usize, rustls::Error> {
+        let mut added = 0;
+        loop {
+            let UnbufferedStatus { mut discard, state } = self.tls.process_tls_records(&mut self.tls_in[..]);
+            let more = match state? {
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    while let Some(record) = traffic.next_record() {
+                        let record = record?;
+                        discard += record.discard;
+                        self.rbuf.extend_from_slice(record.payload);
+                        added += record.payload.len();
+                    }
+                    true
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    encode_into(&mut self.tls_out, records_for(1024), |out| {
+                        encode.encode(out).map_err(encode_size)
+                    })?;
+                    true
+                }
+                ConnectionState::TransmitTlsData(transmit) => {
+                    transmit.done();
+                    true
+                }
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    self.peer_closed = true;
+                    false
+                }
+                _ => false,
+            };
+            self.tls_in.advance(discard);
+            if !more {
+                return Ok(added);
+            }
         }
-        read
     }
 
     /// Encodes a control packet (anything but PUBLISH) for writing.
@@ -107,21 +295,23 @@ impl Connection {
         codec::encode_publish(publish, &mut self.wbuf);
     }
 
-    /// Bytes encoded and not yet handed to TLS.
+    /// Bytes encoded and not yet written.
     pub fn pending_output(&self) -> usize {
-        self.wbuf.len()
+        self.wbuf.len() + self.tls_out.len()
     }
 
-    /// Writes what is queued and flushes TLS. Ready(Ok(true)) if anything was written, Ready(Ok(false))
-    /// if there was nothing to write, Pending while the socket is full.
+    /// Encrypts what is queued and writes it. Ready(Ok(true)) if anything was written,
+    /// Ready(Ok(false)) if there was nothing to write, Pending while the socket is full.
     pub fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<bool>> {
+        if !self.wbuf.is_empty() {
+            self.encrypt().map_err(std::io::Error::other)?;
+        }
         let mut wrote = false;
-        while !self.wbuf.is_empty() {
-            match Pin::new(&mut self.stream).poll_write(cx, &self.wbuf) {
+        while !self.tls_out.is_empty() {
+            match Pin::new(&mut self.tcp).poll_write(cx, &self.tls_out) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => {
-                    self.wbuf.advance(n);
-                    self.unflushed = true;
+                    self.tls_out.advance(n);
                     wrote = true;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -129,22 +319,60 @@ impl Connection {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        if self.unflushed {
-            match Pin::new(&mut self.stream).poll_flush(cx) {
-                Poll::Ready(Ok(())) => {
-                    self.unflushed = false;
-                    wrote = true;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending if wrote => return Poll::Ready(Ok(true)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        if self.wbuf.capacity() > 0 {
+        if self.tls_out.capacity() > 0 {
             // Everything is out: an idle session holds no write buffer.
-            self.wbuf = BytesMut::new();
+            self.tls_out = BytesMut::new();
         }
         Poll::Ready(Ok(wrote))
+    }
+
+    /// Encrypts the queued packets into TLS records.
+    fn encrypt(&mut self) -> Result<(), rustls::Error> {
+        loop {
+            let UnbufferedStatus { mut discard, state } = self.tls.process_tls_records(&mut self.tls_in[..]);
+            let done = match state? {
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    let plaintext = &self.wbuf[..];
+                    encode_into(&mut self.tls_out, records_for(plaintext.len()), |out| {
+                        traffic.encrypt(plaintext, out).map_err(encrypt_size)
+                    })?;
+                    true
+                }
+                // Records read meanwhile are decrypted here so their order is kept.
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    while let Some(record) = traffic.next_record() {
+                        let record = record?;
+                        discard += record.discard;
+                        self.rbuf.extend_from_slice(record.payload);
+                    }
+                    false
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    encode_into(&mut self.tls_out, records_for(1024), |out| {
+                        encode.encode(out).map_err(encode_size)
+                    })?;
+                    false
+                }
+                ConnectionState::TransmitTlsData(transmit) => {
+                    transmit.done();
+                    false
+                }
+                ConnectionState::PeerClosed => {
+                    self.peer_closed = true;
+                    false
+                }
+                // Closed, or still handshaking: nothing can be sent.
+                _ => return Err(rustls::Error::General("the TLS connection can no longer send".into())),
+            };
+            self.tls_in.advance(discard);
+            if done {
+                self.wbuf.clear();
+                if self.wbuf.capacity() > 0 {
+                    self.wbuf = BytesMut::new();
+                }
+                return Ok(());
+            }
+        }
     }
 
     /// Writes `packet` and everything queued before it, now.
@@ -154,17 +382,72 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends TLS close_notify and closes, giving up after `limit`.
+    /// Sends what is queued and TLS close_notify, and closes, giving up after `limit`.
     pub async fn close(mut self, limit: Duration) {
         let _ = tokio::time::timeout(limit, async {
             while std::future::poll_fn(|cx| self.poll_write(cx)).await? {}
-            self.stream.shutdown().await
+            self.queue_close_notify();
+            self.flush_tls().await?;
+            self.tcp.shutdown().await
         })
         .await;
     }
+
+    fn queue_close_notify(&mut self) {
+        let UnbufferedStatus { discard, state } = self.tls.process_tls_records(&mut self.tls_in[..]);
+        if let Ok(ConnectionState::WriteTraffic(mut traffic)) = state {
+            let _ = encode_into(&mut self.tls_out, RECORD_OVERHEAD, |out| {
+                traffic.queue_close_notify(out).map_err(encrypt_size)
+            });
+        }
+        self.tls_in.advance(discard);
+    }
 }
 
-/// Polls a future once, in the caller's context.
-fn poll_once<F: Future>(future: F, cx: &mut Context<'_>) -> Poll<F::Output> {
-    std::pin::pin!(future).poll(cx)
+/// The space a refused encoding asked for, or the error it really was.
+enum Refused<E> {
+    NeedSpace(usize),
+    Failed(E),
+}
+
+fn encode_size(e: EncodeError) -> Refused<rustls::Error> {
+    match e {
+        EncodeError::InsufficientSize(size) => Refused::NeedSpace(size.required_size),
+        other => Refused::Failed(rustls::Error::General(other.to_string())),
+    }
+}
+
+fn encrypt_size(e: EncryptError) -> Refused<rustls::Error> {
+    match e {
+        EncryptError::InsufficientSize(size) => Refused::NeedSpace(size.required_size),
+        other => Refused::Failed(rustls::Error::General(other.to_string())),
+    }
+}
+
+/// Room for the records that carry `plaintext` bytes.
+fn records_for(plaintext: usize) -> usize {
+    plaintext + RECORD_OVERHEAD * (plaintext / MAX_FRAGMENT + 1)
+}
+
+/// Appends what `write` writes to `buf`, starting with `room` bytes and growing as rustls asks.
+fn encode_into(
+    buf: &mut BytesMut,
+    mut room: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, Refused<rustls::Error>>,
+) -> Result<(), rustls::Error> {
+    let start = buf.len();
+    loop {
+        buf.resize(start + room, 0);
+        match write(&mut buf[start..]) {
+            Ok(written) => {
+                buf.truncate(start + written);
+                return Ok(());
+            }
+            Err(Refused::NeedSpace(size)) => room = size,
+            Err(Refused::Failed(e)) => {
+                buf.truncate(start);
+                return Err(e);
+            }
+        }
+    }
 }

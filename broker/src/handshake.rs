@@ -8,12 +8,11 @@ use std::time::Duration;
 use fleet_identity::Identity;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_rustls::TlsAcceptor;
 
-use crate::connection::Tls;
+use crate::connection::{Connection, HandshakeError};
 use crate::context::SessionContext;
 use crate::reason::RejectReason;
-use crate::tls::{classify_handshake_error, HandshakeNotes, PresentedCert, HANDSHAKE_NOTES};
+use crate::tls::{reason_for, HandshakeNotes, PresentedCert, HANDSHAKE_NOTES};
 
 /// Who a peer proved to be in its handshake.
 pub(crate) struct Authenticated {
@@ -23,12 +22,17 @@ pub(crate) struct Authenticated {
 }
 
 /// Runs the handshake; refusals are logged here.
-pub(crate) async fn handshake(tcp: TcpStream, peer: SocketAddr, ctx: &SessionContext) -> Option<(Tls, Authenticated)> {
-    let acceptor = TlsAcceptor::from(ctx.tls.current().config.clone());
+pub(crate) async fn handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ctx: &SessionContext,
+) -> Option<(Connection, Authenticated)> {
+    let config = ctx.tls.current().config.clone();
     let deadline = Duration::from_millis(ctx.limits.handshake_timeout_ms);
+    let max_packet_bytes = ctx.limits.max_packet_bytes;
     let (outcome, notes) = HANDSHAKE_NOTES
         .scope(RefCell::new(HandshakeNotes::default()), async move {
-            let outcome = timeout(deadline, acceptor.accept(tcp)).await;
+            let outcome = timeout(deadline, Connection::accept(tcp, config, max_packet_bytes)).await;
             (outcome, HANDSHAKE_NOTES.with(|notes| notes.take()))
         })
         .await;
@@ -60,12 +64,7 @@ pub(crate) async fn handshake(tcp: TcpStream, peer: SocketAddr, ctx: &SessionCon
                 );
                 return None;
             };
-            let tls_version = tls
-                .get_ref()
-                .1
-                .protocol_version()
-                .map(|v| format!("{v:?}"))
-                .unwrap_or_default();
+            let tls_version = tls.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
             Some((
                 tls,
                 Authenticated {
@@ -75,5 +74,20 @@ pub(crate) async fn handshake(tcp: TcpStream, peer: SocketAddr, ctx: &SessionCon
                 },
             ))
         }
+    }
+}
+
+/// The reason and detail for a failed handshake: the verifier's notes first, then the error.
+fn classify_handshake_error(error: &HandshakeError, notes: &HandshakeNotes) -> (RejectReason, String) {
+    if let Some((reason, detail)) = &notes.refused {
+        return (*reason, detail.clone());
+    }
+    match error {
+        HandshakeError::Tls(rustls::Error::AlertReceived(alert)) => (
+            RejectReason::TlsError,
+            format!("the client aborted the handshake with alert {alert:?} (it may not trust the broker certificate)"),
+        ),
+        HandshakeError::Tls(tls) => (reason_for(tls), tls.to_string()),
+        other => (RejectReason::TlsError, other.to_string()),
     }
 }

@@ -34,10 +34,9 @@ const TAKEOVER_LINGER: Duration = Duration::from_millis(700);
 /// session ends. The phases that run once (handshake, CONNECT, close) are boxed so that an idle
 /// session holds only what its pump needs.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<SessionContext>) {
-    let Some((tls, authenticated)) = Box::pin(handshake(tcp, peer, &ctx)).await else {
+    let Some((mut conn, authenticated)) = Box::pin(handshake(tcp, peer, &ctx)).await else {
         return;
     };
-    let mut conn = Connection::new(tls, ctx.limits.max_packet_bytes);
     let Some(established) = Box::pin(establish(authenticated, &mut conn, peer, &ctx)).await else {
         return;
     };

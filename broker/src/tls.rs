@@ -395,18 +395,3 @@ pub fn reason_for(error: &rustls::Error) -> RejectReason {
         _ => RejectReason::TlsError,
     }
 }
-
-/// The reason and detail for a failed handshake: the verifier's notes first, then the error.
-pub fn classify_handshake_error(error: &std::io::Error, notes: &HandshakeNotes) -> (RejectReason, String) {
-    if let Some((reason, detail)) = &notes.refused {
-        return (*reason, detail.clone());
-    }
-    match error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
-        Some(rustls::Error::AlertReceived(alert)) => (
-            RejectReason::TlsError,
-            format!("the client aborted the handshake with alert {alert:?} (it may not trust the broker certificate)"),
-        ),
-        Some(tls) => (reason_for(tls), tls.to_string()),
-        None => (RejectReason::TlsError, error.to_string()),
-    }
-}
