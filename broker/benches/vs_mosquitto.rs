@@ -1,47 +1,115 @@
-//! Our broker next to its two yardsticks, on the same certificates and machine, in one run:
-//! Mosquitto 2 (Debian's package, mTLS, identity as username, pattern ACL) and rumqttd 0.20 run
-//! standalone with its own TLS listener (`cargo install rumqttd --version 0.20.0`).
+//! Our broker next to its yardsticks, on the same certificates and machine, in one run:
+//! Mosquitto 2 (Debian's package, mTLS, identity as username, pattern ACL) and, when
+//! `~/.cargo/bin/rumqttd` exists, rumqttd 0.20 standalone with its own TLS listener
+//! (`cargo install rumqttd --version 0.20.0`).
 //!
-//! Run: `cargo bench -p broker --bench vs_mosquitto` (`BENCH_TARGETS=ours,mosquitto` to choose). Each broker is pinned to core 0, this load
-//! generator to core 1 (a single-threaded runtime and a minimal hand-written MQTT client, so the
-//! client is not the bottleneck). Prints medians of `BENCH_RUNS` (default 3) runs:
-//! - full mTLS handshakes + CONNECT/CONNACK per second at concurrency 64 (no resumption);
-//! - QoS 1 and QoS 0 end to end, 64-byte payloads, 8 device publishers, 1 service subscriber;
-//! - broker RSS per idle mTLS session with `BENCH_IDLE_SESSIONS` (default 10000) held. What an
-//!   idle session has done is `BENCH_IDLE`: `connect` (default: CONNECT/CONNACK, nothing else),
-//!   `subscribe` (also subscribed to its own `devices/<id>/cmd`, as a device waiting for
-//!   commands is; with us that opens its router link) or `handshake` (the mTLS handshake only).
+//! Run: `cargo bench -p broker --bench vs_mosquitto`. Every broker runs on the CPUs
+//! `BENCH_BROKER_CPUS` (a `taskset` list, default `0`); this load generator re-executes itself on
+//! `BENCH_LOAD_CPUS` (default `1`) with `BENCH_LOAD_THREADS` runtime threads (default 1) and the
+//! minimal client of `e2e::raw`, so that the client is not the bottleneck. Each phase starts
+//! every broker afresh, so that no figure depends on what an earlier phase left in its heap:
+//! - handshakes and throughput, medians of `BENCH_RUNS` (default 3) runs: full mTLS handshakes
+//!   with CONNECT/CONNACK per second at concurrency 64, no resumption; QoS 1 and QoS 0 end to
+//!   end, 8 device publishers x `BENCH_MESSAGES_PER_PUBLISHER` (25,000) messages of 64 B to 1
+//!   service on `devices/+/telemetry`, at most 500 QoS 1 messages unacknowledged per publisher,
+//!   with the broker's CPU time per delivered message;
+//! - idle memory: the broker's RSS per session with `BENCH_IDLE_SESSIONS` (10,000) held after
+//!   CONNECT/CONNACK only, then after each also subscribed to its own `devices/<id>/cmd`, as a
+//!   device waiting for commands is (`BENCH_IDLE=handshake`: the mTLS handshake only instead);
+//! - sustained memory: `BENCH_SUSTAINED_MESSAGES` (10,000,000; 0 skips the phase) QoS 1
+//!   messages of 256 B through the same closed loop, the broker's RSS after every million (a
+//!   broker whose RSS passes `BENCH_RSS_CAP_MIB`, 4096, is stopped there and says so);
+//! - open loop: 8 publishers x `BENCH_OPEN_LOOP_MESSAGES` (25,000; 0 skips) QoS 1 messages of
+//!   64 B written without waiting for any PUBACK: delivered, lost and the broker's peak RSS.
+//!
+//! `BENCH_TARGETS` (default `ours,mosquitto,mosquitto-default,rumqttd`) chooses the brokers.
+//! Mosquitto runs with `max_queued_messages 0` (unlimited, so that it loses nothing);
+//! `mosquitto-default` is Mosquitto at its default queue limit (1000 messages) and takes part in
+//! the open loop only, to show what that limit drops. Our broker inherits `BROKER__*` overrides
+//! from the environment (e.g. `BROKER__LIMITS__MAX_INFLIGHT=500`); the header lists them.
 
-use std::io::Write as _;
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::io;
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use e2e::{tls_config, BrokerProcess, ClientFiles, TestFleet};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use e2e::raw::{kind, packets, split_packets, RawClient};
+use e2e::{proc_status_kib, tls_config, BrokerProcess, ClientFiles, TestFleet};
+use packets::Publish;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_rustls::client::TlsStream;
 
-const HANDSHAKE_CONCURRENCY: usize = 64;
+/// Sessions opened (or subscribed) at once, in the handshake and idle memory phases.
+const CONCURRENCY: usize = 64;
+/// How long the handshake phase runs each time.
+const HANDSHAKE_TIME: Duration = Duration::from_secs(3);
 const PUBLISHERS: usize = 8;
-const PAYLOAD: [u8; 64] = [b'x'; 64];
+/// The payload of the throughput and open-loop phases.
+const SMALL_PAYLOAD: usize = 64;
+/// The payload of the sustained memory phase.
+const SUSTAINED_PAYLOAD: usize = 256;
+/// QoS 1 messages a closed-loop publisher may have unacknowledged.
+const WINDOW: usize = 500;
+/// How long a closed-loop publisher waits for its window to open before it gives up (its
+/// unsent messages then count as lost): a broker that stops acknowledging ends the run, not the
+/// bench.
+const WINDOW_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of PUBLISH packets a publisher gathers before it writes them.
+const WRITE_BATCH: usize = 64 * 100;
+/// How long the subscriber waits for the next byte before counting the rest as lost. Long on
+/// purpose: a delivery stall (see `Delivery::max_gap`) must not be mistaken for loss.
+const LOSS_CUTOFF: Duration = Duration::from_secs(15);
+/// A sustained run stops once the broker's RSS passes this (`BENCH_RSS_CAP_MIB`): a broker that
+/// acknowledges on receipt and queues without bound (Mosquitto with `max_queued_messages 0`)
+/// would otherwise take the machine's memory.
+const RSS_CAP_MIB: usize = 4096;
+/// How often (messages delivered) a sustained run checks the RSS cap.
+const RSS_CAP_EVERY: usize = 100_000;
+/// How long publishers may still wait for PUBACKs once delivery has ended.
+const ACK_GRACE: Duration = Duration::from_secs(1);
+/// How long idle sessions are left before the broker's RSS is read, for it to settle.
+const SETTLE: Duration = Duration::from_secs(2);
+/// The sustained memory phase reads the broker's RSS after every this many messages delivered.
+const RSS_EVERY: usize = 1_000_000;
+const KEEPALIVE_SECONDS: u16 = 60;
+/// The Mosquitto that takes part in the open loop only.
+const MOSQUITTO_DEFAULT: &str = "mosquitto-default";
+/// The brokers `BENCH_TARGETS` may name.
+const TARGETS: [&str; 4] = ["ours", "mosquitto", MOSQUITTO_DEFAULT, "rumqttd"];
+
+/// Clock ticks per second, the unit of the CPU times in `/proc/<pid>/stat`.
+static CLOCK_TICKS: LazyLock<f64> = LazyLock::new(|| {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+});
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// Re-runs this benchmark pinned to core 1 (the brokers get core 0).
-fn pin_self() {
+fn env_text(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.into())
+}
+
+/// Re-runs this benchmark on the load generator's CPUs, so that it never competes with a broker.
+fn pin_self(cpus: &str) {
     if std::env::var_os("BENCH_PINNED").is_some() {
         return;
     }
     let exe = std::env::current_exe().expect("own path");
     let status = Command::new("taskset")
-        .args(["-c", "1"])
+        .args(["-c", cpus])
         .arg(exe)
         .args(std::env::args().skip(1))
         .env("BENCH_PINNED", "1")
@@ -50,13 +118,14 @@ fn pin_self() {
     std::process::exit(status.code().unwrap_or(1));
 }
 
-/// A broker under test.
+/// A running broker under test; stopped when dropped.
 struct Target {
-    name: &'static str,
     port: u16,
     pid: u32,
-    /// Client ids must match certificates (ours) or are free (the others).
-    binds_client_id: bool,
+    /// Ours requires the client id to be the certificate's id; the others are given ids of their
+    /// own (`<broker>-<certificate id>`).
+    client_id_prefix: Option<&'static str>,
+    /// The process's owner, which kills it when dropped.
     _process: Box<dyn std::any::Any>,
 }
 
@@ -69,22 +138,18 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(50));
+/// Starts broker `name` (one of [`TARGETS`]) on `cpus`.
+fn start(name: &'static str, fleet: &TestFleet, cpus: &str) -> Target {
+    match name {
+        "ours" => ours(fleet, cpus),
+        "mosquitto" => mosquitto(name, fleet, cpus, true),
+        MOSQUITTO_DEFAULT => mosquitto(name, fleet, cpus, false),
+        "rumqttd" => rumqttd(fleet, cpus),
+        other => unreachable!("{other} is not in TARGETS"),
     }
 }
 
-fn ours(fleet: &TestFleet) -> Target {
+fn ours(fleet: &TestFleet, cpus: &str) -> Target {
     let broker = BrokerProcess::start_pinned(
         Path::new(env!("CARGO_BIN_EXE_broker")),
         &fleet.broker_config(),
@@ -92,59 +157,51 @@ fn ours(fleet: &TestFleet) -> Target {
             ("RUST_LOG", "warn,broker::listener=info"),
             ("BROKER__LIMITS__MAX_CONNECTIONS", "20000"),
         ],
-        Some("0"),
+        Some(cpus),
     );
     Target {
-        name: "ours",
         port: broker.port(),
         pid: broker.pid(),
-        binds_client_id: true,
+        client_id_prefix: None,
         _process: Box::new(broker),
     }
 }
 
-fn mosquitto(fleet: &TestFleet) -> Target {
+/// Mosquitto on the fleet's broker certificate; `unlimited_queue` lifts its default limit of
+/// 1000 messages queued per session.
+fn mosquitto(name: &'static str, fleet: &TestFleet, cpus: &str, unlimited_queue: bool) -> Target {
     let binary = e2e::require_tool("mosquitto", "mosquitto");
     let port = free_port();
-    let dir = fleet.path().join("mosquitto");
-    std::fs::create_dir_all(&dir).unwrap();
-    let broker = fleet.broker_dir();
+    let dir = fleet.path().join(name);
+    std::fs::create_dir_all(&dir).expect("mosquitto's directory");
     std::fs::write(
         dir.join("acl"),
         "pattern readwrite devices/%u/#\nuser ingest\ntopic readwrite #\n",
     )
-    .unwrap();
+    .expect("mosquitto's ACL");
+    let broker = fleet.broker_dir();
     let config = format!(
-        "user root\nlistener {port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate true\nuse_identity_as_username true\nset_tcp_nodelay true\nacl_file {acl}\nmax_queued_messages 0\npersistence false\nlog_dest none\n",
+        "user root\nlistener {port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate true\nuse_identity_as_username true\nset_tcp_nodelay true\nacl_file {acl}\n{queue}persistence false\nlog_dest none\n",
         ca = broker.join("device-ca.crt").display(),
         cert = broker.join("broker.crt").display(),
         key = broker.join("broker.key").display(),
         acl = dir.join("acl").display(),
+        queue = if unlimited_queue { "max_queued_messages 0\n" } else { "" },
     );
-    std::fs::write(dir.join("mosquitto.conf"), config).unwrap();
-    let child = Command::new("taskset")
-        .args(["-c", "0"])
-        .arg(binary)
-        .arg("-c")
-        .arg(dir.join("mosquitto.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_port(port);
-    Target {
-        name: "mosquitto",
-        port,
-        pid: child.id(),
-        binds_client_id: false,
-        _process: Box::new(KillOnDrop(child)),
-    }
+    let path = dir.join("mosquitto.conf");
+    std::fs::write(&path, config).expect("mosquitto's configuration");
+    external(name, &binary, &path, port, cpus)
 }
 
-fn rumqttd(fleet: &TestFleet) -> Option<Target> {
-    let binary = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cargo/bin/rumqttd"))
-        .filter(|p| p.is_file())?;
+/// Where `cargo install rumqttd` put it, if it did.
+fn rumqttd_binary() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .map(|home| PathBuf::from(home).join(".cargo/bin/rumqttd"))
+        .filter(|path| path.is_file())
+}
+
+fn rumqttd(fleet: &TestFleet, cpus: &str) -> Target {
+    let binary = rumqttd_binary().expect("rumqttd is installed (checked with BENCH_TARGETS)");
     let port = free_port();
     let broker = fleet.broker_dir();
     let config = format!(
@@ -154,148 +211,251 @@ fn rumqttd(fleet: &TestFleet) -> Option<Target> {
         key = broker.join("broker.key").display(),
     );
     let path = fleet.path().join("rumqttd.toml");
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(&path, config).expect("rumqttd's configuration");
+    external("rumqttd", &binary, &path, port, cpus)
+}
+
+/// Starts a third-party broker (`binary -c config`) on `cpus` and waits until it listens on `port`.
+fn external(name: &'static str, binary: &Path, config: &Path, port: u16, cpus: &str) -> Target {
     let child = Command::new("taskset")
-        .args(["-c", "0"])
+        .args(["-c", cpus])
         .arg(binary)
         .arg("-c")
-        .arg(&path)
+        .arg(config)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .ok()?;
-    wait_for_port(port);
-    Some(Target {
-        name: "rumqttd",
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{name} does not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Target {
         port,
         pid: child.id(),
-        binds_client_id: false,
+        client_id_prefix: Some(name),
         _process: Box::new(KillOnDrop(child)),
-    })
+    }
 }
 
-fn remaining_length(mut len: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A certificate to present, as a client configuration without TLS resumption (every handshake
+/// is a full one).
+#[derive(Clone)]
+struct Credential {
+    config: Arc<rustls::ClientConfig>,
+    /// The id the certificate carries. Topics use it: Mosquitto's `devices/%u/#` ACL takes `%u`
+    /// from the certificate, whatever the client id.
+    cert_id: String,
+}
+
+impl Credential {
+    fn new(files: &ClientFiles, cert_id: String) -> Self {
+        let mut config = tls_config(files);
+        config.resumption = rustls::client::Resumption::disabled();
+        Self {
+            config: Arc::new(config),
+            cert_id,
         }
-        out.push(byte);
-        if len == 0 {
-            return;
+    }
+}
+
+/// The certificates every broker is measured with.
+struct Fleet {
+    handshake: Vec<Credential>,
+    publishers: Vec<Credential>,
+    service: Credential,
+    idle: Vec<Credential>,
+}
+
+impl Fleet {
+    fn new(fleet: &TestFleet, idle_sessions: usize) -> Self {
+        Self {
+            handshake: devices(fleet, "hs-", CONCURRENCY),
+            publishers: devices(fleet, "pub-", PUBLISHERS),
+            service: Credential::new(&ClientFiles::service(&fleet.service("ingest")), "ingest".into()),
+            idle: devices(fleet, "idle-", idle_sessions),
         }
     }
 }
 
-fn connect_packet(client_id: &str) -> Vec<u8> {
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 4, 0x02, 0x00, 0x3c];
-    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    body.extend_from_slice(client_id.as_bytes());
-    let mut packet = vec![0x10];
-    remaining_length(body.len(), &mut packet);
-    packet.extend(body);
-    packet
+fn devices(fleet: &TestFleet, prefix: &str, count: usize) -> Vec<Credential> {
+    let ids: Vec<String> = (1..=count).map(|n| format!("{prefix}{n:05}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    fleet
+        .devices(&refs)
+        .iter()
+        .zip(ids)
+        .map(|(bundle, id)| Credential::new(&ClientFiles::device(bundle), id))
+        .collect()
 }
 
-fn publish_packet(topic: &str, qos: u8, pkid: u16, out: &mut Vec<u8>) {
-    out.push(0x30 | (qos << 1));
-    let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + PAYLOAD.len();
-    remaining_length(len, out);
-    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    out.extend_from_slice(topic.as_bytes());
-    if qos > 0 {
-        out.extend_from_slice(&pkid.to_be_bytes());
-    }
-    out.extend_from_slice(&PAYLOAD);
+/// One client of one broker: where to connect, what to present, what to say.
+#[derive(Clone)]
+struct Session {
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+    connect: Vec<u8>,
+    cert_id: String,
 }
 
-/// Subscribes to one filter and waits for a SUBACK granting it.
-async fn subscribe(tls: &mut TlsStream<TcpStream>, filter: &str, qos: u8) -> std::io::Result<()> {
-    let mut packet = vec![0x82];
-    remaining_length(2 + 2 + filter.len() + 1, &mut packet);
-    packet.extend_from_slice(&[0x00, 0x01]);
-    packet.extend_from_slice(&(filter.len() as u16).to_be_bytes());
-    packet.extend_from_slice(filter.as_bytes());
-    packet.push(qos);
-    tls.write_all(&packet).await?;
-    tls.flush().await?;
-    let mut suback = [0u8; 5];
-    tls.read_exact(&mut suback).await?;
-    if suback[0] != 0x90 || suback[4] == 0x80 {
-        return Err(std::io::Error::other(format!("SUBACK {suback:02x?}")));
+impl Session {
+    /// Handshake, CONNECT, CONNACK 0.
+    async fn open(&self) -> io::Result<RawClient> {
+        RawClient::connect(self.port, self.config.clone(), &self.connect).await
     }
+}
+
+impl Target {
+    fn session(&self, credential: &Credential) -> Session {
+        let client_id = match self.client_id_prefix {
+            None => credential.cert_id.clone(),
+            Some(prefix) => format!("{prefix}-{}", credential.cert_id),
+        };
+        Session {
+            port: self.port,
+            config: credential.config.clone(),
+            connect: packets::connect(&client_id, true, KEEPALIVE_SECONDS, None),
+            cert_id: credential.cert_id.clone(),
+        }
+    }
+
+    fn sessions(&self, credentials: &[Credential]) -> Vec<Session> {
+        credentials.iter().map(|c| self.session(c)).collect()
+    }
+}
+
+/// Subscribes to `filter` and waits for a SUBACK that grants it.
+async fn subscribe(client: &mut RawClient, filter: &str, qos: u8) -> io::Result<()> {
+    client.send(&packets::subscribe(1, &[(filter, qos)])).await?;
+    match client
+        .recv_until(Duration::from_secs(10), |p| p.kind() == kind::SUBACK)
+        .await
+    {
+        Some(suback) if suback.body.get(2).is_some_and(|&code| code != 0x80) => Ok(()),
+        other => Err(io::Error::other(format!("no SUBACK granting {filter}: {other:?}"))),
+    }
+}
+
+/// The packet id of a QoS 1 PUBLISH, from its first byte and body as [`split_packets`] gives them.
+fn qos1_pkid(first: u8, body: &[u8]) -> Option<u16> {
+    if (first >> 1) & 3 != 1 {
+        return None;
+    }
+    let at = 2 + usize::from(u16::from_be_bytes([body[0], body[1]]));
+    Some(u16::from_be_bytes([body[at], body[at + 1]]))
+}
+
+/// Writes and flushes what `out` holds (rustls would otherwise keep the last records), then
+/// empties it.
+async fn write_out(wr: &mut (impl AsyncWrite + Unpin), out: &mut Vec<u8>) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    wr.write_all(out).await?;
+    wr.flush().await?;
+    out.clear();
     Ok(())
 }
 
-/// A completed mTLS handshake, no MQTT yet.
-async fn handshake(port: u16, config: Arc<rustls::ClientConfig>) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-    tcp.set_nodelay(true)?;
-    let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
-    let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
-    // The server completes its side when it reads our Finished: send it now.
-    tls.flush().await?;
-    Ok(tls)
+/// CPU time the process has used, user + system, in seconds (`/proc/<pid>/stat` fields 14 and 15).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces: count from its closing parenthesis, after
+    // which field 3 comes first.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |field: usize| fields.get(field - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(14) + ticks(15)) as f64 / *CLOCK_TICKS
 }
 
-/// A connected MQTT session over mTLS (CONNACK checked).
-async fn open(port: u16, config: Arc<rustls::ClientConfig>, client_id: &str) -> std::io::Result<TlsStream<TcpStream>> {
-    let mut tls = handshake(port, config).await?;
-    tls.write_all(&connect_packet(client_id)).await?;
-    tls.flush().await?;
-    let mut connack = [0u8; 4];
-    tls.read_exact(&mut connack).await?;
-    if connack != [0x20, 0x02, 0x00, 0x00] {
-        return Err(std::io::Error::other(format!("CONNACK {connack:02x?}")));
-    }
-    Ok(tls)
+fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
 }
 
-fn client_config(files: &ClientFiles) -> Arc<rustls::ClientConfig> {
-    let mut config = tls_config(files);
-    config.resumption = rustls::client::Resumption::disabled();
-    Arc::new(config)
+/// The highest RSS of a process while a phase runs, read every 10 ms on a thread of its own
+/// (the load generator's runtime is too busy then to keep that rhythm).
+struct PeakRss {
+    stop: Arc<AtomicBool>,
+    sampler: std::thread::JoinHandle<u64>,
 }
 
-/// Splits MQTT packets out of `buf`; calls `each(first_byte, body)`; keeps a partial tail.
-fn for_each_packet(buf: &mut Vec<u8>, mut each: impl FnMut(u8, &[u8])) {
-    let mut at = 0;
-    loop {
-        let (mut len, mut shift, mut i) = (0usize, 0, at + 1);
-        let complete = loop {
-            let Some(byte) = buf.get(i) else { break false };
-            len |= usize::from(byte & 0x7f) << shift;
-            shift += 7;
-            i += 1;
-            if byte & 0x80 == 0 {
-                break true;
-            }
+impl PeakRss {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut peak = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    peak = peak.max(rss_kib(pid));
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                peak
+            })
         };
-        if !complete || buf.len() < i + len {
-            break;
-        }
-        each(buf[at], &buf[i..i + len]);
-        at = i + len;
+        Self { stop, sampler }
     }
-    buf.drain(..at);
+
+    /// The peak, KiB.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.sampler.join().expect("the RSS sampler")
+    }
 }
 
-async fn handshakes_per_second(target: &Target, configs: &[(Arc<rustls::ClientConfig>, String)], seconds: u64) -> f64 {
+/// Runs `step` on every item, [`CONCURRENCY`] at a time; keeps what it returned.
+async fn at_concurrency<T, R, F, Fut>(items: Vec<T>, step: F) -> Vec<R>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Option<R>> + Send + 'static,
+{
+    let (gate, step) = (Arc::new(Semaphore::new(CONCURRENCY)), Arc::new(step));
+    let tasks: Vec<_> = items
+        .into_iter()
+        .map(|item| {
+            let (gate, step) = (gate.clone(), step.clone());
+            tokio::spawn(async move {
+                let _permit = gate.acquire().await;
+                step(item).await
+            })
+        })
+        .collect();
+    let mut done = Vec::new();
+    for task in tasks {
+        if let Ok(Some(result)) = task.await {
+            done.push(result);
+        }
+    }
+    done
+}
+
+/// Full handshakes + CONNECT/CONNACK per second, one worker per session looping for
+/// [`HANDSHAKE_TIME`].
+async fn handshakes_per_second(sessions: Vec<Session>) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
-    let workers: Vec<_> = configs
-        .iter()
-        .cloned()
-        .map(|(config, id)| {
-            let (done, port) = (done.clone(), target.port);
+    let deadline = started + HANDSHAKE_TIME;
+    let workers: Vec<_> = sessions
+        .into_iter()
+        .map(|session| {
+            let done = done.clone();
             tokio::spawn(async move {
                 while Instant::now() < deadline {
-                    if let Ok(mut tls) = open(port, config.clone(), &id).await {
+                    if let Ok(mut client) = session.open().await {
                         done.fetch_add(1, Ordering::Relaxed);
-                        let _ = tls.write_all(&[0xe0, 0x00]).await;
-                        let _ = tls.flush().await;
+                        let _ = client.send(&packets::DISCONNECT).await;
                     }
                 }
             })
@@ -307,216 +467,233 @@ async fn handshakes_per_second(target: &Target, configs: &[(Arc<rustls::ClientCo
     done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// How long the subscriber waits for the next byte before counting the rest as lost. Long on
-/// purpose: a delivery stall (see `max_gap`) must not be mistaken for loss.
-const LOSS_CUTOFF: Duration = Duration::from_secs(15);
-
-/// One throughput run: messages per second end to end, messages that never arrived, and the
-/// longest pause in delivery.
-struct Throughput {
-    rate: f64,
-    lost: usize,
-    max_gap: Duration,
+/// What the publishers send, and how.
+#[derive(Clone, Copy)]
+struct Load {
+    qos: u8,
+    payload: usize,
+    per_publisher: usize,
+    /// QoS 1 messages a publisher may have unacknowledged; `None`: no limit (open loop).
+    window: Option<usize>,
+    /// Read the broker's RSS after every this many messages delivered.
+    rss_every: Option<usize>,
 }
 
-/// Messages per second end to end and messages lost.
-async fn throughput(
-    target: &Target,
-    publishers: &[(Arc<rustls::ClientConfig>, String)],
-    cert_ids: &[String],
-    subscriber: &(Arc<rustls::ClientConfig>, String),
-    qos: u8,
-    per_publisher: usize,
-) -> Throughput {
-    let mut sub = open(target.port, subscriber.0.clone(), &subscriber.1)
-        .await
-        .expect("subscriber connects");
-    let filter = "devices/+/telemetry";
-    subscribe(&mut sub, filter, qos).await.expect("subscribed");
-
-    let expected = per_publisher * publishers.len();
-    let receiver = tokio::spawn(async move {
-        let (mut received, mut buf, mut chunk, mut acks) = (0usize, Vec::new(), vec![0u8; 64 * 1024], Vec::new());
-        let mut last = Instant::now();
-        let mut max_gap = Duration::ZERO;
-        while received < expected {
-            let n = match tokio::time::timeout(LOSS_CUTOFF, sub.read(&mut chunk)).await {
-                Ok(Ok(n)) if n > 0 => n,
-                _ => break,
-            };
-            max_gap = max_gap.max(last.elapsed());
-            buf.extend_from_slice(&chunk[..n]);
-            for_each_packet(&mut buf, |first, body| {
-                if first >> 4 == 3 {
-                    received += 1;
-                    if (first >> 1) & 3 == 1 {
-                        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
-                        acks.extend_from_slice(&[0x40, 0x02, body[2 + topic_len], body[3 + topic_len]]);
-                    }
-                }
-            });
-            if !acks.is_empty() {
-                let _ = sub.write_all(&acks).await;
-                let _ = sub.flush().await;
-                acks.clear();
-            }
-            last = Instant::now();
+impl Load {
+    /// Publishers that keep at most [`WINDOW`] QoS 1 messages unacknowledged.
+    fn closed_loop(qos: u8, payload: usize, per_publisher: usize) -> Self {
+        Self {
+            qos,
+            payload,
+            per_publisher,
+            window: (qos == 1).then_some(WINDOW),
+            rss_every: None,
         }
-        (received, last, max_gap)
-    });
+    }
+}
 
+/// What one load delivered, and what it cost the broker.
+struct Delivery {
+    delivered: usize,
+    lost: usize,
+    /// PUBACKs the publishers received.
+    acked: usize,
+    /// Messages per second end to end.
+    rate: f64,
+    /// The longest pause in delivery.
+    max_gap: Duration,
+    /// The broker's CPU time (user + system) per delivered message, microseconds. The kernel
+    /// counts it in clock ticks (10 ms at 100 per second): a run needs a few hundred ms of the
+    /// broker's CPU for two significant digits.
+    cpu_us: f64,
+    /// The broker's RSS in KiB by messages delivered: once every connection was open (at 0),
+    /// after every `Load::rss_every` and at the end.
+    rss_kib: Vec<(usize, u64)>,
+    /// Stopped early because the broker's RSS passed the cap (not a loss).
+    over_cap: bool,
+}
+
+/// Devices publish on `devices/<id>/telemetry` to the service, subscribed to
+/// `devices/+/telemetry`; the clock and the broker's CPU time start once every connection is
+/// open.
+async fn deliver(target: &Target, fleet: &Fleet, load: Load) -> Delivery {
+    let mut subscriber = target
+        .session(&fleet.service)
+        .open()
+        .await
+        .expect("the service connects");
+    subscribe(&mut subscriber, "devices/+/telemetry", load.qos)
+        .await
+        .expect("the service subscribes");
+    let mut publishers = Vec::new();
+    for session in target.sessions(&fleet.publishers) {
+        let topic = format!("devices/{}/telemetry", session.cert_id);
+        publishers.push((session.open().await.expect("a device connects"), topic));
+    }
+    let (pid, expected) = (target.pid, load.per_publisher * publishers.len());
+    let rss_at_open = rss_kib(pid);
+    let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
-    let mut senders = Vec::new();
-    for ((config, client_id), cert_id) in publishers.iter().cloned().zip(cert_ids.iter().cloned()) {
-        let port = target.port;
-        senders.push(tokio::spawn(async move {
-            let tls = open(port, config, &client_id).await.expect("publisher connects");
-            let topic = format!("devices/{cert_id}/telemetry");
-            let (mut rd, mut wr) = tokio::io::split(tls);
-            let window = Arc::new(Semaphore::new(if qos == 1 { 500 } else { Semaphore::MAX_PERMITS }));
-            let acker = {
-                let window = window.clone();
-                tokio::spawn(async move {
-                    let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 16 * 1024]);
-                    while let Ok(n) = rd.read(&mut chunk).await {
-                        if n == 0 {
-                            break;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        let mut acked = 0;
-                        for_each_packet(&mut buf, |first, _| acked += usize::from(first >> 4 == 4));
-                        window.add_permits(acked);
+    let receiver = tokio::spawn(receive(subscriber, expected, load.rss_every, pid, started));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let senders: Vec<_> = publishers
+        .into_iter()
+        .map(|(client, topic)| tokio::spawn(publish(client, topic, load, acked.clone())))
+        .collect();
+    let received = receiver.await.expect("the subscriber");
+    let cpu = cpu_seconds(pid) - cpu_before;
+    // Delivery is over (or counted lost): a publisher still waiting for PUBACKs after the grace
+    // is stopped; the others keep their connections until the end of the run.
+    let grace = tokio::time::Instant::now() + ACK_GRACE;
+    let mut connections = Vec::new();
+    for mut sender in senders {
+        match tokio::time::timeout_at(grace, &mut sender).await {
+            Ok(Ok(halves)) => connections.push(halves),
+            _ => sender.abort(),
+        }
+    }
+    let mut rss = vec![(0, rss_at_open)];
+    rss.extend(received.rss_kib);
+    Delivery {
+        over_cap: received.over_cap,
+        delivered: received.delivered,
+        lost: if received.over_cap {
+            0
+        } else {
+            expected - received.delivered
+        },
+        acked: acked.load(Ordering::Relaxed),
+        rate: received.delivered as f64 / received.last.duration_since(started).as_secs_f64().max(1e-3),
+        max_gap: received.max_gap,
+        cpu_us: cpu * 1e6 / received.delivered.max(1) as f64,
+        rss_kib: rss,
+    }
+}
+
+/// What the subscriber saw.
+struct Received {
+    delivered: usize,
+    /// When the last bytes came.
+    last: Instant,
+    max_gap: Duration,
+    /// The broker's RSS in KiB after every `rss_every` messages and at the end.
+    rss_kib: Vec<(usize, u64)>,
+    /// Stopped early: the broker's RSS passed the cap.
+    over_cap: bool,
+}
+
+/// Reads and acknowledges PUBLISHes until `expected` arrived or nothing came for [`LOSS_CUTOFF`]
+/// (or, when sampling RSS, the broker's RSS passed the cap).
+async fn receive(
+    mut client: RawClient,
+    expected: usize,
+    rss_every: Option<usize>,
+    pid: u32,
+    started: Instant,
+) -> Received {
+    // Reading the stream directly is safe: the broker had sent nothing after the SUBACK when the
+    // publishers started.
+    let (mut buf, mut chunk, mut acks) = (Vec::new(), vec![0u8; 64 * 1024], Vec::new());
+    let (mut delivered, mut last, mut max_gap, mut rss) = (0, started, Duration::ZERO, Vec::new());
+    let cap_kib = env_number("BENCH_RSS_CAP_MIB", RSS_CAP_MIB) as u64 * 1024;
+    let (mut next_cap_check, mut over_cap) = (RSS_CAP_EVERY, false);
+    while delivered < expected {
+        let n = match tokio::time::timeout(LOSS_CUTOFF, client.tls.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => break,
+        };
+        max_gap = max_gap.max(last.elapsed());
+        buf.extend_from_slice(&chunk[..n]);
+        split_packets(&mut buf, |first, body| {
+            if first >> 4 == kind::PUBLISH {
+                delivered += 1;
+                if let Some(pkid) = qos1_pkid(first, body) {
+                    acks.extend_from_slice(&packets::puback(pkid));
+                }
+            }
+        });
+        if let Some(every) = rss_every {
+            while delivered >= (rss.len() + 1) * every {
+                rss.push(((rss.len() + 1) * every, rss_kib(pid)));
+            }
+            if delivered >= next_cap_check {
+                next_cap_check += RSS_CAP_EVERY;
+                if rss_kib(pid) > cap_kib {
+                    over_cap = true;
+                    break;
+                }
+            }
+        }
+        if write_out(&mut client.tls, &mut acks).await.is_err() {
+            break;
+        }
+        last = Instant::now();
+    }
+    if rss_every.is_some() && rss.last().is_none_or(|&(at, _)| at != delivered) {
+        rss.push((delivered, rss_kib(pid)));
+    }
+    Received {
+        delivered,
+        last,
+        max_gap,
+        rss_kib: rss,
+        over_cap,
+    }
+}
+
+type Halves = (ReadHalf<TlsStream<TcpStream>>, WriteHalf<TlsStream<TcpStream>>);
+
+/// Publishes `load.per_publisher` messages on `topic`, within the load's window if it has one,
+/// while counting PUBACKs into `acked`. Returns once every message was written and every QoS 1
+/// one acknowledged; the connection is handed back to stay open until the run ends.
+async fn publish(client: RawClient, topic: String, load: Load, acked: Arc<AtomicUsize>) -> Halves {
+    let (mut rd, mut wr) = tokio::io::split(client.tls);
+    let window = load.window.map(Semaphore::new);
+    let expected_acks = if load.qos == 0 { 0 } else { load.per_publisher };
+    let count_acks = async {
+        let (mut buf, mut chunk, mut mine) = (Vec::new(), vec![0u8; 16 * 1024], 0);
+        while mine < expected_acks {
+            match rd.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
+            let mut now = 0;
+            split_packets(&mut buf, |first, _| now += usize::from(first >> 4 == kind::PUBACK));
+            mine += now;
+            acked.fetch_add(now, Ordering::Relaxed);
+            if let Some(window) = &window {
+                window.add_permits(now);
+            }
+        }
+        rd
+    };
+    let write_all = async {
+        let payload = vec![b'x'; load.payload];
+        let (mut out, mut pkid) = (Vec::with_capacity(2 * WRITE_BATCH), 0u16);
+        for sent in 0..load.per_publisher {
+            if let Some(window) = &window {
+                if window.try_acquire().map(|permit| permit.forget()).is_err() {
+                    // About to wait for PUBACKs: what they are for must be on the wire first.
+                    if write_out(&mut wr, &mut out).await.is_err() {
+                        break;
                     }
-                })
-            };
-            let mut out = Vec::with_capacity(64 * 128);
-            let mut pkid: u16 = 0;
-            for sent in 0..per_publisher {
-                if qos == 1 {
-                    // A broker that stops acknowledging ends the run (counted as lost), not the bench.
-                    match tokio::time::timeout(Duration::from_secs(10), window.acquire()).await {
+                    match tokio::time::timeout(WINDOW_TIMEOUT, window.acquire()).await {
                         Ok(Ok(permit)) => permit.forget(),
                         _ => break,
                     }
                 }
-                pkid = pkid.checked_add(1).unwrap_or(1);
-                publish_packet(&topic, qos, pkid, &mut out);
-                if out.len() >= 64 * 100 || sent + 1 == per_publisher {
-                    // Without the flush the last records can stay in rustls's buffer.
-                    wr.write_all(&out).await.expect("publish");
-                    wr.flush().await.expect("publish");
-                    out.clear();
-                }
             }
-            (wr, acker)
-        }));
-    }
-    let mut keep = Vec::new();
-    for sender in senders {
-        keep.push(sender.await.expect("publisher"));
-    }
-    let (received, last, max_gap) = receiver.await.expect("subscriber");
-    for (_, acker) in keep {
-        acker.abort();
-    }
-    let seconds = last.duration_since(started).as_secs_f64().max(1e-3);
-    Throughput {
-        rate: received as f64 / seconds,
-        lost: expected - received,
-        max_gap,
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// What each idle session has done before it is held (`BENCH_IDLE`).
-#[derive(Clone, Copy)]
-enum IdleMode {
-    /// The mTLS handshake only.
-    Handshake,
-    /// CONNECT/CONNACK.
-    Connect,
-    /// CONNECT/CONNACK and a subscription to its own command topic.
-    Subscribe,
-}
-
-impl IdleMode {
-    fn from_env() -> Self {
-        match std::env::var("BENCH_IDLE").as_deref() {
-            Ok("handshake") => IdleMode::Handshake,
-            Ok("subscribe") => IdleMode::Subscribe,
-            Ok("connect") | Err(_) => IdleMode::Connect,
-            Ok(other) => panic!("BENCH_IDLE: unknown mode {other:?} (connect, subscribe, handshake)"),
-        }
-    }
-
-    fn describe(self) -> &'static str {
-        match self {
-            IdleMode::Handshake => "after the handshake only",
-            IdleMode::Connect => "connected",
-            IdleMode::Subscribe => "connected and subscribed to devices/<id>/cmd",
-        }
-    }
-
-    /// Opens one session to this point.
-    async fn open(
-        self,
-        port: u16,
-        config: Arc<rustls::ClientConfig>,
-        client_id: &str,
-        cert_id: &str,
-    ) -> Option<TlsStream<TcpStream>> {
-        match self {
-            IdleMode::Handshake => handshake(port, config).await.ok(),
-            IdleMode::Connect => open(port, config, client_id).await.ok(),
-            IdleMode::Subscribe => {
-                let mut tls = open(port, config, client_id).await.ok()?;
-                subscribe(&mut tls, &format!("devices/{cert_id}/cmd"), 1).await.ok()?;
-                Some(tls)
+            pkid = pkid.checked_add(1).unwrap_or(1);
+            Publish::new(&topic, &payload, load.qos, pkid).write(&mut out);
+            if (out.len() >= WRITE_BATCH || sent + 1 == load.per_publisher)
+                && write_out(&mut wr, &mut out).await.is_err()
+            {
+                break;
             }
         }
-    }
-}
-
-async fn rss_per_idle_session(
-    target: &Target,
-    sessions: &[(Arc<rustls::ClientConfig>, String)],
-    cert_ids: &[String],
-    mode: IdleMode,
-) -> (f64, usize) {
-    let before = rss_kib(target.pid);
-    let gate = Arc::new(Semaphore::new(HANDSHAKE_CONCURRENCY));
-    let tasks: Vec<_> = sessions
-        .iter()
-        .cloned()
-        .zip(cert_ids.iter().cloned())
-        .map(|((config, client_id), cert_id)| {
-            let (gate, port) = (gate.clone(), target.port);
-            tokio::spawn(async move {
-                let _permit = gate.acquire().await;
-                mode.open(port, config, &client_id, &cert_id).await
-            })
-        })
-        .collect();
-    let mut held = Vec::new();
-    for task in tasks {
-        if let Ok(Some(tls)) = task.await {
-            held.push(tls);
-        }
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_kib(target.pid);
-    let per = (after.saturating_sub(before)) as f64 / held.len().max(1) as f64;
-    (per, held.len())
+        wr
+    };
+    tokio::join!(count_acks, write_all)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -524,158 +701,409 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-struct Figures {
-    name: &'static str,
-    handshakes: f64,
-    qos1: f64,
-    qos1_lost: usize,
-    qos1_max_gap: Duration,
-    qos0: f64,
-    qos0_lost: usize,
-    rss: f64,
-    idle_held: usize,
+/// One QoS's figures over the runs.
+struct Flow {
+    /// Median messages per second.
+    rate: f64,
+    /// Median broker CPU time per delivered message, microseconds.
+    cpu_us: f64,
+    /// The worst run's.
+    lost: usize,
+    /// The worst run's.
+    max_gap: Duration,
 }
 
-async fn measure(target: Target, fleet: &Fleet, runs: usize, per_publisher: usize) -> Figures {
-    // Our broker requires client id = certificate id; the others get distinct client ids so two
-    // brokers' sessions never meet. Topics always use the certificate id (Mosquitto's
-    // `devices/%u/#` ACL takes %u from the certificate).
-    let pick = |list: &Vec<(Arc<rustls::ClientConfig>, String)>| -> Vec<(Arc<rustls::ClientConfig>, String)> {
-        list.iter()
-            .map(|(c, id)| {
-                (
-                    c.clone(),
-                    if target.binds_client_id {
-                        id.clone()
-                    } else {
-                        format!("{}-{id}", target.name)
-                    },
-                )
-            })
-            .collect()
-    };
-    let cert_ids: Vec<String> = fleet.publishers.iter().map(|(_, id)| id.clone()).collect();
-    let (handshake, publishers, idle) = (pick(&fleet.handshake), pick(&fleet.publishers), pick(&fleet.idle));
-    let subscriber = (
-        fleet.subscriber.0.clone(),
-        if target.binds_client_id {
-            fleet.subscriber.1.clone()
-        } else {
-            format!("{}-ingest", target.name)
-        },
-    );
-    let mut hs = Vec::new();
-    let (mut q1, mut q0) = (Vec::new(), Vec::new());
-    let (mut q1_lost, mut q0_lost, mut q1_max_gap) = (0, 0, Duration::ZERO);
-    for _ in 0..runs {
-        hs.push(handshakes_per_second(&target, &handshake, 3).await);
-        let qos1 = throughput(&target, &publishers, &cert_ids, &subscriber, 1, per_publisher).await;
-        q1.push(qos1.rate);
-        q1_lost = q1_lost.max(qos1.lost);
-        q1_max_gap = q1_max_gap.max(qos1.max_gap);
-        let qos0 = throughput(&target, &publishers, &cert_ids, &subscriber, 0, per_publisher).await;
-        q0.push(qos0.rate);
-        q0_lost = q0_lost.max(qos0.lost);
+impl Flow {
+    fn of(runs: Vec<Delivery>) -> Self {
+        Self {
+            rate: median(runs.iter().map(|r| r.rate).collect()),
+            cpu_us: median(runs.iter().map(|r| r.cpu_us).collect()),
+            lost: runs.iter().map(|r| r.lost).max().unwrap_or(0),
+            max_gap: runs.iter().map(|r| r.max_gap).max().unwrap_or_default(),
+        }
     }
-    let idle_ids: Vec<String> = fleet.idle.iter().map(|(_, id)| id.clone()).collect();
-    let (rss, idle_held) = rss_per_idle_session(&target, &idle, &idle_ids, IdleMode::from_env()).await;
-    let figures = Figures {
-        name: target.name,
-        handshakes: median(hs),
-        qos1: median(q1),
-        qos1_lost: q1_lost,
-        qos1_max_gap: q1_max_gap,
-        qos0: median(q0),
-        qos0_lost: q0_lost,
-        rss,
-        idle_held,
-    };
+
+    fn describe(&self) -> String {
+        format!(
+            "{:>9} msg/s {:>5.2} us/msg (lost {}, max gap {} ms)",
+            grouped(self.rate.round() as usize),
+            self.cpu_us,
+            grouped(self.lost),
+            self.max_gap.as_millis()
+        )
+    }
+}
+
+/// The handshake and throughput phase, for one broker.
+struct Throughput {
+    handshakes: f64,
+    qos1: Flow,
+    qos0: Flow,
+}
+
+async fn handshakes_and_throughput(target: &Target, fleet: &Fleet, runs: usize, per_publisher: usize) -> Throughput {
+    let (mut handshakes, mut qos1, mut qos0) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        handshakes.push(handshakes_per_second(target.sessions(&fleet.handshake)).await);
+        qos1.push(deliver(target, fleet, Load::closed_loop(1, SMALL_PAYLOAD, per_publisher)).await);
+        qos0.push(deliver(target, fleet, Load::closed_loop(0, SMALL_PAYLOAD, per_publisher)).await);
+    }
+    Throughput {
+        handshakes: median(handshakes),
+        qos1: Flow::of(qos1),
+        qos0: Flow::of(qos0),
+    }
+}
+
+/// The broker's RSS per idle session, KiB, from before the first was opened.
+struct Idle {
+    held: usize,
+    /// After CONNECT/CONNACK (after the handshake only with `BENCH_IDLE=handshake`).
+    connected: f64,
+    /// Sessions subscribed to their command topic, and the RSS per session then (not measured
+    /// with `BENCH_IDLE=handshake`).
+    subscribed: Option<(usize, f64)>,
+}
+
+async fn idle_memory(target: &Target, fleet: &Fleet, handshake_only: bool) -> Idle {
+    let pid = target.pid;
+    let before = rss_kib(pid);
+    let per_session = |count: usize| rss_kib(pid).saturating_sub(before) as f64 / count.max(1) as f64;
+    let held = at_concurrency(target.sessions(&fleet.idle), move |session| async move {
+        let client = if handshake_only {
+            RawClient::handshake(session.port, session.config).await
+        } else {
+            session.open().await
+        };
+        Some((client.ok()?, session.cert_id))
+    })
+    .await;
+    tokio::time::sleep(SETTLE).await;
+    let (count, connected) = (held.len(), per_session(held.len()));
+    if handshake_only {
+        return Idle {
+            held: count,
+            connected,
+            subscribed: None,
+        };
+    }
+    let subscribed = at_concurrency(held, |(mut client, cert_id)| async move {
+        let filter = format!("devices/{cert_id}/cmd");
+        subscribe(&mut client, &filter, 1).await.ok()?;
+        Some(client)
+    })
+    .await;
+    tokio::time::sleep(SETTLE).await;
+    Idle {
+        held: count,
+        connected,
+        subscribed: Some((subscribed.len(), per_session(subscribed.len()))),
+    }
+}
+
+/// Everything measured for one broker, for the closing ratios.
+struct Report {
+    name: &'static str,
+    throughput: Option<Throughput>,
+    idle: Option<Idle>,
+    sustained: Option<Delivery>,
+    /// The delivery and the broker's peak RSS (KiB).
+    open_loop: Option<(Delivery, u64)>,
+}
+
+/// The brokers of every phase but the open loop.
+fn closed_loop_brokers(reports: &mut [Report]) -> impl Iterator<Item = &mut Report> {
+    reports.iter_mut().filter(|r| r.name != MOSQUITTO_DEFAULT)
+}
+
+/// What every phase shares.
+struct Bench {
+    test_fleet: TestFleet,
+    fleet: Fleet,
+    runtime: tokio::runtime::Runtime,
+    broker_cpus: String,
+}
+
+impl Bench {
+    /// Starts broker `name` afresh, so that `phase` does not inherit what an earlier one left in
+    /// its heap, and runs `phase` against it.
+    fn measure<T>(&self, name: &'static str, phase: impl AsyncFnOnce(&Target, &Fleet) -> T) -> T {
+        let target = start(name, &self.test_fleet, &self.broker_cpus);
+        self.runtime.block_on(phase(&target, &self.fleet))
+    }
+}
+
+/// `n` with thousands separators, as BENCHMARKS.md writes figures.
+fn grouped(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The brokers `BENCH_TARGETS` names, in its order, without rumqttd when it is not installed.
+fn targets() -> Vec<&'static str> {
+    let mut chosen = Vec::new();
+    for name in env_text("BENCH_TARGETS", &TARGETS.join(",")).split(',') {
+        let Some(&name) = TARGETS.iter().find(|t| **t == name.trim()) else {
+            panic!("BENCH_TARGETS: unknown broker {name:?} ({})", TARGETS.join(", "));
+        };
+        if name == "rumqttd" && rumqttd_binary().is_none() {
+            println!("rumqttd: not installed (cargo install rumqttd --version 0.20.0), left out of this run");
+            continue;
+        }
+        chosen.push(name);
+    }
+    chosen
+}
+
+fn print_header(broker_cpus: &str, load_cpus: &str, load_threads: usize) {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, m)| m.trim()))
+        .unwrap_or("unknown");
+    let cpus = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
     println!(
-        "{:<10} handshakes/s {:>8.0}  qos1 msg/s {:>9.0} (lost {}, longest delivery gap {} ms)  qos0 msg/s {:>9.0} (lost {})  RSS/idle session {:>6.1} KiB ({} held)",
-        figures.name,
-        figures.handshakes,
-        figures.qos1,
-        figures.qos1_lost,
-        figures.qos1_max_gap.as_millis(),
-        figures.qos0,
-        figures.qos0_lost,
-        figures.rss,
-        figures.idle_held
+        "CPU: {model}, {cpus} CPUs; brokers on CPUs {broker_cpus}, load generator on CPUs {load_cpus} with {load_threads} runtime thread(s)"
     );
-    let _ = std::io::stdout().flush();
-    figures
+    let overrides: Vec<String> = std::env::vars()
+        .filter(|(key, _)| key.starts_with("BROKER__"))
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    if !overrides.is_empty() {
+        println!("our broker's overrides: {}", overrides.join(" "));
+    }
 }
 
-/// Client configurations, each with the id its certificate carries.
-struct Fleet {
-    handshake: Vec<(Arc<rustls::ClientConfig>, String)>,
-    publishers: Vec<(Arc<rustls::ClientConfig>, String)>,
-    subscriber: (Arc<rustls::ClientConfig>, String),
-    idle: Vec<(Arc<rustls::ClientConfig>, String)>,
-}
-
-fn devices(fleet: &TestFleet, prefix: &str, count: usize) -> Vec<(Arc<rustls::ClientConfig>, String)> {
-    let ids: Vec<String> = (1..=count).map(|n| format!("{prefix}{n:05}")).collect();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    fleet
-        .devices(&refs)
+/// The sustained memory phase's samples, one row per million delivered, one column per broker.
+fn print_sustained(reports: &[Report]) {
+    let measured: Vec<(&str, &Delivery)> = reports
         .iter()
-        .zip(ids)
-        .map(|(bundle, id)| (client_config(&ClientFiles::device(bundle)), id))
-        .collect()
+        .filter_map(|r| Some((r.name, r.sustained.as_ref()?)))
+        .collect();
+    let rows: BTreeSet<usize> = measured
+        .iter()
+        .flat_map(|(_, d)| d.rss_kib.iter().map(|&(at, _)| at))
+        .collect();
+    let names: Vec<String> = measured.iter().map(|(name, _)| format!("{name:>12}")).collect();
+    println!("  {:>12} {}   (RSS, MiB)", "delivered", names.join(" "));
+    for row in rows {
+        let cells: Vec<String> = measured
+            .iter()
+            .map(|(_, d)| match d.rss_kib.iter().find(|&&(at, _)| at == row) {
+                Some(&(_, kib)) => format!("{:>12.1}", mib(kib)),
+                None => format!("{:>12}", "-"),
+            })
+            .collect();
+        let label = if row == 0 { "connected".into() } else { grouped(row) };
+        println!("  {label:>12} {}", cells.join(" "));
+    }
+    for (name, delivery) in measured {
+        let (first, last) = (delivery.rss_kib[0].1, delivery.rss_kib[delivery.rss_kib.len() - 1].1);
+        if delivery.over_cap {
+            println!(
+                "{name:<18} STOPPED after {} messages: RSS {:.1} MiB passed the cap (BENCH_RSS_CAP_MIB)",
+                grouped(delivery.delivered),
+                mib(last)
+            );
+        }
+        println!(
+            "{name:<18} RSS grew by {:.1} MiB over {} messages ({:.1} -> {:.1} MiB; {} msg/s, {:.2} us/msg, lost {})",
+            mib(last) - mib(first),
+            grouped(delivery.delivered),
+            mib(first),
+            mib(last),
+            grouped(delivery.rate.round() as usize),
+            delivery.cpu_us,
+            grouped(delivery.lost)
+        );
+    }
+}
+
+/// "ours vs X" lines, from the figures both brokers have: speed as ours/theirs, CPU per message
+/// as theirs/ours (how many times less CPU ours needs), memory as ours/theirs.
+fn print_ratios(reports: &[Report], idle_label: &str) {
+    let Some(ours) = reports.iter().find(|r| r.name == "ours") else {
+        return;
+    };
+    for other in reports.iter().filter(|r| r.name != "ours") {
+        let mut lines = Vec::new();
+        if let (Some(a), Some(b)) = (&ours.throughput, &other.throughput) {
+            lines.push(format!(
+                "speed (ours/theirs): handshakes x{:.2}, qos1 x{:.2}, qos0 x{:.2}",
+                a.handshakes / b.handshakes,
+                a.qos1.rate / b.qos1.rate,
+                a.qos0.rate / b.qos0.rate,
+            ));
+            lines.push(format!(
+                "CPU per message (theirs/ours, times less): qos1 x{:.2}, qos0 x{:.2}",
+                b.qos1.cpu_us / a.qos1.cpu_us,
+                b.qos0.cpu_us / a.qos0.cpu_us,
+            ));
+        }
+        let mut memory = Vec::new();
+        if let (Some(a), Some(b)) = (&ours.idle, &other.idle) {
+            memory.push(format!("{idle_label} x{:.2}", a.connected / b.connected));
+            if let (Some((_, a)), Some((_, b))) = (a.subscribed, b.subscribed) {
+                memory.push(format!("subscribed x{:.2}", a / b));
+            }
+        }
+        if let (Some((_, a)), Some((_, b))) = (&ours.open_loop, &other.open_loop) {
+            memory.push(format!("open-loop peak RSS x{:.2}", *a as f64 / *b as f64));
+        }
+        if !memory.is_empty() {
+            lines.push(format!("memory (ours/theirs): {}", memory.join(", ")));
+        }
+        for line in lines {
+            println!("ours vs {:<18} {line}", other.name);
+        }
+    }
 }
 
 fn main() {
-    pin_self();
+    let (broker_cpus, load_cpus) = (env_text("BENCH_BROKER_CPUS", "0"), env_text("BENCH_LOAD_CPUS", "1"));
+    pin_self(&load_cpus);
     let runs = env_number("BENCH_RUNS", 3).max(1);
     let per_publisher = env_number("BENCH_MESSAGES_PER_PUBLISHER", 25_000);
     let idle_sessions = env_number("BENCH_IDLE_SESSIONS", 10_000);
-    let test_fleet = TestFleet::new();
-    let fleet = Fleet {
-        handshake: devices(&test_fleet, "hs-", HANDSHAKE_CONCURRENCY),
-        publishers: devices(&test_fleet, "pub-", PUBLISHERS),
-        subscriber: (
-            client_config(&ClientFiles::service(&test_fleet.service("ingest"))),
-            "ingest".into(),
-        ),
-        idle: devices(&test_fleet, "idle-", idle_sessions),
+    let sustained_per_publisher = env_number("BENCH_SUSTAINED_MESSAGES", 10_000_000).div_ceil(PUBLISHERS);
+    let open_loop_per_publisher = env_number("BENCH_OPEN_LOOP_MESSAGES", 25_000);
+    let load_threads = env_number("BENCH_LOAD_THREADS", 1).max(1);
+    let handshake_only = match std::env::var("BENCH_IDLE").as_deref() {
+        Err(_) => false,
+        Ok("handshake") => true,
+        Ok(other) => panic!("BENCH_IDLE: unknown mode {other:?} (`handshake`, or unset for CONNECT and SUBSCRIBE)"),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let idle_label = if handshake_only {
+        "handshake-only"
+    } else {
+        "connect-only"
+    };
+    print_header(&broker_cpus, &load_cpus, load_threads);
+    let names = targets();
+    println!("brokers: {}", names.join(", "));
+    let mut runtime = match load_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    let test_fleet = TestFleet::new();
+    let bench = Bench {
+        fleet: Fleet::new(&test_fleet, idle_sessions),
+        test_fleet,
+        runtime: runtime.enable_all().build().expect("runtime"),
+        broker_cpus,
+    };
+    let mut reports: Vec<Report> = names
+        .iter()
+        .map(|&name| Report {
+            name,
+            throughput: None,
+            idle: None,
+            sustained: None,
+            open_loop: None,
+        })
+        .collect();
+
     println!(
-        "brokers on core 0, load on core 1; medians of {runs} runs; {PUBLISHERS} publishers x {per_publisher} messages of {} B; idle sessions {}",
-        PAYLOAD.len(),
-        IdleMode::from_env().describe()
+        "\nhandshakes: full mTLS + CONNECT/CONNACK, concurrency {CONCURRENCY}; throughput: {PUBLISHERS} devices x {} messages of {SMALL_PAYLOAD} B -> 1 service, QoS 1 window {WINDOW}; broker CPU per delivered message; medians over {runs} run(s)",
+        grouped(per_publisher)
     );
-    let targets = std::env::var("BENCH_TARGETS").unwrap_or_else(|_| "ours,mosquitto,rumqttd".into());
-    let mut all = Vec::new();
-    for name in targets.split(',') {
-        let target = match name.trim() {
-            "ours" => Some(ours(&test_fleet)),
-            "mosquitto" => Some(mosquitto(&test_fleet)),
-            "rumqttd" => rumqttd(&test_fleet).or_else(|| {
-                println!("rumqttd: not installed (cargo install rumqttd --version 0.20.0), left out of this run");
-                None
-            }),
-            other => panic!("BENCH_TARGETS: unknown broker {other:?} (ours, mosquitto, rumqttd)"),
-        };
-        if let Some(target) = target {
-            all.push(runtime.block_on(measure(target, &fleet, runs, per_publisher)));
+    for report in closed_loop_brokers(&mut reports) {
+        let figures = bench.measure(report.name, async |target, fleet| {
+            handshakes_and_throughput(target, fleet, runs, per_publisher).await
+        });
+        println!(
+            "{:<18} handshakes/s {:>6} | qos1 {} | qos0 {}",
+            report.name,
+            grouped(figures.handshakes.round() as usize),
+            figures.qos1.describe(),
+            figures.qos0.describe()
+        );
+        report.throughput = Some(figures);
+    }
+
+    if idle_sessions > 0 {
+        println!(
+            "\nidle memory: broker RSS growth per session, {} sessions opened {CONCURRENCY} at a time, read {} s after",
+            grouped(idle_sessions),
+            SETTLE.as_secs()
+        );
+        for report in closed_loop_brokers(&mut reports) {
+            let idle = bench.measure(report.name, async |target, fleet| {
+                idle_memory(target, fleet, handshake_only).await
+            });
+            let subscribed = match idle.subscribed {
+                Some((count, kib)) => format!(" | subscribed {kib:>5.1} KiB/session ({} subscribed)", grouped(count)),
+                None => String::new(),
+            };
+            println!(
+                "{:<18} {idle_label} {:>5.1} KiB/session ({} held){subscribed}",
+                report.name,
+                idle.connected,
+                grouped(idle.held)
+            );
+            report.idle = Some(idle);
         }
     }
-    let Some((ours, others)) = all.split_first() else {
-        return;
-    };
-    for other in others {
+
+    if sustained_per_publisher > 0 {
         println!(
-            "ours vs {:<10} handshakes x{:.2}  qos1 x{:.2}  qos0 x{:.2}  RSS/session x{:.2}",
-            other.name,
-            ours.handshakes / other.handshakes,
-            ours.qos1 / other.qos1,
-            ours.qos0 / other.qos0,
-            ours.rss / other.rss.max(1e-9)
+            "\nsustained memory: {PUBLISHERS} devices x {} QoS 1 messages of {SUSTAINED_PAYLOAD} B -> 1 service, window {WINDOW}; broker RSS every {} delivered",
+            grouped(sustained_per_publisher),
+            grouped(RSS_EVERY)
         );
+        for report in closed_loop_brokers(&mut reports) {
+            let load = Load {
+                rss_every: Some(RSS_EVERY),
+                ..Load::closed_loop(1, SUSTAINED_PAYLOAD, sustained_per_publisher)
+            };
+            report.sustained =
+                Some(bench.measure(report.name, async |target, fleet| deliver(target, fleet, load).await));
+        }
+        print_sustained(&reports);
     }
+
+    if open_loop_per_publisher > 0 {
+        println!(
+            "\nopen loop: {PUBLISHERS} devices x {} QoS 1 messages of {SMALL_PAYLOAD} B -> 1 service, written without waiting for PUBACKs; broker RSS read every 10 ms",
+            grouped(open_loop_per_publisher)
+        );
+        for report in &mut reports {
+            let load = Load {
+                window: None,
+                ..Load::closed_loop(1, SMALL_PAYLOAD, open_loop_per_publisher)
+            };
+            let (delivery, peak) = bench.measure(report.name, async |target, fleet| {
+                let peak = PeakRss::start(target.pid);
+                let delivery = deliver(target, fleet, load).await;
+                (delivery, peak.stop())
+            });
+            println!(
+                "{:<18} delivered {:>9}  lost {:>7}  acked {:>9}  peak RSS {:>6.1} MiB",
+                report.name,
+                grouped(delivery.delivered),
+                grouped(delivery.lost),
+                grouped(delivery.acked),
+                mib(peak)
+            );
+            report.open_loop = Some((delivery, peak));
+        }
+    }
+
+    println!();
+    print_ratios(&reports, idle_label);
 }

@@ -81,14 +81,15 @@ impl Audit {
         warn!(event = "subscription_refused", device_id = %identity.id, role = %identity.role, filter, why, "{identity} may not subscribe to {filter:?}: {why}");
     }
 
-    /// A session's queue stayed full while publishers waited: it is being disconnected.
+    /// A session's queue stayed full, nothing taken from it, while publishers waited: it is being
+    /// disconnected.
     pub fn slow_subscriber(&self, client_id: &str, timeout: Duration) {
         self.metrics.slow_subscriber();
         warn!(
             event = "slow_subscriber",
             client_id,
             timeout_ms = timeout.as_millis() as u64,
-            "disconnecting {client_id}: its queue stayed full for {timeout:?} while publishers waited"
+            "disconnecting {client_id}: its queue stayed full, nothing taken from it, for {timeout:?} while publishers waited"
         );
     }
 

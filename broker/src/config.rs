@@ -58,8 +58,8 @@ pub struct Limits {
     /// QoS 1/2 messages sent to one session and not yet acknowledged; also the QoS 2 messages
     /// a client may have awaiting PUBREL. Default 100.
     pub max_inflight: usize,
-    /// How long an online subscriber's queue may stay full while publishers wait for it before
-    /// it is disconnected (`slow_subscriber`). Default 10000 ms.
+    /// How long an online subscriber's queue may stay full, with nothing taken from it, while
+    /// publishers wait for it before it is disconnected (`slow_subscriber`). Default 10000 ms.
     pub slow_subscriber_timeout_ms: u64,
     /// Subscriptions per session. Default 100.
     pub max_subscriptions: usize,
@@ -83,21 +83,6 @@ impl Default for Limits {
             max_subscriptions: 100,
             max_retained_messages: 10_000,
             max_retained_bytes: 64 * 1024 * 1024,
-        }
-    }
-}
-
-impl Limits {
-    /// What the router bounds.
-    pub fn router(&self) -> crate::router::Limits {
-        crate::router::Limits {
-            max_queued_messages: self.max_queued_messages,
-            max_queued_bytes: self.max_queued_bytes,
-            max_inflight: self.max_inflight,
-            slow_subscriber_timeout: std::time::Duration::from_millis(self.slow_subscriber_timeout_ms),
-            max_subscriptions: self.max_subscriptions,
-            max_retained_messages: self.max_retained_messages,
-            max_retained_bytes: self.max_retained_bytes,
         }
     }
 }

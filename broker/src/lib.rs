@@ -1,12 +1,17 @@
 //! The gateway broker: only certified devices get in, each confined to its own topics.
 //!
-//! The broker terminates mutual TLS itself (tokio-rustls, CRL-aware, hot-reloadable), binds the
+//! The broker terminates mutual TLS itself (rustls, CRL-aware, hot-reloadable), binds the
 //! MQTT client id to the certificate's identity, checks every PUBLISH and SUBSCRIBE against
 //! topic templates, and routes messages with its own [`router`], which bounds every queue and
 //! slows publishers down rather than lose a QoS 1/2 message. rumqttd is used only as the MQTT
 //! packet codec ([`codec`]); its own TLS listener is not used because it cannot bind a client id
 //! to a certificate, check revocation or bound a handshake's time, and its router because its
 //! memory grows with every message routed.
+//!
+//! Why things are where they are, in one place each: how routing, flow control and the bounds
+//! work, and how durable sessions, MQTT 5 and a bridge fit into them, is in [`router`]; why TLS
+//! runs through rustls's unbuffered API is in [`connection`]; why a connection taken over closes
+//! after its successor's CONNACK is in [`kick`] and `session`.
 //!
 //! Module map. The front: [`listener`] (accept loop, limits, shutdown) → [`session`] (one
 //! connection's life) → [`handshake`] → [`connect`] (CONNECT, identity binding, the router

@@ -18,7 +18,7 @@ use crate::live::LiveSessions;
 use crate::metrics::Metrics;
 use crate::reason::RejectReason;
 use crate::reload::{Reloader, TlsState};
-use crate::router::Router;
+use crate::router::{Limits as RouterLimits, Router};
 use crate::session::serve;
 use crate::tls::{TlsFiles, TlsLoadError, TlsMaterial};
 
@@ -82,7 +82,7 @@ impl Broker {
             tls: tls.clone(),
             acl: Arc::new(config.acl.clone()),
             limits: config.limits.clone(),
-            router: Router::new(config.limits.router(), audit.clone()),
+            router: Router::new(router_limits(&config.limits), audit.clone()),
             sessions: sessions.clone(),
             audit: audit.clone(),
         });
@@ -150,6 +150,19 @@ impl Broker {
             );
         }
         Ok(())
+    }
+}
+
+/// What the router bounds, from `[limits]`.
+fn router_limits(limits: &crate::config::Limits) -> RouterLimits {
+    RouterLimits {
+        max_queued_messages: limits.max_queued_messages,
+        max_queued_bytes: limits.max_queued_bytes,
+        max_inflight: limits.max_inflight,
+        slow_subscriber_timeout: Duration::from_millis(limits.slow_subscriber_timeout_ms),
+        max_subscriptions: limits.max_subscriptions,
+        max_retained_messages: limits.max_retained_messages,
+        max_retained_bytes: limits.max_retained_bytes,
     }
 }
 

@@ -197,7 +197,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP broker_slow_subscriber_disconnects_total Subscribers disconnected because their queue stayed full.\n# TYPE broker_slow_subscriber_disconnects_total counter\nbroker_slow_subscriber_disconnects_total {}",
+            "# HELP broker_slow_subscriber_disconnects_total Subscribers disconnected because their queue stayed full with nothing taken from it.\n# TYPE broker_slow_subscriber_disconnects_total counter\nbroker_slow_subscriber_disconnects_total {}",
             load(&self.slow_subscribers)
         );
     }

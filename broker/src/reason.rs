@@ -106,8 +106,8 @@ pub enum KickReason {
     Revoked,
     /// A newer connection authenticated under the same client id (MQTT-3.1.4-2).
     TakenOver,
-    /// Its outgoing queue stayed full past `limits.slow_subscriber_timeout_ms` while publishers
-    /// waited for it.
+    /// Its outgoing queue stayed full, with nothing taken from it, past
+    /// `limits.slow_subscriber_timeout_ms` while publishers waited for it.
     SlowSubscriber,
     /// The broker is shutting down.
     Shutdown,
@@ -171,9 +171,9 @@ impl fmt::Display for SessionEnd {
             }
             SessionEnd::Kicked(KickReason::Revoked) => f.write_str("certificate revoked"),
             SessionEnd::Kicked(KickReason::TakenOver) => f.write_str("a newer connection took over the client id"),
-            SessionEnd::Kicked(KickReason::SlowSubscriber) => {
-                f.write_str("slow subscriber: its queue stayed full past limits.slow_subscriber_timeout_ms")
-            }
+            SessionEnd::Kicked(KickReason::SlowSubscriber) => f.write_str(
+                "slow subscriber: its queue stayed full, nothing taken from it, past limits.slow_subscriber_timeout_ms",
+            ),
             SessionEnd::Kicked(KickReason::Shutdown) => f.write_str("broker shutting down"),
             SessionEnd::Io(detail) => write!(f, "connection failed: {detail}"),
         }

@@ -19,8 +19,10 @@
 //! window (`max_inflight`). When an online subscriber's queue is full, a publication waits
 //! ([`Publication`]): the publisher's connection stops reading its socket and holds back its
 //! PUBACK/PUBREC until the delivery is queued, so TCP slows the publishing device instead of
-//! the broker dropping or buffering without bound. A subscriber whose queue stays full for
-//! `slow_subscriber_timeout` is slow: a QoS 1/2 publication waiting for it disconnects it,
+//! the broker dropping or buffering without bound. A subscriber whose queue stays full while it
+//! takes nothing from it for `slow_subscriber_timeout` (it stopped reading or acknowledging; a
+//! subscriber that is merely the slowest part of a busy flow keeps taking) is slow: a QoS 1/2
+//! publication waiting for it disconnects it,
 //! after which its session (if persistent) queues offline; QoS 0 to it is dropped while it
 //! stays full. Offline persistent sessions drop their oldest beyond the bounds and never queue
 //! QoS 0. Every drop is counted ([`crate::metrics::DropReason`]) and reported in the audit log,
@@ -79,7 +81,8 @@ pub struct Limits {
     /// QoS 1/2 deliveries handed to a connection and not yet acknowledged; also the QoS 2
     /// messages a client may have awaiting PUBREL.
     pub max_inflight: usize,
-    /// How long an online subscriber's queue may stay full while publishers wait for it.
+    /// How long an online subscriber's queue may stay full, with nothing taken from it, while
+    /// publishers wait for it.
     pub slow_subscriber_timeout: Duration,
     /// Subscriptions per session.
     pub max_subscriptions: usize,

@@ -7,9 +7,10 @@
 //!
 //! Bounds and what happens at them:
 //! - online, queue full: a delivery is refused ([`Offered::Full`]) so the publisher waits and
-//!   its client is slowed. If the queue stays full past the slow-subscriber timeout, a waiting
-//!   QoS 1/2 publication kicks the owner as a slow subscriber (the session is then treated as
-//!   offline), and QoS 0 deliveries to it are dropped and counted while it stays full.
+//!   its client is slowed. If the queue stays full and its owner takes nothing from it for the
+//!   slow-subscriber timeout (it stopped reading or acknowledging), a waiting QoS 1/2
+//!   publication kicks the owner as a slow subscriber (the session is then treated as offline),
+//!   and QoS 0 deliveries to it are dropped and counted while it stays so.
 //! - offline persistent: everything but QoS 0 is queued; beyond the bounds the oldest is
 //!   dropped, counted per session and reported as `queue_overflow`.
 //! - clean session gone: the session is discarded with whatever it held.
@@ -64,8 +65,10 @@ struct State {
     awaiting_release: Vec<u16>,
     /// Publishers waiting for room in the queue.
     space_waiters: Vec<Waker>,
-    /// Since when publishers have been refused for lack of room; cleared once the queue drains
-    /// to half its bound.
+    /// Since when publishers have been refused for lack of room without the owner taking
+    /// anything from the queue; cleared whenever it takes something. A subscriber that is
+    /// merely the slowest part of a busy flow keeps clearing it; one that stopped reading or
+    /// acknowledging does not.
     full_since: Option<Instant>,
     qos0_drops: Reporter,
     overflow_drops: Reporter,
@@ -449,9 +452,7 @@ impl Session {
         if popped == 0 {
             return handed;
         }
-        if state.queue.len() <= env.limits.max_queued_messages / 2 {
-            state.full_since = None;
-        }
+        state.full_since = None;
         self.update_accepting(&state, &env.limits);
         let waiters = if state.space_waiters.is_empty() {
             Vec::new()

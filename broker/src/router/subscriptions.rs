@@ -156,6 +156,12 @@ impl SubscriptionTree {
         }
     }
 
+    /// Whether no subscription is left (tests: removal prunes every node).
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.root.is_empty()
+    }
+
     /// Removes `session`'s subscription to `filter`; true if it was there. Empty nodes go.
     pub(crate) fn remove(&mut self, filter: &SubscriptionFilter<'_>, session: &Arc<Session>) -> bool {
         let levels: Vec<&str> = filter.filter.split('/').collect();

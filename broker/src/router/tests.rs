@@ -285,6 +285,38 @@ fn subscriptions_per_session_are_bounded() {
     sub.subscribe("t/8", QoS::AtMostOnce).unwrap();
 }
 
+#[test]
+fn many_subscribers_under_one_level_each_get_their_own_and_leave_no_trace() {
+    let router = router();
+    let sessions: Vec<Attached> = (0..40)
+        .map(|n| {
+            let (attached, _) = attach(&router, &format!("device:d{n}"), true);
+            attached
+                .subscribe(&format!("devices/d{n}/cmd"), QoS::AtLeastOnce)
+                .unwrap();
+            attached
+        })
+        .collect();
+    for n in 0..40 {
+        assert!(publish(&router, &format!("devices/d{n}/cmd"), &n.to_string(), QoS::AtLeastOnce).is_complete());
+    }
+    for (n, session) in sessions.iter().enumerate() {
+        let got = drain(session);
+        assert_eq!(got.len(), 1, "d{n}: {got:?}");
+        assert_eq!(got[0].1, n.to_string());
+    }
+    for (n, session) in sessions.iter().enumerate() {
+        assert!(session.unsubscribe(&format!("devices/d{n}/cmd")));
+    }
+    let tree = router.shared.tree.read().unwrap();
+    let mut targets = Vec::new();
+    tree.matches("devices/d1/cmd", &mut targets);
+    assert!(
+        targets.is_empty() && tree.is_empty(),
+        "every node went with its last subscription"
+    );
+}
+
 mod properties {
     use std::collections::BTreeMap;
 
