@@ -221,7 +221,7 @@ impl Connection {
     /// bytes added, `Ok(0)` once the client has closed.
     pub fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         loop {
-            let added = self.decrypt().map_err(std::io::Error::other)?;
+            let added = self.process(false).map_err(std::io::Error::other)?;
             if added > 0 {
                 return Poll::Ready(Ok(added));
             }
@@ -246,9 +246,10 @@ impl Connection {
         }
     }
 
-    /// Decrypts every whole TLS record read so far; the plaintext bytes it produced. Answers
-    /// rustls needs to send (a key update) are encoded for the next write.
-    fn decrypt(&mut self) -> Result<usize, rustls::Error> {
+    /// Runs rustls over the TLS records read so far: decrypts application data into the packet
+    /// buffer, encodes what rustls has to send itself (a key update), and, with `encrypt`, encrypts
+    /// the queued packets once it may. Returns the plaintext bytes added.
+    fn process(&mut self, encrypt: bool) -> Result<usize, rustls::Error> {
         let mut added = 0;
         loop {
             let UnbufferedStatus { mut discard, state } = self.tls.process_tls_records(&mut self.tls_in[..]);
@@ -269,10 +270,27 @@ impl Connection {
                     true
                 }
                 ConnectionState::TransmitTlsData(transmit) => {
+                    // Written in order with everything else in `tls_out`.
                     transmit.done();
                     true
                 }
-                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                // Edge-triggered: what follows says whether we may still send.
+                ConnectionState::PeerClosed => {
+                    self.peer_closed = true;
+                    true
+                }
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    if encrypt && !self.wbuf.is_empty() {
+                        let plaintext = &self.wbuf[..];
+                        encode_into(&mut self.tls_out, records_for(plaintext.len()), |out| {
+                            traffic.encrypt(plaintext, out).map_err(encrypt_size)
+                        })?;
+                        // Sent: an idle session holds no write buffer.
+                        self.wbuf = BytesMut::new();
+                    }
+                    false
+                }
+                ConnectionState::Closed => {
                     self.peer_closed = true;
                     false
                 }
@@ -280,6 +298,9 @@ impl Connection {
             };
             self.tls_in.advance(discard);
             if !more {
+                if encrypt && !self.wbuf.is_empty() {
+                    return Err(rustls::Error::General("the TLS connection can no longer send".into()));
+                }
                 return Ok(added);
             }
         }
@@ -300,13 +321,14 @@ impl Connection {
         self.wbuf.len() + self.tls_out.len()
     }
 
-    /// Encrypts what is queued and writes it. Ready(Ok(true)) if anything was written,
-    /// Ready(Ok(false)) if there was nothing to write, Pending while the socket is full.
+    /// Encrypts what is queued and writes it. Ready(Ok(true)) if anything was written (or, while
+    /// encrypting, client data decrypted), Ready(Ok(false)) if there was nothing to do, Pending
+    /// while the socket is full.
     pub fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<bool>> {
-        if !self.wbuf.is_empty() {
-            self.encrypt().map_err(std::io::Error::other)?;
-        }
         let mut wrote = false;
+        if !self.wbuf.is_empty() {
+            wrote = self.process(true).map_err(std::io::Error::other)? > 0;
+        }
         while !self.tls_out.is_empty() {
             match Pin::new(&mut self.tcp).poll_write(cx, &self.tls_out) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
@@ -324,55 +346,6 @@ impl Connection {
             self.tls_out = BytesMut::new();
         }
         Poll::Ready(Ok(wrote))
-    }
-
-    /// Encrypts the queued packets into TLS records.
-    fn encrypt(&mut self) -> Result<(), rustls::Error> {
-        loop {
-            let UnbufferedStatus { mut discard, state } = self.tls.process_tls_records(&mut self.tls_in[..]);
-            let done = match state? {
-                ConnectionState::WriteTraffic(mut traffic) => {
-                    let plaintext = &self.wbuf[..];
-                    encode_into(&mut self.tls_out, records_for(plaintext.len()), |out| {
-                        traffic.encrypt(plaintext, out).map_err(encrypt_size)
-                    })?;
-                    true
-                }
-                // Records read meanwhile are decrypted here so their order is kept.
-                ConnectionState::ReadTraffic(mut traffic) => {
-                    while let Some(record) = traffic.next_record() {
-                        let record = record?;
-                        discard += record.discard;
-                        self.rbuf.extend_from_slice(record.payload);
-                    }
-                    false
-                }
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    encode_into(&mut self.tls_out, records_for(1024), |out| {
-                        encode.encode(out).map_err(encode_size)
-                    })?;
-                    false
-                }
-                ConnectionState::TransmitTlsData(transmit) => {
-                    transmit.done();
-                    false
-                }
-                ConnectionState::PeerClosed => {
-                    self.peer_closed = true;
-                    false
-                }
-                // Closed, or still handshaking: nothing can be sent.
-                _ => return Err(rustls::Error::General("the TLS connection can no longer send".into())),
-            };
-            self.tls_in.advance(discard);
-            if done {
-                self.wbuf.clear();
-                if self.wbuf.capacity() > 0 {
-                    self.wbuf = BytesMut::new();
-                }
-                return Ok(());
-            }
-        }
     }
 
     /// Writes `packet` and everything queued before it, now.
