@@ -75,6 +75,8 @@ pub struct Connection {
     wbuf: BytesMut,
     /// The client sent close_notify, or closed the socket.
     peer_closed: bool,
+    /// rustls failed: nothing more is read or sent but its alert.
+    failed: bool,
     max_packet_bytes: usize,
 }
 
@@ -102,6 +104,7 @@ impl Connection {
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
             peer_closed: false,
+            failed: false,
             max_packet_bytes,
         };
         loop {
@@ -220,6 +223,9 @@ impl Connection {
     /// Reads and decrypts what the client sent into the packet buffer: the number of plaintext
     /// bytes added, `Ok(0)` once the client has closed.
     pub fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.failed {
+            return Poll::Ready(Err(std::io::Error::other("the TLS connection failed")));
+        }
         loop {
             let added = self.process(false).map_err(std::io::Error::other)?;
             if added > 0 {
@@ -250,10 +256,26 @@ impl Connection {
     /// buffer, encodes what rustls has to send itself (a key update), and, with `encrypt`, encrypts
     /// the queued packets once it may. Returns the plaintext bytes added.
     fn process(&mut self, encrypt: bool) -> Result<usize, rustls::Error> {
+        let processed = self.process_records(encrypt);
+        if processed.is_err() {
+            self.failed = true;
+        }
+        processed
+    }
+
+    fn process_records(&mut self, encrypt: bool) -> Result<usize, rustls::Error> {
         let mut added = 0;
         loop {
             let UnbufferedStatus { mut discard, state } = self.tls.process_tls_records(&mut self.tls_in[..]);
-            let more = match state? {
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => {
+                    // The discard is owed even now.
+                    self.tls_in.advance(discard);
+                    return Err(e);
+                }
+            };
+            let more = match state {
                 ConnectionState::ReadTraffic(mut traffic) => {
                     while let Some(record) = traffic.next_record() {
                         let record = record?;
@@ -355,25 +377,51 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends what is queued and TLS close_notify, and closes, giving up after `limit`.
+    /// Sends what is queued and TLS close_notify (or, after a TLS failure, rustls's alert),
+    /// and closes, giving up after `limit`.
     pub async fn close(mut self, limit: Duration) {
         let _ = tokio::time::timeout(limit, async {
-            while std::future::poll_fn(|cx| self.poll_write(cx)).await? {}
-            self.queue_close_notify();
+            if self.failed {
+                self.drain_alert();
+            } else {
+                while std::future::poll_fn(|cx| self.poll_write(cx)).await? {}
+                self.queue_close_notify();
+            }
             self.flush_tls().await?;
             self.tcp.shutdown().await
         })
         .await;
     }
 
+    /// Encodes close_notify, after whatever rustls still has to send itself.
     fn queue_close_notify(&mut self) {
-        let UnbufferedStatus { discard, state } = self.tls.process_tls_records(&mut self.tls_in[..]);
-        if let Ok(ConnectionState::WriteTraffic(mut traffic)) = state {
-            let _ = encode_into(&mut self.tls_out, RECORD_OVERHEAD, |out| {
-                traffic.queue_close_notify(out).map_err(encrypt_size)
-            });
+        loop {
+            let UnbufferedStatus { discard, state } = self.tls.process_tls_records(&mut self.tls_in[..]);
+            let more = match state {
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                    encode_into(&mut self.tls_out, records_for(1024), |out| {
+                        encode.encode(out).map_err(encode_size)
+                    })
+                    .is_ok()
+                }
+                Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                    transmit.done();
+                    true
+                }
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                    let _ = encode_into(&mut self.tls_out, RECORD_OVERHEAD, |out| {
+                        traffic.queue_close_notify(out).map_err(encrypt_size)
+                    });
+                    false
+                }
+                // Closed already, or the client's data still to read: no close_notify then.
+                _ => false,
+            };
+            self.tls_in.advance(discard);
+            if !more {
+                return;
+            }
         }
-        self.tls_in.advance(discard);
     }
 }
 

@@ -149,6 +149,15 @@ impl Broker {
                 "sessions still open after the grace period"
             );
         }
+        // Sessions live in memory: say what the restart will not find.
+        let queued = self.metrics.queued_messages();
+        if queued > 0 {
+            warn!(
+                event = "shutdown",
+                queued,
+                "{queued} messages queued for persistent sessions are lost with this process"
+            );
+        }
         Ok(())
     }
 }

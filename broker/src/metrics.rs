@@ -124,6 +124,11 @@ impl Metrics {
         self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// Deliveries waiting in session queues now.
+    pub fn queued_messages(&self) -> i64 {
+        self.queued_messages.load(Ordering::Relaxed)
+    }
+
     /// A publication waited for a full subscriber.
     pub fn publisher_waited(&self) {
         self.publisher_waits.fetch_add(1, Ordering::Relaxed);

@@ -3,11 +3,16 @@
 //! client, with writes coalesced.
 //!
 //! Flow control lives here as much as in the router. A publication that waits for a full
-//! subscriber ([`Publication`]) holds back the packets behind it (acknowledgements and PINGREQ
-//! still pass, so two clients publishing to each other cannot wedge), and reading stops while
-//! it waits, so TCP slows the client down. Reading also stops while too much output is waiting
-//! to be written, so a client that never reads cannot make the broker buffer replies for it.
+//! subscriber ([`Publication`]) holds back the packets behind it, in order; acknowledgements
+//! and PINGREQ still pass, read ahead of what is held up to [`HELD_BYTES`]: a client's whole
+//! window of publishes, so two clients publishing to each other, or a client reading its own
+//! retained messages, keep acknowledging. Beyond that budget reading stops, so TCP slows the
+//! client down; two clients that pipeline more than that to each other while both their queues
+//! are full hold each other up until one of them is found slow. Reading also stops while too much output
+//! is waiting to be written, so a client that never reads cannot make the broker buffer
+//! replies for it.
 
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -24,6 +29,7 @@ use crate::codec::{Inbound, InboundPublish, OutgoingPublish};
 use crate::connect::Established;
 use crate::connection::Connection;
 use crate::context::SessionContext;
+use crate::metrics::DropReason;
 use crate::reason::SessionEnd;
 use crate::router::{Message, Outgoing, Publication, QoS, SubscribeRefused};
 
@@ -45,12 +51,23 @@ struct Pump<'a> {
     session: &'a Established,
     conn: &'a mut Connection,
     waiting: Option<Waiting>,
-    /// A packet read while `waiting`, processed once it completes.
-    held: Option<Inbound>,
+    /// Packets read while `waiting` that may not overtake it, in order, handled once it
+    /// completes. Bounded by [`HELD_BYTES`]: beyond, reading stops.
+    held: VecDeque<Inbound>,
+    held_bytes: usize,
+    /// The client closed its side; what it sent before is still handled.
+    peer_closed: bool,
     last_read: Instant,
+    /// When output last went out: a client that reads is alive even while we do not read it.
+    last_write: Instant,
     /// The deadline the timer is set to.
     armed: Option<Instant>,
 }
+
+/// Bytes held behind a waiting publication, at most (each packet counts its topic, payload and
+/// bookkeeping). Enough for a client's whole window of small publishes (rumqttc keeps 100
+/// unacknowledged), so the acknowledgements it sends behind them are still read.
+const HELD_BYTES: usize = 128 * 1024;
 
 /// Moves packets both ways until something ends the session. Returns why, and a publication
 /// still waiting for room (which the caller completes: it may already have reached some
@@ -67,8 +84,11 @@ pub(crate) async fn pump(
         session,
         conn,
         waiting: None,
-        held: None,
+        held: VecDeque::new(),
+        held_bytes: 0,
+        peer_closed: false,
         last_read: Instant::now(),
+        last_write: Instant::now(),
         armed: None,
     };
     let end = poll_fn(|cx| pump.poll(cx, timer.as_mut())).await;
@@ -92,19 +112,32 @@ impl Pump<'_> {
                     progress = true;
                 }
             }
-            match self.handle_input() {
-                Ok(handled) => progress |= handled,
+            let handled = match self.handle_input() {
+                Ok(handled) => handled,
                 Err(end) => return Poll::Ready(end),
+            };
+            progress |= handled;
+            if self.peer_closed && !handled && (self.waiting.is_some() || self.conn.pending_output() < OUTPUT_HIGH) {
+                return Poll::Ready(self.end_of_input());
             }
             progress |= self.take_deliveries(cx);
             match self.conn.poll_write(cx) {
-                Poll::Ready(Ok(wrote)) => progress |= wrote,
+                Poll::Ready(Ok(wrote)) => {
+                    if wrote {
+                        self.last_write = Instant::now();
+                    }
+                    progress |= wrote;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(SessionEnd::Io(e.to_string())),
                 Poll::Pending => {}
             }
-            if self.may_read() {
+            if self.may_read() && !self.peer_closed {
                 match self.conn.poll_read(cx) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(SessionEnd::PeerClosed),
+                    Poll::Ready(Ok(0)) => {
+                        // Handle what came before the close first.
+                        self.peer_closed = true;
+                        progress = true;
+                    }
                     Poll::Ready(Ok(_)) => {
                         self.last_read = Instant::now();
                         progress = true;
@@ -125,10 +158,35 @@ impl Pump<'_> {
         Poll::Pending
     }
 
-    /// Reading waits while a packet is held behind a waiting publication, and while output
+    /// Reading waits while too much is held behind a waiting publication, and while output
     /// piles up.
     fn may_read(&self) -> bool {
-        self.held.is_none() && self.conn.pending_output() < OUTPUT_HIGH
+        !self.held_full() && self.conn.pending_output() < OUTPUT_HIGH
+    }
+
+    fn held_full(&self) -> bool {
+        self.held_bytes >= HELD_BYTES
+    }
+
+    /// Why the session ends once the client has closed and everything before was handled:
+    /// a DISCONNECT still held behind a waiting publication counts (no will), and QoS 0
+    /// publishes held there are lost (counted; QoS 1/2 ones were never acknowledged, so the
+    /// client has them).
+    fn end_of_input(&mut self) -> SessionEnd {
+        let held_qos0 = self
+            .held
+            .iter()
+            .filter(|p| matches!(p, Inbound::Publish(publish) if publish.qos == QoS::AtMostOnce))
+            .count();
+        self.ctx
+            .audit
+            .metrics()
+            .dropped(DropReason::SessionEnded, held_qos0 as u64);
+        if self.held.iter().any(|p| matches!(p, Inbound::Disconnect)) {
+            SessionEnd::ClientDisconnect
+        } else {
+            SessionEnd::PeerClosed
+        }
     }
 
     /// Sets the timer to the next deadline (keepalive, a waiting subscriber's timeout); the end
@@ -138,10 +196,18 @@ impl Pump<'_> {
             let now = Instant::now();
             let keepalive = self.session.keepalive.map(|limit| self.last_read + limit);
             if keepalive.is_some_and(|at| at <= now) {
-                if self.may_read() {
+                // We stopped reading, not the client: its packets wait in the socket. While we
+                // wait for a publication that is so; while output piles up, only as long as the
+                // client still reads what we write.
+                let ours = self.held_full()
+                    || (self.conn.pending_output() >= OUTPUT_HIGH
+                        && self
+                            .session
+                            .keepalive
+                            .is_some_and(|limit| now.duration_since(self.last_write) < limit));
+                if !ours {
                     return Some(SessionEnd::KeepaliveTimeout);
                 }
-                // We stopped reading, not the client: its packets wait in the socket.
                 self.last_read = now;
                 continue;
             }
@@ -197,7 +263,8 @@ impl Pump<'_> {
         handed > 0
     }
 
-    /// Handles the packets already read, as far as allowed. True if any was handled.
+    /// Handles the packets already read, as far as allowed: while a publication waits, only
+    /// those that may overtake it, the others held in order. True if any was handled or held.
     fn handle_input(&mut self) -> Result<bool, SessionEnd> {
         let mut handled = false;
         let mut published = 0u64;
@@ -205,19 +272,25 @@ impl Pump<'_> {
             if self.conn.pending_output() >= OUTPUT_HIGH {
                 break Ok(());
             }
-            let packet = match self.held.take() {
-                Some(packet) => packet,
-                None => match self.conn.next_packet() {
+            let packet = if self.waiting.is_none() && !self.held.is_empty() {
+                let packet = self.held.pop_front().expect("not empty");
+                self.held_bytes -= held_size(&packet);
+                packet
+            } else if self.held_full() {
+                break Ok(());
+            } else {
+                match self.conn.next_packet() {
                     Ok(Some(packet)) => packet,
                     Ok(None) => break Ok(()),
                     Err(e) => break Err(SessionEnd::Protocol(e.to_string())),
-                },
+                }
             };
-            if self.waiting.is_some() && !passes_a_waiting_publication(&packet) {
-                self.held = Some(packet);
-                break Ok(());
-            }
             handled = true;
+            if self.waiting.is_some() && !passes_a_waiting_publication(&packet) {
+                self.held_bytes += held_size(&packet);
+                self.held.push_back(packet);
+                continue;
+            }
             published += u64::from(matches!(packet, Inbound::Publish(_)));
             if let Err(end) = self.on_packet(packet) {
                 break Err(end);
@@ -380,6 +453,15 @@ fn passes_a_waiting_publication(packet: &Inbound) -> bool {
         packet,
         Inbound::PubAck(_) | Inbound::PubRec(_) | Inbound::PubComp(_) | Inbound::PubRel(_) | Inbound::PingReq
     )
+}
+
+/// What a held packet counts against [`HELD_BYTES`].
+fn held_size(packet: &Inbound) -> usize {
+    let bookkeeping = std::mem::size_of::<Inbound>();
+    match packet {
+        Inbound::Publish(publish) => bookkeeping + publish.topic.len() + publish.payload.len(),
+        _ => bookkeeping,
+    }
 }
 
 /// What a client is owed for a PUBLISH of `qos`.

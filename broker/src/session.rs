@@ -44,7 +44,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<SessionContext>) {
     Box::pin(finish(established, conn, end, waiting, peer, &ctx)).await;
 }
 
-/// Closes TLS, completes what the session left waiting, detaches it from the router, publishes
+/// Closes TLS, detaches the session from the router, completes what it left waiting, publishes
 /// the will if the end calls for it and logs why the session ended.
 async fn finish(
     session: Established,
@@ -54,8 +54,18 @@ async fn finish(
     peer: SocketAddr,
     ctx: &SessionContext,
 ) {
+    let Established {
+        identity,
+        serial,
+        client_id,
+        kick,
+        attached,
+        registration,
+        will,
+        ..
+    } = session;
     // The client learns first, unless another connection took its client id over (see below).
-    let successor = session.kick.successor().cloned();
+    let successor = kick.successor().cloned();
     let conn = match successor {
         None => {
             conn.close(CLOSE_GRACE).await;
@@ -63,23 +73,20 @@ async fn finish(
         }
         Some(_) => Some(conn),
     };
+    // Offline from now on: a persistent session queues for the next connection, a clean one
+    // ends, and publishers waiting for it go on.
+    drop(attached);
     // Some subscribers may have the message already; the rest get it too (bounded by the slow
     // subscriber timeout), so a client that resends it after a reconnect causes at most a
     // duplicate, and a QoS 2 resend (already recorded as received) none. A broker shutting down
-    // does not wait.
-    if let Some(waiting) = waiting.filter(|_| end != SessionEnd::Kicked(KickReason::Shutdown)) {
-        waiting.finish().await;
+    // does not wait: what is left is counted.
+    if let Some(waiting) = waiting {
+        if end == SessionEnd::Kicked(KickReason::Shutdown) {
+            waiting.abandon();
+        } else {
+            waiting.finish().await;
+        }
     }
-    let Established {
-        identity,
-        serial,
-        client_id,
-        attached,
-        registration,
-        will,
-        ..
-    } = session;
-    drop(attached);
     if let Some(will) = will.filter(|_| end.fires_will()) {
         let topic = String::from_utf8_lossy(&will.topic);
         let qos = QoS::from_u8(will.qos as u8).unwrap_or(QoS::AtMostOnce);

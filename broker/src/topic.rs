@@ -22,7 +22,14 @@ pub enum FilterError {
     /// `$share/` without a group and a filter.
     #[error("a shared subscription needs $share/<group>/<filter>")]
     BadSharedSubscription,
+    /// More levels than [`MAX_LEVELS`].
+    #[error("it has more than {MAX_LEVELS} levels")]
+    TooManyLevels,
 }
+
+/// The most levels a topic or filter may have. MQTT sets no limit, but every level is a node in
+/// the broker's trees and a step of its walks; 128 is as many as EMQX allows by default.
+pub const MAX_LEVELS: usize = 128;
 
 fn validate_common(s: &str) -> Result<(), FilterError> {
     if s.is_empty() {
@@ -30,6 +37,9 @@ fn validate_common(s: &str) -> Result<(), FilterError> {
     }
     if s.contains('\0') {
         return Err(FilterError::Nul);
+    }
+    if s.bytes().filter(|b| *b == b'/').count() >= MAX_LEVELS {
+        return Err(FilterError::TooManyLevels);
     }
     Ok(())
 }
@@ -181,6 +191,10 @@ mod tests {
         assert_eq!(validate_filter("a+/b"), Err(FilterError::MisplacedWildcard));
         assert_eq!(validate_topic_name("a/+/b"), Err(FilterError::WildcardInTopic));
         assert_eq!(validate_topic_name(""), Err(FilterError::Empty));
+        let deep = vec!["a"; MAX_LEVELS + 1].join("/");
+        assert_eq!(validate_topic_name(&deep), Err(FilterError::TooManyLevels));
+        assert_eq!(validate_filter(&deep), Err(FilterError::TooManyLevels));
+        assert!(validate_topic_name(&vec!["a"; MAX_LEVELS].join("/")).is_ok());
         assert_eq!(
             SubscriptionFilter::parse("$share/g"),
             Err(FilterError::BadSharedSubscription)

@@ -441,3 +441,93 @@ async fn no_client_can_stall_the_broker() {
     sender.abort();
     drop(greedy);
 }
+
+/// Publishes `count` QoS 1 messages on `to`, at most `window` unacknowledged (as client
+/// libraries keep them), while it reads what arrives on the same connection and acknowledges it
+/// at once; returns (PUBACKs received, messages received).
+async fn publish_and_receive(client: RawClient, to: String, count: usize, window: usize) -> (usize, usize) {
+    let (mut rd, mut wr) = tokio::io::split(client.tls);
+    let (acks_tx, mut acks_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let permits = Arc::new(tokio::sync::Semaphore::new(window));
+    let reader = {
+        let permits = permits.clone();
+        tokio::spawn(async move {
+            let (mut buf, mut chunk, mut acked, mut received) = (Vec::new(), vec![0u8; 16 * 1024], 0, 0);
+            while acked < count || received < count {
+                match tokio::time::timeout(Duration::from_secs(20), rd.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => break,
+                }
+                let (mut acks, mut now_acked) = (Vec::new(), 0);
+                split_packets(&mut buf, |first, body| match first >> 4 {
+                    kind::PUBACK => now_acked += 1,
+                    kind::PUBLISH => {
+                        received += 1;
+                        let at = 2 + usize::from(u16::from_be_bytes([body[0], body[1]]));
+                        acks.extend_from_slice(&packets::puback(u16::from_be_bytes([body[at], body[at + 1]])));
+                    }
+                    _ => {}
+                });
+                acked += now_acked;
+                permits.add_permits(now_acked);
+                if !acks.is_empty() && acks_tx.send(acks).is_err() {
+                    break;
+                }
+            }
+            (acked, received)
+        })
+    };
+    let writer = tokio::spawn(async move {
+        let mut sent = 0;
+        loop {
+            let mut out = Vec::new();
+            tokio::select! {
+                Some(acks) = acks_rx.recv() => out = acks,
+                Ok(permit) = permits.acquire(), if sent < count => {
+                    permit.forget();
+                    sent += 1;
+                    Publish::new(&to, b"ping-pong", 1, (sent % 60_000) as u16 + 1).write(&mut out);
+                }
+                else => return,
+            }
+            while let Ok(acks) = acks_rx.try_recv() {
+                out.extend_from_slice(&acks);
+            }
+            if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let result = reader.await.unwrap();
+    writer.abort();
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_publishing_to_each_other_through_full_queues_never_wedge() {
+    const EACH: usize = 5_000;
+    let fleet = TestFleet::new();
+    let svc = ClientFiles::service(&fleet.service("peer"));
+    let broker = start(
+        &fleet,
+        &[
+            ("BROKER__LIMITS__MAX_QUEUED_MESSAGES", "10"),
+            ("BROKER__LIMITS__MAX_INFLIGHT", "5"),
+            ("BROKER__LIMITS__SLOW_SUBSCRIBER_TIMEOUT_MS", "3000"),
+        ],
+    );
+    let mut a = connect(&broker, &svc, "a", true).await;
+    subscribe(&mut a, "to/a", 1).await;
+    let mut b = connect(&broker, &svc, "b", true).await;
+    subscribe(&mut b, "to/b", 1).await;
+    // 100 unacknowledged: rumqttc's default.
+    let a = tokio::spawn(publish_and_receive(a, "to/b".into(), EACH, 100));
+    let b = tokio::spawn(publish_and_receive(b, "to/a".into(), EACH, 100));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert_eq!(a, (EACH, EACH), "a: (PUBACKs, messages)");
+    assert_eq!(b, (EACH, EACH), "b: (PUBACKs, messages)");
+    assert!(
+        !broker.events().iter().any(|e| e["event"] == "slow_subscriber"),
+        "neither was found slow"
+    );
+}

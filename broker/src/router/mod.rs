@@ -55,6 +55,7 @@ mod subscriptions;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
@@ -193,8 +194,10 @@ impl Router {
                 (session, false)
             }
         };
-        drop(sessions);
+        // Under the registry's lock: a clean session replacing this one meanwhile would leave us
+        // attached to a discarded session.
         session.attach(generation, kick, max_inflight.max(1), !clean, env);
+        drop(sessions);
         Attached {
             router: self.clone(),
             session,
@@ -384,9 +387,35 @@ impl Publication {
         }
     }
 
-    /// Drives the publication to completion (wills, and a connection's last publication).
+    /// Gives up on what still waits (the broker is shutting down), counted as dropped.
+    pub fn abandon(self) {
+        let waiting = match &self.waiting {
+            Waiting::Routed(waiting) => waiting.len(),
+            Waiting::Backlog(_, deliveries) => deliveries.len(),
+        };
+        if let Some(router) = &self.router {
+            router.env().metrics.dropped(DropReason::SessionEnded, waiting as u64);
+        }
+    }
+
+    /// Drives the publication to completion (wills, and a connection's last publication),
+    /// looking again at each waiting subscriber's deadline so that a stuck one is kicked.
     pub async fn finish(mut self) {
-        std::future::poll_fn(|cx| self.poll(cx)).await;
+        let timer = tokio::time::sleep(Duration::ZERO);
+        let mut timer = std::pin::pin!(timer);
+        std::future::poll_fn(|cx| loop {
+            if self.poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            let Some(deadline) = self.deadline else {
+                return Poll::Pending;
+            };
+            timer.as_mut().reset(deadline.into());
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        })
+        .await;
     }
 }
 
@@ -401,7 +430,7 @@ fn offer_when_room(
     env: &Env,
 ) -> Result<(), (Delivery, Instant)> {
     loop {
-        if let Some(due) = session.wait_for_room(cx.waker(), delivery.qos, now, policy, env) {
+        if let Some(due) = session.wait_for_room(cx.waker(), &delivery, now, policy, env) {
             return Err((delivery, due));
         }
         match session.offer(delivery, policy, now, env) {
@@ -431,12 +460,17 @@ impl Attached {
     pub fn subscribe(&self, filter: &str, qos: QoS) -> Result<(), SubscribeRefused> {
         let parsed = SubscriptionFilter::parse(filter).map_err(|_| SubscribeRefused::Invalid)?;
         let tree = &self.router.shared.tree;
-        self.session
-            .add_subscription(filter, qos, self.router.env().limits.max_subscriptions, || {
+        self.session.add_subscription(
+            self.generation,
+            filter,
+            qos,
+            self.router.env().limits.max_subscriptions,
+            || {
                 tree.write()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(&parsed, &self.session, qos)
-            })
+            },
+        )
     }
 
     /// The retained messages that new subscriptions to `granted` (filter, QoS) match, as a
@@ -474,7 +508,7 @@ impl Attached {
             return false;
         };
         let tree = &self.router.shared.tree;
-        self.session.remove_subscription(filter, || {
+        self.session.remove_subscription(self.generation, filter, || {
             tree.write()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&parsed, &self.session);
@@ -507,13 +541,13 @@ impl Attached {
     /// resend of one already routed and not yet released.
     pub fn receive_exactly_once(&self, pkid: u16) -> Result<bool, TooManyUnreleased> {
         self.session
-            .receive_exactly_once(pkid, &self.router.env().limits)
+            .receive_exactly_once(self.generation, pkid, &self.router.env().limits)
             .map_err(|_| TooManyUnreleased)
     }
 
     /// PUBREL from the client: the QoS 2 exchange for `pkid` is over.
     pub fn release(&self, pkid: u16) {
-        self.session.release(pkid);
+        self.session.release(self.generation, pkid);
     }
 }
 

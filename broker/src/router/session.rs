@@ -345,14 +345,15 @@ impl Session {
     pub(crate) fn wait_for_room(
         &self,
         waker: &Waker,
-        qos: QoS,
+        delivery: &Delivery,
         now: Instant,
         policy: Policy,
         env: &Env,
     ) -> Option<Instant> {
         let mut state = self.lock();
         let online = state.owner.as_ref().is_some_and(|o| o.kick.reason().is_none());
-        if !online || state.discarded || state.has_room(0, &env.limits) {
+        // The same test as `offer`'s, so that "room" here is never "full" there.
+        if !online || state.discarded || state.has_room(delivery.message.size(), &env.limits) {
             return None;
         }
         if !state.space_waiters.iter().any(|w| w.will_wake(waker)) {
@@ -363,7 +364,7 @@ impl Session {
         }
         let since = *state.full_since.get_or_insert(now);
         let due = since + env.limits.slow_subscriber_timeout;
-        if now >= due && qos == QoS::AtMostOnce {
+        if now >= due && delivery.qos == QoS::AtMostOnce {
             return None;
         }
         if now >= due {
@@ -389,7 +390,6 @@ impl Session {
         env: &Env,
         out: &mut dyn FnMut(Outgoing<'_>),
     ) -> usize {
-        self.consumer.register(cx.waker());
         let mut state = self.lock();
         let Some(max_inflight) = state
             .owner
@@ -399,6 +399,9 @@ impl Session {
         else {
             return 0;
         };
+        // Only the owner registers (a connection taken over must not take its successor's
+        // wake-ups), and under the lock, so an offer that follows finds it.
+        self.consumer.register(cx.waker());
         let mut handed = 0;
         for entry in state.inflight.iter_mut().filter(|e| !e.sent) {
             if handed == budget {
@@ -511,8 +514,17 @@ impl Session {
 
     /// A QoS 2 PUBLISH from the client with `pkid`: true if it is new and must be routed, false
     /// if it is a resend of one not yet released (answer PUBREC, do not route it again).
-    pub(crate) fn receive_exactly_once(&self, pkid: u16, limits: &Limits) -> Result<bool, TooManyUnreleased> {
+    pub(crate) fn receive_exactly_once(
+        &self,
+        generation: u64,
+        pkid: u16,
+        limits: &Limits,
+    ) -> Result<bool, TooManyUnreleased> {
         let mut state = self.lock();
+        if !state.owned_by(generation) {
+            // A connection taken over: its session is someone else's now. Not routed.
+            return Ok(false);
+        }
         if state.awaiting_release.contains(&pkid) {
             return Ok(false);
         }
@@ -524,8 +536,11 @@ impl Session {
     }
 
     /// PUBREL from the client.
-    pub(crate) fn release(&self, pkid: u16) {
-        self.lock().awaiting_release.retain(|p| *p != pkid);
+    pub(crate) fn release(&self, generation: u64, pkid: u16) {
+        let mut state = self.lock();
+        if state.owned_by(generation) {
+            state.awaiting_release.retain(|p| *p != pkid);
+        }
     }
 
     /// Records a subscription (replacing one with the same filter) and runs `insert` (the tree
@@ -533,13 +548,14 @@ impl Session {
     /// that was discarded meanwhile. Refused beyond `max` subscriptions.
     pub(crate) fn add_subscription(
         &self,
+        generation: u64,
         filter: &str,
         qos: QoS,
         max: usize,
         insert: impl FnOnce(),
     ) -> Result<(), SubscribeRefused> {
         let mut state = self.lock();
-        if state.discarded {
+        if state.discarded || !state.owned_by(generation) {
             return Err(SubscribeRefused::SessionEnded);
         }
         let count = state.subscriptions.len();
@@ -554,8 +570,11 @@ impl Session {
 
     /// Forgets a subscription, running `remove` (the tree update) under the session's lock;
     /// true if it existed.
-    pub(crate) fn remove_subscription(&self, filter: &str, remove: impl FnOnce()) -> bool {
+    pub(crate) fn remove_subscription(&self, generation: u64, filter: &str, remove: impl FnOnce()) -> bool {
         let mut state = self.lock();
+        if !state.owned_by(generation) {
+            return false;
+        }
         let before = state.subscriptions.len();
         state.subscriptions.retain(|(f, _)| &**f != filter);
         let existed = state.subscriptions.len() != before;

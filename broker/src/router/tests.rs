@@ -317,6 +317,41 @@ fn many_subscribers_under_one_level_each_get_their_own_and_leave_no_trace() {
     );
 }
 
+#[test]
+fn a_message_too_big_for_the_queue_left_waits_for_room_without_spinning() {
+    let limits = Limits {
+        max_queued_bytes: 100,
+        ..limits()
+    };
+    let router = Router::new(limits, Audit::new(Arc::new(Metrics::default())));
+    let (sub, _) = attach(&router, "sub", true);
+    sub.subscribe("t", QoS::AtLeastOnce).unwrap();
+    assert!(publish(&router, "t", &"a".repeat(80), QoS::AtLeastOnce).is_complete());
+    // 81 + 41 bytes would pass the bound: the second waits (a zero-byte check said "room").
+    let mut waiting = publish(&router, "t", &"b".repeat(40), QoS::AtLeastOnce);
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(waiting.poll(&mut cx).is_pending());
+    assert!(waiting.deadline().is_some());
+    drain(&sub);
+    assert!(waiting.poll(&mut cx).is_ready());
+}
+
+#[tokio::test]
+async fn finishing_a_publication_kicks_a_stuck_subscriber_at_its_deadline() {
+    let router = router();
+    let (sub, kick) = attach(&router, "sub", false);
+    sub.subscribe("t", QoS::AtLeastOnce).unwrap();
+    for n in 0..10 {
+        assert!(publish(&router, "t", &n.to_string(), QoS::AtLeastOnce).is_complete());
+    }
+    let waiting = publish(&router, "t", "last", QoS::AtLeastOnce);
+    assert!(!waiting.is_complete());
+    tokio::time::timeout(Duration::from_secs(5), waiting.finish())
+        .await
+        .expect("finished once the subscriber's time ran out");
+    assert_eq!(kick.reason(), Some(KickReason::SlowSubscriber));
+}
+
 mod properties {
     use std::collections::BTreeMap;
 
