@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Eclipse Paho's MQTT interoperability client suite against our broker, over mutual TLS with a service
-# identity. The suite and its runner are not in this repository: they live in the workplace beside it
-# (../shared/conformance/paho), or wherever PAHO_DIR points.
+# identity. The suite and its runner are not in this repository: they live in the workplace's shared
+# folder (../shared/conformance/paho beside the repository, or /work/shared/conformance/paho), or
+# wherever PAHO_DIR points.
 #
 # Usage: scripts/paho.sh [BIN_DIR] [3|5]   (BIN_DIR holds `broker` and `provision`; default target/debug)
 # Passes when every test passes except test_subscribe_failure, which expects the broker to refuse a
@@ -11,10 +12,15 @@ set -u
 cd "$(dirname "$0")/.."
 bin=${1:-target/debug}
 version=${2:-3}
-suite=${PAHO_DIR:-../shared/conformance/paho}
-if [ ! -x "$suite/run.sh" ]; then
-  echo "scripts/paho.sh: Eclipse Paho's interoperability suite is not at $suite (no run.sh there):" \
-    "set PAHO_DIR to the folder that holds it" >&2
+suite=${PAHO_DIR:-}
+if [ -z "$suite" ]; then
+  for candidate in ../shared/conformance/paho /work/shared/conformance/paho; do
+    [ -x "$candidate/run.sh" ] && { suite=$candidate; break; }
+  done
+fi
+if [ -z "$suite" ] || [ ! -x "$suite/run.sh" ]; then
+  echo "scripts/paho.sh: Eclipse Paho's interoperability suite (its run.sh) is not in" \
+    "${suite:-../shared/conformance/paho or /work/shared/conformance/paho}: set PAHO_DIR to the folder that holds it" >&2
   exit 1
 fi
 for program in broker provision; do
