@@ -130,31 +130,15 @@ impl Connection {
         }
     }
 
-    /// Processes what the client sent during the handshake.
+    /// Processes what the client sent during the handshake (a CONNECT right behind its
+    /// Finished is decrypted too, and waits in the packet buffer).
     fn handshake_step(&mut self) -> Result<HandshakeStep, rustls::Error> {
-        loop {
-            let UnbufferedStatus { discard, state } = self.tls.process_tls_records(&mut self.tls_in[..]);
-            let step = match state? {
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    encode_into(&mut self.tls_out, records_for(1024), |out| {
-                        encode.encode(out).map_err(encode_size)
-                    })?;
-                    None
-                }
-                ConnectionState::TransmitTlsData(transmit) => {
-                    // What was encoded goes out (in order) before the next read.
-                    transmit.done();
-                    None
-                }
-                ConnectionState::BlockedHandshake => Some(HandshakeStep::Read),
-                // Application data (a CONNECT right behind the Finished) is decrypted later.
-                _ => Some(HandshakeStep::Done),
-            };
-            self.tls_in.advance(discard);
-            if let Some(step) = step {
-                return Ok(step);
-            }
-        }
+        self.process(false)?;
+        Ok(if self.tls.is_handshaking() {
+            HandshakeStep::Read
+        } else {
+            HandshakeStep::Done
+        })
     }
 
     /// Encodes what rustls still has to say (a fatal alert after an error). Only while it has

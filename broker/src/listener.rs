@@ -154,8 +154,7 @@ impl Broker {
         if queued > 0 {
             warn!(
                 event = "shutdown",
-                queued,
-                "{queued} messages queued for persistent sessions are lost with this process"
+                queued, "{queued} messages queued for persistent sessions are lost with this process"
             );
         }
         Ok(())

@@ -335,7 +335,7 @@ impl Session {
         outcome
     }
 
-    /// After a refused offer of a delivery at `qos`: registers `waker` for room. Returns when to
+    /// After `delivery` was refused: registers `waker` for room. Returns when to
     /// check again (the slow-subscriber timeout's end), or `None` if the caller should offer
     /// again now. Once the queue has been full for the timeout, a QoS 1/2 delivery kicks the
     /// owner as a slow subscriber, and a QoS 0 delivery stops waiting (offered again, it is
