@@ -195,30 +195,23 @@ pub struct OutgoingPublish<'a> {
     pub retain: bool,
 }
 
-/// Appends a PUBLISH to `buf`.
-pub fn encode_publish(publish: &OutgoingPublish<'_>, buf: &mut BytesMut) {
+/// Appends a PUBLISH to `buf`; refused only beyond MQTT's largest packet (256 MiB), which
+/// `limits.max_packet_bytes` keeps every message below.
+pub fn encode_publish(publish: &OutgoingPublish<'_>, buf: &mut BytesMut) -> Result<(), FrameError> {
     let with_pkid = publish.qos != QoS::AtMostOnce;
     let remaining = 2 + publish.topic.len() + if with_pkid { 2 } else { 0 } + publish.payload.len();
     buf.reserve(remaining + 5);
     buf.put_u8(
         0b0011_0000 | (u8::from(publish.dup && with_pkid) << 3) | ((publish.qos as u8) << 1) | u8::from(publish.retain),
     );
-    let mut len = remaining;
-    loop {
-        let byte = (len % 128) as u8;
-        len /= 128;
-        if len == 0 {
-            buf.put_u8(byte);
-            break;
-        }
-        buf.put_u8(byte | 0x80);
-    }
+    v4::write_remaining_length(buf, remaining).map_err(|e| FrameError::Malformed(e.to_string()))?;
     buf.put_u16(publish.topic.len() as u16);
     buf.put_slice(publish.topic.as_bytes());
     if with_pkid {
         buf.put_u16(publish.pkid);
     }
     buf.put_slice(publish.payload);
+    Ok(())
 }
 
 fn v4_connack(ack: ConnAck) -> ConnAck {
@@ -326,7 +319,7 @@ mod tests {
                 dup,
                 retain,
             };
-            encode_publish(&publish, &mut buf);
+            encode_publish(&publish, &mut buf).unwrap();
             let Some(Inbound::Publish(decoded)) = decode(&mut buf, 1024).unwrap() else {
                 panic!("a PUBLISH");
             };

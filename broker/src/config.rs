@@ -9,6 +9,9 @@ use serde::Deserialize;
 
 use crate::acl::AclConfig;
 
+/// The largest remaining length MQTT's four-byte length field can say.
+const MQTT_MAX_PACKET: usize = 268_435_455;
+
 /// Everything `broker.toml` can say.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -181,8 +184,11 @@ impl BrokerConfig {
         if self.limits.handshake_timeout_ms == 0 || self.limits.connect_timeout_ms == 0 {
             return Err(invalid("limits", "timeouts must be at least 1 ms"));
         }
-        if self.limits.max_packet_bytes < 64 {
-            return Err(invalid("limits.max_packet_bytes", "must be at least 64"));
+        if !(64..=MQTT_MAX_PACKET).contains(&self.limits.max_packet_bytes) {
+            return Err(invalid(
+                "limits.max_packet_bytes",
+                "must be between 64 and 268435455 (the largest packet MQTT can frame)",
+            ));
         }
         let at_least_one: [(&'static str, usize); 6] = [
             ("limits.max_queued_messages", self.limits.max_queued_messages),

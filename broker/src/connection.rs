@@ -318,8 +318,8 @@ impl Connection {
     }
 
     /// Encodes a PUBLISH for writing.
-    pub fn queue_publish(&mut self, publish: &OutgoingPublish<'_>) {
-        codec::encode_publish(publish, &mut self.wbuf);
+    pub fn queue_publish(&mut self, publish: &OutgoingPublish<'_>) -> Result<(), FrameError> {
+        codec::encode_publish(publish, &mut self.wbuf)
     }
 
     /// Bytes encoded and not yet written.

@@ -25,7 +25,7 @@ use rumqttd::protocol::{
 use tokio::time::Sleep;
 
 use crate::acl::{OnDeniedPublish, Verdict};
-use crate::codec::{Inbound, InboundPublish, OutgoingPublish};
+use crate::codec::{FrameError, Inbound, InboundPublish, OutgoingPublish};
 use crate::connect::Established;
 use crate::connection::Connection;
 use crate::context::SessionContext;
@@ -238,10 +238,9 @@ impl Pump<'_> {
             return false;
         }
         let (session, conn) = (self.session, &mut *self.conn);
-        let mut published = 0u64;
-        let handed = session
-            .attached
-            .poll_outgoing(cx, DELIVERY_BATCH, &mut |outgoing| match outgoing {
+        let (mut published, mut failed) = (0u64, None);
+        let handed = session.attached.poll_outgoing(cx, DELIVERY_BATCH, &mut |outgoing| {
+            let queued = match outgoing {
                 Outgoing::Publish { delivery, pkid, dup } => {
                     published += 1;
                     conn.queue_publish(&OutgoingPublish {
@@ -251,14 +250,17 @@ impl Pump<'_> {
                         pkid,
                         dup,
                         retain: delivery.retain,
-                    });
+                    })
                 }
-                Outgoing::PubRel(pkid) => {
-                    let _ = conn.queue(pubrel(pkid));
-                }
-            });
+                Outgoing::PubRel(pkid) => conn.queue(pubrel(pkid)),
+            };
+            failed = failed.take().or(queued.err());
+        });
         if published > 0 {
             self.ctx.audit.metrics().messages_out(published);
+        }
+        if let Some(e) = failed {
+            self.encoding_failed(&e);
         }
         handed > 0
     }
@@ -304,8 +306,12 @@ impl Pump<'_> {
 
     fn reply(&mut self, packet: Packet) {
         if let Err(e) = self.conn.queue(packet) {
-            tracing::error!(device_id = %self.session.identity.id, error = %e, "could not encode a packet for the client; dropped");
+            self.encoding_failed(&e);
         }
+    }
+
+    fn encoding_failed(&self, error: &FrameError) {
+        tracing::error!(device_id = %self.session.identity.id, %error, "could not encode a packet for the client; dropped");
     }
 
     fn on_packet(&mut self, packet: Inbound) -> Result<(), SessionEnd> {

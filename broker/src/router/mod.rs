@@ -542,7 +542,6 @@ impl Attached {
     pub fn receive_exactly_once(&self, pkid: u16) -> Result<bool, TooManyUnreleased> {
         self.session
             .receive_exactly_once(self.generation, pkid, &self.router.env().limits)
-            .map_err(|_| TooManyUnreleased)
     }
 
     /// PUBREL from the client: the QoS 2 exchange for `pkid` is over.
