@@ -40,6 +40,65 @@ pub struct BrokerConfig {
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The durable store. Absent: persistent sessions and retained messages live in memory only
+    /// and a restart loses them (said at start).
+    #[serde(default)]
+    pub persistence: Option<PersistenceConfig>,
+}
+
+/// `[persistence]`: where persistent sessions and retained messages survive restarts.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersistenceConfig {
+    /// The directory of the store (created 0700; relative to this file).
+    pub dir: PathBuf,
+    /// `always` (the default): a QoS 1/2 publish that reaches a persistent session is
+    /// acknowledged only once it is fsynced. `interval`: acknowledged at once and fsynced every
+    /// `interval_ms`; a crash or power cut loses up to that much acknowledged traffic.
+    #[serde(default)]
+    pub sync: SyncMode,
+    /// With `sync = "interval"`: how often the store commits. Default 100 ms.
+    #[serde(default = "default_sync_interval_ms")]
+    pub interval_ms: u64,
+    /// Topic and payload bytes queued on disk for persistent sessions, at most; beyond, an
+    /// offline session drops its oldest (`queue_overflow`). Default 1 GiB.
+    #[serde(default = "default_persistence_max_bytes")]
+    pub max_bytes: u64,
+}
+
+/// `persistence.sync`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Acknowledge only what is fsynced.
+    #[default]
+    Always,
+    /// Acknowledge at once, fsync every `interval_ms`.
+    Interval,
+}
+
+fn default_sync_interval_ms() -> u64 {
+    100
+}
+
+fn default_persistence_max_bytes() -> u64 {
+    1024 * 1024 * 1024
+}
+
+impl PersistenceConfig {
+    /// The store's settings.
+    pub fn settings(&self) -> crate::store::StoreSettings {
+        crate::store::StoreSettings {
+            dir: self.dir.clone(),
+            sync: match self.sync {
+                SyncMode::Always => crate::store::SyncPolicy::Always,
+                SyncMode::Interval => {
+                    crate::store::SyncPolicy::Interval(std::time::Duration::from_millis(self.interval_ms))
+                }
+            },
+            max_bytes: self.max_bytes,
+        }
+    }
 }
 
 /// `[limits]`: what one peer, or all of them, may cost.
@@ -165,6 +224,9 @@ impl BrokerConfig {
         if let Some(crl) = &mut loaded.crl {
             *crl = base.join(&*crl);
         }
+        if let Some(persistence) = &mut loaded.persistence {
+            persistence.dir = base.join(&persistence.dir);
+        }
         loaded.validate(path)?;
         Ok(loaded)
     }
@@ -209,6 +271,14 @@ impl BrokerConfig {
                 "limits.max_inflight",
                 "must be between 1 and 65000 (MQTT packet ids are 16 bits)",
             ));
+        }
+        if let Some(persistence) = &self.persistence {
+            if persistence.sync == SyncMode::Interval && persistence.interval_ms == 0 {
+                return Err(invalid("persistence.interval_ms", "must be at least 1"));
+            }
+            if persistence.max_bytes == 0 {
+                return Err(invalid("persistence.max_bytes", "must be at least 1"));
+            }
         }
         self.acl.validate().map_err(|e| ConfigError::Invalid {
             path: path.to_owned(),

@@ -3,7 +3,8 @@
 //! The broker terminates mutual TLS itself (rustls, CRL-aware, hot-reloadable), binds the
 //! MQTT client id to the certificate's identity, checks every PUBLISH and SUBSCRIBE against
 //! topic templates, and routes messages with its own [`router`], which bounds every queue and
-//! slows publishers down rather than lose a QoS 1/2 message. rumqttd is used only as the MQTT
+//! slows publishers down rather than lose a QoS 1/2 message, and keeps persistent sessions and
+//! retained messages in a durable [`store`] that acknowledges only what is on disk. rumqttd is used only as the MQTT
 //! packet codec ([`codec`]); its own TLS listener is not used because it cannot bind a client id
 //! to a certificate, check revocation or bound a handshake's time, and its router because its
 //! memory grows with every message routed.
@@ -18,7 +19,9 @@
 //! session) → [`pump`] (packets both ways), over [`connection`] (framing, buffers) and
 //! [`codec`]. Beside it: [`tls`] / [`reload`] (TLS material and its hot swap), [`live`]
 //! (revocation and shutdown reach connected sessions through a [`kick`]), [`acl`] over
-//! [`topic`]. The [`router`] is behind a small typed API and knows nothing of certificates.
+//! [`topic`]. The [`router`] is behind a small typed API and knows nothing of certificates; it
+//! carries [`message`]s and records what must survive a restart in the [`store`], whose
+//! watermark the [`pump`] waits for before it acknowledges.
 //! [`audit`] and [`metrics`] record every decision, in the words of [`reason`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -34,12 +37,14 @@ pub mod handshake;
 pub mod kick;
 pub mod listener;
 pub mod live;
+pub mod message;
 pub mod metrics;
 pub mod pump;
 pub mod reason;
 pub mod reload;
 pub mod router;
 pub mod session;
+pub mod store;
 pub mod tls;
 pub mod topic;
 

@@ -20,6 +20,7 @@ use crate::reason::RejectReason;
 use crate::reload::{Reloader, TlsState};
 use crate::router::{Limits as RouterLimits, Router};
 use crate::session::serve;
+use crate::store::{Store, StoreError};
 use crate::tls::{TlsFiles, TlsLoadError, TlsMaterial};
 
 /// How long shutdown waits for sessions to close before giving up on them.
@@ -31,6 +32,9 @@ pub enum StartError {
     /// The TLS files are unusable.
     #[error(transparent)]
     Tls(#[from] TlsLoadError),
+    /// The durable store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -75,6 +79,23 @@ impl Broker {
         }
         let metrics = Arc::new(Metrics::default());
         let audit = Audit::new(metrics.clone());
+        let (store, recovered) = match &config.persistence {
+            Some(persistence) => {
+                let (store, recovered) = Store::open(&persistence.settings())?;
+                (Some(store), Some(recovered))
+            }
+            None => {
+                warn!(
+                    event = "persistence_off",
+                    "no [persistence] configured: persistent sessions, their queued messages and retained messages live in memory and a restart loses them"
+                );
+                (None, None)
+            }
+        };
+        let router = Router::new(router_limits(&config.limits), audit.clone(), store);
+        if let Some(recovered) = recovered {
+            router.restore(recovered);
+        }
         let sessions = Arc::new(LiveSessions::default());
         let (shutdown, _) = watch::channel(false);
         let max_connections = config.limits.max_connections;
@@ -82,7 +103,7 @@ impl Broker {
             tls: tls.clone(),
             acl: Arc::new(config.acl.clone()),
             limits: config.limits.clone(),
-            router: Router::new(router_limits(&config.limits), audit.clone()),
+            router,
             sessions: sessions.clone(),
             audit: audit.clone(),
         });
@@ -114,6 +135,9 @@ impl Broker {
                     let mut out = String::new();
                     metrics.render(&mut out);
                     ctx.router.render_metrics(&mut out);
+                    if let Some(store) = ctx.router.store() {
+                        store.render_metrics(&mut out);
+                    }
                     ctx.tls
                         .render_metrics(time::OffsetDateTime::now_utc().unix_timestamp(), &mut out);
                     out
@@ -149,13 +173,18 @@ impl Broker {
                 "sessions still open after the grace period"
             );
         }
-        // Sessions live in memory: say what the restart will not find.
         let queued = self.metrics.queued_messages();
-        if queued > 0 {
-            warn!(
+        match self.ctx.router.store() {
+            Some(store) => {
+                store.close();
+                info!(event = "shutdown", queued, path = %store.path().display(), "store closed");
+            }
+            // Sessions live in memory: say what the restart will not find.
+            None if queued > 0 => warn!(
                 event = "shutdown",
                 queued, "{queued} messages queued for persistent sessions are lost with this process"
-            );
+            ),
+            None => {}
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use broker::config::LogFormat;
+use broker::config::{LogFormat, SyncMode};
 use broker::listener::crypto_provider;
 use broker::tls::{TlsFiles, TlsMaterial};
 use broker::{Broker, BrokerConfig};
@@ -145,6 +145,21 @@ fn check_config(path: &std::path::Path, config: &BrokerConfig) -> ExitCode {
             }
         ),
         _ => println!("CRL: none configured (revocation disabled)"),
+    }
+    match &config.persistence {
+        Some(persistence) => println!(
+            "persistence: {} (sync {}; at most {} bytes queued on disk)",
+            persistence.dir.display(),
+            match persistence.sync {
+                SyncMode::Always => "always: acknowledged once fsynced".to_owned(),
+                SyncMode::Interval => format!(
+                    "every {} ms: a crash loses up to that much acknowledged traffic",
+                    persistence.interval_ms
+                ),
+            },
+            persistence.max_bytes
+        ),
+        None => println!("persistence: off (a restart loses persistent sessions, their queues and retained messages)"),
     }
     ExitCode::SUCCESS
 }

@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -32,6 +33,7 @@ use crate::context::SessionContext;
 use crate::metrics::DropReason;
 use crate::reason::SessionEnd;
 use crate::router::{Message, Outgoing, Publication, QoS, SubscribeRefused};
+use crate::store::{DurableWaiter, Ticket};
 
 /// Output waiting to be written beyond which the pump neither reads nor takes deliveries.
 const OUTPUT_HIGH: usize = 64 * 1024;
@@ -40,10 +42,53 @@ const DELIVERY_BATCH: usize = 128;
 /// Rounds of work per poll before the task yields to others on its worker.
 const ROUNDS_PER_POLL: usize = 32;
 
+/// Acknowledgements waiting for the store beyond which the pump stops reading: a client that
+/// pipelines more publishes than this waits for the disk like everyone else.
+const UNSYNCED_ACKS: usize = 4096;
+
 /// A publication waiting for room, and the acknowledgement the client gets when it completes.
 struct Waiting {
     publication: Publication,
-    ack: Option<Packet>,
+    ack: Option<Ack>,
+}
+
+/// An acknowledgement the broker owes the client.
+#[derive(Clone, Copy)]
+enum Ack {
+    /// PUBACK: a QoS 1 publish is taken.
+    Taken(u16),
+    /// PUBREC: a QoS 2 publish is received.
+    Received(u16),
+    /// PUBCOMP: a QoS 2 exchange is complete.
+    Complete(u16),
+}
+
+impl Ack {
+    fn packet(self) -> Packet {
+        match self {
+            Ack::Taken(pkid) => Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            ),
+            Ack::Received(pkid) => Packet::PubRec(
+                PubRec {
+                    pkid,
+                    reason: PubRecReason::Success,
+                },
+                None,
+            ),
+            Ack::Complete(pkid) => Packet::PubComp(
+                PubComp {
+                    pkid,
+                    reason: PubCompReason::Success,
+                },
+                None,
+            ),
+        }
+    }
 }
 
 struct Pump<'a> {
@@ -51,6 +96,10 @@ struct Pump<'a> {
     session: &'a Established,
     conn: &'a mut Connection,
     waiting: Option<Waiting>,
+    /// Acknowledgements waiting for the store, in the order owed (MQTT-4.6.0-2, -3).
+    unsynced: VecDeque<(Ticket, Ack)>,
+    /// This connection's registration for the store's watermark.
+    durable: Arc<DurableWaiter>,
     /// Packets read while `waiting` that may not overtake it, in order, handled once it
     /// completes. Bounded by [`HELD_BYTES`]: beyond, reading stops.
     held: VecDeque<Inbound>,
@@ -84,6 +133,8 @@ pub(crate) async fn pump(
         session,
         conn,
         waiting: None,
+        unsynced: VecDeque::new(),
+        durable: Arc::default(),
         held: VecDeque::new(),
         held_bytes: 0,
         peer_closed: false,
@@ -104,14 +155,15 @@ impl Pump<'_> {
             let mut progress = false;
             if let Some(waiting) = &mut self.waiting {
                 if waiting.publication.poll(cx).is_ready() {
-                    let ack = waiting.ack.take();
+                    let (ack, ticket) = (waiting.ack.take(), waiting.publication.ticket());
                     self.waiting = None;
                     if let Some(ack) = ack {
-                        self.reply(ack);
+                        self.acknowledge(ticket, ack);
                     }
                     progress = true;
                 }
             }
+            progress |= self.release_acknowledgements(cx);
             let handled = match self.handle_input() {
                 Ok(handled) => handled,
                 Err(end) => return Poll::Ready(end),
@@ -161,7 +213,34 @@ impl Pump<'_> {
     /// Reading waits while too much is held behind a waiting publication, and while output
     /// piles up.
     fn may_read(&self) -> bool {
-        !self.held_full() && self.conn.pending_output() < OUTPUT_HIGH
+        !self.held_full() && self.conn.pending_output() < OUTPUT_HIGH && self.unsynced.len() < UNSYNCED_ACKS
+    }
+
+    /// Owes the client `ack` once `ticket` is durable, after every acknowledgement owed before.
+    fn acknowledge(&mut self, ticket: Ticket, ack: Ack) {
+        let durable = || self.ctx.router.store().is_none_or(|store| store.is_durable(ticket));
+        if self.unsynced.is_empty() && durable() {
+            self.reply(ack.packet());
+        } else {
+            self.unsynced.push_back((ticket, ack));
+        }
+    }
+
+    /// Sends the acknowledgements the store's watermark has passed; true if any went out.
+    fn release_acknowledgements(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(store) = self.ctx.router.store() else {
+            return false;
+        };
+        let mut released = false;
+        while let Some(&(ticket, ack)) = self.unsynced.front() {
+            if store.poll_durable(ticket, &self.durable, cx).is_pending() {
+                break;
+            }
+            self.unsynced.pop_front();
+            self.reply(ack.packet());
+            released = true;
+        }
+        released
     }
 
     fn held_full(&self) -> bool {
@@ -330,14 +409,8 @@ impl Pump<'_> {
                 attached.pubcomp(pkid);
             }
             Inbound::PubRel(pkid) => {
-                attached.release(pkid);
-                self.reply(Packet::PubComp(
-                    PubComp {
-                        pkid,
-                        reason: PubCompReason::Success,
-                    },
-                    None,
-                ));
+                let ticket = attached.release(pkid);
+                self.acknowledge(ticket, Ack::Complete(pkid));
             }
             Inbound::Subscribe(subscribe) => self.on_subscribe(subscribe),
             Inbound::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe),
@@ -364,17 +437,18 @@ impl Pump<'_> {
                 }
                 // Dropped, and acknowledged as Mosquitto does, so the client does not resend it.
                 if let Some(ack) = ack {
-                    self.reply(ack);
+                    self.acknowledge(Ticket::default(), ack);
                 }
                 return Ok(());
             }
         }
+        let mut ticket = Ticket::default();
         if publish.qos == QoS::ExactlyOnce {
-            match self.session.attached.receive_exactly_once(publish.pkid) {
+            match self.session.attached.receive_exactly_once(publish.pkid, &mut ticket) {
                 Ok(true) => {}
                 // A resend of one already routed: acknowledge it again, deliver it once.
                 Ok(false) => {
-                    self.reply(pubrec(publish.pkid));
+                    self.acknowledge(ticket, Ack::Received(publish.pkid));
                     return Ok(());
                 }
                 Err(e) => return Err(SessionEnd::Protocol(e.to_string())),
@@ -382,15 +456,17 @@ impl Pump<'_> {
         }
         let message = Message::new(topic, &publish.payload, publish.qos, publish.retain);
         let publication = self.ctx.router.publish(message);
-        self.await_or_ack(publication, ack);
+        ticket.cover(publication.ticket());
+        self.await_or_ack(publication, ticket, ack);
         Ok(())
     }
 
-    /// Acknowledges now if the publication is complete, else once it is.
-    fn await_or_ack(&mut self, publication: Publication, ack: Option<Packet>) {
+    /// Acknowledges (once `ticket` and the publication's own records are durable) if the
+    /// publication is complete, else once it is.
+    fn await_or_ack(&mut self, publication: Publication, ticket: Ticket, ack: Option<Ack>) {
         if publication.is_complete() {
             if let Some(ack) = ack {
-                self.reply(ack);
+                self.acknowledge(ticket, ack);
             }
         } else {
             self.waiting = Some(Waiting { publication, ack });
@@ -433,7 +509,7 @@ impl Pump<'_> {
             None,
         ));
         let retained = attached.retained_for(&granted);
-        self.await_or_ack(retained, None);
+        self.await_or_ack(retained, Ticket::default(), None);
     }
 
     fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
@@ -471,28 +547,12 @@ fn held_size(packet: &Inbound) -> usize {
 }
 
 /// What a client is owed for a PUBLISH of `qos`.
-fn acknowledgement(qos: QoS, pkid: u16) -> Option<Packet> {
+fn acknowledgement(qos: QoS, pkid: u16) -> Option<Ack> {
     match qos {
         QoS::AtMostOnce => None,
-        QoS::AtLeastOnce => Some(Packet::PubAck(
-            PubAck {
-                pkid,
-                reason: PubAckReason::Success,
-            },
-            None,
-        )),
-        QoS::ExactlyOnce => Some(pubrec(pkid)),
+        QoS::AtLeastOnce => Some(Ack::Taken(pkid)),
+        QoS::ExactlyOnce => Some(Ack::Received(pkid)),
     }
-}
-
-fn pubrec(pkid: u16) -> Packet {
-    Packet::PubRec(
-        PubRec {
-            pkid,
-            reason: PubRecReason::Success,
-        },
-        None,
-    )
 }
 
 fn pubrel(pkid: u16) -> Packet {

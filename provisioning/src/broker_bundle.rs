@@ -110,6 +110,18 @@ handshake_timeout_ms = 10000
 connect_timeout_ms = 10000
 max_packet_bytes = 262144
 
+[persistence]
+# Persistent sessions (clean_session = false), their queued QoS 1/2 messages and the retained
+# messages survive restarts, kill -9 and power cuts here (SQLite, WAL mode; back it up with
+# `sqlite3 store/broker.sqlite ".backup copy.sqlite"` while the broker runs).
+dir = "store"
+# "always": a QoS 1/2 publish that reaches a persistent session is acknowledged only once it is
+# on disk (fsynced). "interval": acknowledged at once, fsynced every interval_ms; a crash or
+# power cut then loses up to interval_ms of acknowledged messages.
+sync = "always"
+# Topic and payload bytes queued on disk for offline sessions, at most (oldest dropped beyond).
+max_bytes = 1073741824
+
 [log]
 # "text" or "json"
 format = "text"

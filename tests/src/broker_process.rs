@@ -179,6 +179,12 @@ impl BrokerProcess {
         self.child.wait().expect("wait for the broker")
     }
 
+    /// Kills it with SIGKILL, which gives it no chance to write anything more, and waits.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGHUP (reload).
     pub fn hangup(&self) {
         let pid = self.child.id().to_string();

@@ -305,6 +305,12 @@ impl RawClient {
         }
     }
 
+    /// Bytes already read from the stream that no packet was taken from yet: a caller that goes
+    /// on reading `tls` directly starts with these.
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
     /// Writes `bytes` and flushes them out of rustls's buffer.
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.tls.write_all(bytes).await?;

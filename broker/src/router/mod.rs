@@ -34,21 +34,20 @@
 //!
 //! # Room for what comes next
 //!
-//! - **Durable sessions**: a persistent session's state changes in a handful of places
-//!   (`Session::offer`, `poll_outgoing`, the acks, `add_subscription`, `attach`/`detach`).
-//!   A store is a journal written at those points; a publication that reaches a persistent
-//!   session completes (and the publisher gets its PUBACK) only once the journal has it on
-//!   disk, which is the same "acknowledgement waits" path [`Publication`] already is for a full
-//!   queue. Restart replays the journal into sessions before the listener opens.
+//! - **Durable sessions** are in: a persistent session's changes are recorded in the
+//!   [`crate::store`] where they are made (`Session::offer`, `poll_outgoing`, the acks,
+//!   subscriptions, `attach`/discard), each record's [`Ticket`] travels with the
+//!   [`Publication`], and the front holds the acknowledgement until the store has it on disk.
+//!   [`Router::restore`] puts the stored sessions back before the listener opens.
 //! - **MQTT 5**: [`Message`] gains the publish properties (and an expiry instant checked when
 //!   a delivery is handed out); a subscription's options grow from a QoS to no-local,
 //!   retain-as-published, retain handling and an identifier; the owner's inflight bound is
 //!   already per connection (the client's Receive Maximum); session expiry is a timer that
 //!   discards a detached session; reason codes come from [`crate::reason`].
 //! - **A bridge**: an uplink is one more attached session whose owner writes to an upstream
-//!   broker instead of a device; its queue, bounds and drop accounting are the same.
+//!   broker instead of a device; its queue, bounds and drop accounting are the same, and as a
+//!   persistent session its outbox is the durable store's.
 
-mod message;
 mod retained;
 mod session;
 mod subscriptions;
@@ -61,12 +60,13 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-pub use message::{Delivery, Message, QoS};
+pub use crate::message::{Delivery, Message, QoS};
 pub use session::Outgoing;
 
 use crate::audit::Audit;
 use crate::kick::Kick;
 use crate::metrics::{DropReason, Metrics};
+use crate::store::{Recovered, Store, Ticket};
 use crate::topic::SubscriptionFilter;
 use retained::RetainedStore;
 use session::{Offered, Policy, Reporter, Session};
@@ -98,6 +98,8 @@ pub(crate) struct Env {
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) audit: Audit,
+    /// Where persistent sessions and retained messages are kept; `None` keeps them in memory.
+    pub(crate) store: Option<Store>,
 }
 
 /// How the front names a session.
@@ -146,13 +148,18 @@ pub enum SubscribeRefused {
 pub struct TooManyUnreleased;
 
 impl Router {
-    /// An empty router.
-    pub fn new(limits: Limits, audit: Audit) -> Self {
+    /// An empty router; with a `store`, persistent sessions and retained messages are kept in it.
+    pub fn new(limits: Limits, audit: Audit, store: Option<Store>) -> Self {
         let retained = RetainedStore::new(limits.max_retained_messages, limits.max_retained_bytes);
         let metrics = audit.metrics().clone();
         Self {
             shared: Arc::new(Shared {
-                env: Env { limits, metrics, audit },
+                env: Env {
+                    limits,
+                    metrics,
+                    audit,
+                    store,
+                },
                 retain_refusals: Mutex::new(Reporter::default()),
                 sessions: Mutex::new(HashMap::new()),
                 tree: RwLock::new(SubscriptionTree::default()),
@@ -164,6 +171,35 @@ impl Router {
 
     fn env(&self) -> &Env {
         &self.shared.env
+    }
+
+    /// The durable store, if the broker has one.
+    pub fn store(&self) -> Option<&Store> {
+        self.env().store.as_ref()
+    }
+
+    /// Puts back what the store held at start: persistent sessions (detached, their
+    /// subscriptions in the tree) and retained messages. Before the listener opens.
+    pub fn restore(&self, recovered: Recovered) {
+        let env = self.env();
+        for stored in recovered.sessions {
+            let session = Arc::new(Session::restore(stored, env));
+            {
+                let mut tree = self.shared.tree.write().unwrap_or_else(|p| p.into_inner());
+                for (filter, qos) in session.subscriptions() {
+                    if let Ok(parsed) = SubscriptionFilter::parse(&filter) {
+                        tree.insert(&parsed, &session, qos);
+                    }
+                }
+            }
+            self.sessions().insert(session.client.clone(), session);
+        }
+        let mut retained = self.retained();
+        for message in recovered.retained {
+            if retained.store(&message).is_err() {
+                env.metrics.dropped(DropReason::RetainRefused, 1);
+            }
+        }
     }
 
     fn sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
@@ -189,7 +225,10 @@ impl Router {
                     let filters = existing.discard(&kick, env);
                     self.remove_from_tree(&existing, &filters);
                 }
-                let session = Arc::new(Session::new(key.client.clone(), key.share_scope, !clean));
+                let session = Arc::new(Session::new(key.client.clone(), key.share_scope.clone(), !clean));
+                if let (false, Some(store)) = (clean, &env.store) {
+                    store.session(&key.client, &key.share_scope);
+                }
                 sessions.insert(key.client, session.clone());
                 (session, false)
             }
@@ -223,8 +262,9 @@ impl Router {
     /// queues and must be driven with [`Publication::poll`].
     pub fn publish(&self, message: Arc<Message>) -> Publication {
         let env = self.env();
+        let mut ticket = Ticket::default();
         if message.retain {
-            self.retain(&message);
+            self.retain(&message, &mut ticket);
         }
         let mut targets = Vec::new();
         self.shared
@@ -239,19 +279,29 @@ impl Router {
                 message: message.clone(),
                 qos: message.qos.min(granted),
                 retain: false,
+                stored: None,
             };
-            if let Offered::Full(delivery) = session.offer(delivery, Policy::Route, now, env) {
+            if let Offered::Full(delivery) = session.offer(delivery, Policy::Route, now, env, &mut ticket) {
                 waiting.push((session, Some(delivery)));
             }
         }
         if !waiting.is_empty() {
             env.metrics.publisher_waited();
         }
-        Publication::new(self, Waiting::Routed(waiting))
+        Publication::new(self, Waiting::Routed(waiting), ticket)
     }
 
-    fn retain(&self, message: &Arc<Message>) {
-        let refused = self.retained().store(message);
+    fn retain(&self, message: &Arc<Message>, ticket: &mut Ticket) {
+        let refused = {
+            let mut retained = self.retained();
+            let outcome = retained.store(message);
+            // Recorded under the retained store's lock, so the store keeps the order of changes.
+            if let (Ok(()), Some(store)) = (outcome, &self.env().store) {
+                let kept = (!message.payload.is_empty()).then(|| message.clone());
+                ticket.cover(store.retain(&message.topic, kept));
+            }
+            outcome
+        };
         if let Err(why) = refused {
             let env = self.env();
             env.metrics.dropped(DropReason::RetainRefused, 1);
@@ -311,6 +361,8 @@ impl retained::Refused {
 pub struct Publication {
     router: Option<Router>,
     waiting: Waiting,
+    /// What the publication recorded in the store: its acknowledgement waits for this.
+    ticket: Ticket,
     /// When a waiting subscriber's timeout runs out: poll again then, even if nothing woke us.
     deadline: Option<Instant>,
 }
@@ -332,10 +384,11 @@ impl Waiting {
 }
 
 impl Publication {
-    fn new(router: &Router, waiting: Waiting) -> Self {
+    fn new(router: &Router, waiting: Waiting, ticket: Ticket) -> Self {
         Self {
             router: (!waiting.is_empty()).then(|| router.clone()),
             waiting,
+            ticket,
             deadline: None,
         }
     }
@@ -343,6 +396,11 @@ impl Publication {
     /// Whether every delivery has been queued (or dropped and counted).
     pub fn is_complete(&self) -> bool {
         self.waiting.is_empty()
+    }
+
+    /// What must be durable before the publisher is acknowledged (see [`crate::store`]).
+    pub fn ticket(&self) -> Ticket {
+        self.ticket
     }
 
     /// When to poll again if nothing wakes the task before.
@@ -362,7 +420,9 @@ impl Publication {
             Waiting::Routed(waiting) => {
                 for (session, slot) in waiting.iter_mut() {
                     if let Some(delivery) = slot.take() {
-                        if let Err((delivery, due)) = offer_when_room(session, delivery, Policy::Route, cx, now, env) {
+                        if let Err((delivery, due)) =
+                            offer_when_room(session, delivery, Policy::Route, cx, now, env, &mut self.ticket)
+                        {
                             *slot = Some(delivery);
                             self.deadline = Some(self.deadline.map_or(due, |d| d.min(due)));
                         }
@@ -372,7 +432,9 @@ impl Publication {
             }
             Waiting::Backlog(session, deliveries) => {
                 while let Some(delivery) = deliveries.pop_front() {
-                    if let Err((delivery, due)) = offer_when_room(session, delivery, Policy::Backlog, cx, now, env) {
+                    if let Err((delivery, due)) =
+                        offer_when_room(session, delivery, Policy::Backlog, cx, now, env, &mut self.ticket)
+                    {
                         deliveries.push_front(delivery);
                         self.deadline = Some(due);
                         break;
@@ -428,12 +490,13 @@ fn offer_when_room(
     cx: &mut Context<'_>,
     now: Instant,
     env: &Env,
+    ticket: &mut Ticket,
 ) -> Result<(), (Delivery, Instant)> {
     loop {
         if let Some(due) = session.wait_for_room(cx.waker(), &delivery, now, policy, env) {
             return Err((delivery, due));
         }
-        match session.offer(delivery, policy, now, env) {
+        match session.offer(delivery, policy, now, env, ticket) {
             Offered::Full(refused) => delivery = refused,
             Offered::Queued | Offered::Dropped => return Ok(()),
         }
@@ -460,17 +523,12 @@ impl Attached {
     pub fn subscribe(&self, filter: &str, qos: QoS) -> Result<(), SubscribeRefused> {
         let parsed = SubscriptionFilter::parse(filter).map_err(|_| SubscribeRefused::Invalid)?;
         let tree = &self.router.shared.tree;
-        self.session.add_subscription(
-            self.generation,
-            filter,
-            qos,
-            self.router.env().limits.max_subscriptions,
-            || {
+        self.session
+            .add_subscription(self.generation, filter, qos, self.router.env(), || {
                 tree.write()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(&parsed, &self.session, qos)
-            },
-        )
+            })
     }
 
     /// The retained messages that new subscriptions to `granted` (filter, QoS) match, as a
@@ -494,12 +552,17 @@ impl Attached {
                             message,
                             qos,
                             retain: true,
+                            stored: None,
                         });
                     }
                 }
             }
         }
-        Publication::new(&self.router, Waiting::Backlog(self.session.clone(), found.into()))
+        Publication::new(
+            &self.router,
+            Waiting::Backlog(self.session.clone(), found.into()),
+            Ticket::default(),
+        )
     }
 
     /// Unsubscribes from `filter`; true if there was such a subscription.
@@ -508,11 +571,12 @@ impl Attached {
             return false;
         };
         let tree = &self.router.shared.tree;
-        self.session.remove_subscription(self.generation, filter, || {
-            tree.write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&parsed, &self.session);
-        })
+        self.session
+            .remove_subscription(self.generation, filter, self.router.env(), || {
+                tree.write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&parsed, &self.session);
+            })
     }
 
     /// Hands over up to `budget` packets to write (resends first, then the queue, within the
@@ -524,29 +588,38 @@ impl Attached {
 
     /// PUBACK from the client; false if no QoS 1 delivery had that packet id.
     pub fn puback(&self, pkid: u16) -> bool {
-        self.session.puback(self.generation, pkid)
+        self.session.puback(self.generation, pkid, self.router.env())
     }
 
     /// PUBREC from the client; true if the caller must answer PUBREL.
     pub fn pubrec(&self, pkid: u16) -> bool {
-        self.session.pubrec(self.generation, pkid)
+        self.session.pubrec(self.generation, pkid, self.router.env())
     }
 
     /// PUBCOMP from the client; false if no released QoS 2 delivery had that packet id.
     pub fn pubcomp(&self, pkid: u16) -> bool {
-        self.session.pubcomp(self.generation, pkid)
+        self.session.pubcomp(self.generation, pkid, self.router.env())
     }
 
     /// A QoS 2 PUBLISH from the client: `Ok(true)` if it must be routed, `Ok(false)` if it is a
-    /// resend of one already routed and not yet released.
-    pub fn receive_exactly_once(&self, pkid: u16) -> Result<bool, TooManyUnreleased> {
-        self.session
-            .receive_exactly_once(self.generation, pkid, &self.router.env().limits)
+    /// resend of one already routed and not yet released. What it recorded is added to
+    /// `ticket`; a resend's PUBREC waits for everything recorded so far (its original's records
+    /// may be among them).
+    pub fn receive_exactly_once(&self, pkid: u16, ticket: &mut Ticket) -> Result<bool, TooManyUnreleased> {
+        let env = self.router.env();
+        let routed = self.session.receive_exactly_once(self.generation, pkid, env, ticket)?;
+        if !routed {
+            if let Some(store) = &env.store {
+                ticket.cover(store.head());
+            }
+        }
+        Ok(routed)
     }
 
-    /// PUBREL from the client: the QoS 2 exchange for `pkid` is over.
-    pub fn release(&self, pkid: u16) {
-        self.session.release(self.generation, pkid);
+    /// PUBREL from the client: the QoS 2 exchange for `pkid` is over. The PUBCOMP waits for the
+    /// returned ticket.
+    pub fn release(&self, pkid: u16) -> Ticket {
+        self.session.release(self.generation, pkid, self.router.env())
     }
 }
 

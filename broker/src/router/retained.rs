@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::message::Message;
+use crate::message::Message;
 
 #[derive(Default)]
 struct Node {
@@ -146,7 +146,7 @@ fn everything(node: &Node, out: &mut Vec<Arc<Message>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::message::QoS;
+    use crate::message::QoS;
 
     fn message(topic: &str, payload: &str) -> Arc<Message> {
         Message::new(topic, payload.as_bytes(), QoS::AtLeastOnce, true)

@@ -14,6 +14,12 @@
 //! - offline persistent: everything but QoS 0 is queued; beyond the bounds the oldest is
 //!   dropped, counted per session and reported as `queue_overflow`.
 //! - clean session gone: the session is discarded with whatever it held.
+//!
+//! A persistent session's changes are recorded in the durable store ([`crate::store`]) where
+//! they are made, under this session's lock: its creation, subscriptions, each QoS 1/2 delivery
+//! queued, a QoS 2 delivery's packet id and release, each delivery completed or dropped, and the
+//! QoS 2 packet ids it awaits PUBREL for. The caller gets the record's [`Ticket`] where an
+//! acknowledgement depends on it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,11 +29,12 @@ use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
 
-use super::message::{Delivery, QoS};
 use super::{Env, Limits, SubscribeRefused, TooManyUnreleased};
 use crate::kick::Kick;
+use crate::message::{Delivery, QoS};
 use crate::metrics::DropReason;
 use crate::reason::KickReason;
+use crate::store::{StoredSession, Ticket};
 
 /// How often a session's drops are reported again while they continue.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -172,9 +179,46 @@ impl Session {
         }
     }
 
+    /// A persistent session as the store kept it, detached: QoS 2 deliveries that went out are
+    /// resent with their packet ids (or their PUBREL, once released); everything else waits
+    /// in the queue in its original order.
+    pub(crate) fn restore(stored: StoredSession, env: &Env) -> Self {
+        let session = Self::new(stored.client, stored.share_scope, true);
+        {
+            let mut state = session.lock();
+            state.subscriptions = stored.subscriptions;
+            state.awaiting_release = stored.awaiting_release;
+            // The restored packet ids are not in issue order: every new one is checked against them.
+            state.pkids_issued = u64::from(u16::MAX);
+            for entry in stored.deliveries {
+                match entry.pkid {
+                    Some(pkid) if entry.delivery.qos == QoS::ExactlyOnce => state.inflight.push_back(Inflight {
+                        pkid,
+                        issued: 0,
+                        delivery: entry.delivery,
+                        released: entry.released,
+                        sent: false,
+                    }),
+                    _ => {
+                        let size = entry.delivery.message.size();
+                        state.queued_bytes += size;
+                        state.queue.push_back(entry.delivery);
+                        env.metrics.queued(1, size as i64);
+                    }
+                }
+            }
+        }
+        session
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every critical section leaves the state consistent; a panic elsewhere cannot tear it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Its subscriptions (filter as the client named it, granted QoS).
+    pub(crate) fn subscriptions(&self) -> Vec<(Box<str>, QoS)> {
+        self.lock().subscriptions.clone()
     }
 
     /// Whether a shared group may prefer this member: online with room.
@@ -257,6 +301,17 @@ impl Session {
     /// Marks the session discarded, counts what it held as dropped; returns its filters.
     fn discard_locked(&self, state: &mut State, env: &Env) -> Vec<Box<str>> {
         state.discarded = true;
+        if let (true, Some(store)) = (state.persistent, &env.store) {
+            let held = state.queue.iter().chain(state.inflight.iter().map(|e| &e.delivery));
+            let (ids, bytes) = held.filter_map(|d| d.stored.map(|id| (id, d.message.size()))).fold(
+                (Vec::new(), 0),
+                |(mut ids, bytes), (id, size)| {
+                    ids.push(id);
+                    (ids, bytes + size)
+                },
+            );
+            store.session_gone(&self.client, ids, bytes);
+        }
         let held = state.queue.len() + state.inflight.len();
         env.metrics
             .queued(-(state.queue.len() as i64), -(state.queued_bytes as i64));
@@ -273,7 +328,15 @@ impl Session {
     }
 
     /// Offers a delivery to the queue (see the module docs for the rules at the bounds).
-    pub(crate) fn offer(&self, delivery: Delivery, policy: Policy, now: Instant, env: &Env) -> Offered {
+    /// What it recorded in the store is added to `ticket`.
+    pub(crate) fn offer(
+        &self,
+        delivery: Delivery,
+        policy: Policy,
+        now: Instant,
+        env: &Env,
+        ticket: &mut Ticket,
+    ) -> Offered {
         let limits = &env.limits;
         let mut report = None;
         let outcome = {
@@ -285,7 +348,7 @@ impl Session {
                 Offered::Dropped
             } else if online && state.has_room(delivery.message.size(), limits) {
                 let was_empty = state.queue.is_empty();
-                state.push(delivery, env);
+                state.push(&self.client, delivery, env, ticket);
                 self.update_accepting(&state, limits);
                 drop(state);
                 if was_empty {
@@ -310,12 +373,17 @@ impl Session {
                 env.metrics.dropped(DropReason::OfflineQos0, 1);
                 Offered::Dropped
             } else {
-                state.push(delivery, env);
+                state.push(&self.client, delivery, env, ticket);
                 let mut dropped = 0;
+                let over_disk = || env.store.as_ref().is_some_and(|store| store.over_budget());
                 while state.queue.len() > 1
-                    && (state.queue.len() > limits.max_queued_messages || state.queued_bytes > limits.max_queued_bytes)
+                    && (state.queue.len() > limits.max_queued_messages
+                        || state.queued_bytes > limits.max_queued_bytes
+                        || over_disk())
                 {
-                    state.pop(env);
+                    if let Some(oldest) = state.pop(env) {
+                        forget(&oldest, env);
+                    }
                     dropped += 1;
                 }
                 if dropped > 0 {
@@ -437,6 +505,9 @@ impl Session {
                 continue;
             }
             let (pkid, issued) = state.issue_pkid();
+            if let (QoS::ExactlyOnce, Some(id), Some(store)) = (delivery.qos, delivery.stored, &env.store) {
+                store.sent(id, pkid);
+            }
             state.inflight.push_back(Inflight {
                 pkid,
                 issued,
@@ -468,23 +539,25 @@ impl Session {
     }
 
     /// PUBACK from the owner: completes a QoS 1 delivery. False for an unknown packet id.
-    pub(crate) fn puback(&self, generation: u64, pkid: u16) -> bool {
-        self.complete(generation, pkid, |e| e.delivery.qos == QoS::AtLeastOnce)
+    pub(crate) fn puback(&self, generation: u64, pkid: u16, env: &Env) -> bool {
+        self.complete(generation, pkid, env, |e| e.delivery.qos == QoS::AtLeastOnce)
     }
 
     /// PUBCOMP from the owner: completes a released QoS 2 delivery.
-    pub(crate) fn pubcomp(&self, generation: u64, pkid: u16) -> bool {
-        self.complete(generation, pkid, |e| e.released)
+    pub(crate) fn pubcomp(&self, generation: u64, pkid: u16, env: &Env) -> bool {
+        self.complete(generation, pkid, env, |e| e.released)
     }
 
-    fn complete(&self, generation: u64, pkid: u16, matches: impl Fn(&Inflight) -> bool) -> bool {
+    fn complete(&self, generation: u64, pkid: u16, env: &Env, matches: impl Fn(&Inflight) -> bool) -> bool {
         let mut state = self.lock();
         if !state.owned_by(generation) {
             return false;
         }
         match state.inflight.iter().position(|e| e.pkid == pkid && matches(e)) {
             Some(at) => {
-                state.inflight.remove(at);
+                if let Some(done) = state.inflight.remove(at) {
+                    forget(&done.delivery, env);
+                }
                 true
             }
             None => false,
@@ -493,7 +566,7 @@ impl Session {
 
     /// PUBREC from the owner: the QoS 2 delivery is now awaiting PUBCOMP. True if the caller
     /// must answer PUBREL (the packet id is known).
-    pub(crate) fn pubrec(&self, generation: u64, pkid: u16) -> bool {
+    pub(crate) fn pubrec(&self, generation: u64, pkid: u16, env: &Env) -> bool {
         let mut state = self.lock();
         if !state.owned_by(generation) {
             return false;
@@ -504,6 +577,9 @@ impl Session {
             .find(|e| e.pkid == pkid && e.delivery.qos == QoS::ExactlyOnce)
         {
             Some(entry) => {
+                if let (false, Some(id), Some(store)) = (entry.released, entry.delivery.stored, &env.store) {
+                    store.released(id);
+                }
                 entry.released = true;
                 entry.sent = true;
                 true
@@ -513,12 +589,14 @@ impl Session {
     }
 
     /// A QoS 2 PUBLISH from the client with `pkid`: true if it is new and must be routed, false
-    /// if it is a resend of one not yet released (answer PUBREC, do not route it again).
+    /// if it is a resend of one not yet released (answer PUBREC, do not route it again). For a
+    /// persistent session the packet id is recorded; `ticket` covers that.
     pub(crate) fn receive_exactly_once(
         &self,
         generation: u64,
         pkid: u16,
-        limits: &Limits,
+        env: &Env,
+        ticket: &mut Ticket,
     ) -> Result<bool, TooManyUnreleased> {
         let mut state = self.lock();
         if !state.owned_by(generation) {
@@ -528,19 +606,30 @@ impl Session {
         if state.awaiting_release.contains(&pkid) {
             return Ok(false);
         }
-        if state.awaiting_release.len() >= limits.max_inflight {
+        if state.awaiting_release.len() >= env.limits.max_inflight {
             return Err(TooManyUnreleased);
         }
         state.awaiting_release.push(pkid);
+        if let (true, Some(store)) = (state.persistent, &env.store) {
+            ticket.cover(store.await_release(&self.client, pkid));
+        }
         Ok(true)
     }
 
-    /// PUBREL from the client.
-    pub(crate) fn release(&self, generation: u64, pkid: u16) {
+    /// PUBREL from the client. The ticket covers recording it: until then the PUBCOMP must wait,
+    /// or after a crash the client's next QoS 2 message with this packet id would be taken for
+    /// a resend and lost.
+    pub(crate) fn release(&self, generation: u64, pkid: u16, env: &Env) -> Ticket {
         let mut state = self.lock();
+        let mut ticket = Ticket::default();
         if state.owned_by(generation) {
+            let before = state.awaiting_release.len();
             state.awaiting_release.retain(|p| *p != pkid);
+            if let (true, true, Some(store)) = (state.persistent, before != state.awaiting_release.len(), &env.store) {
+                ticket = store.release_received(&self.client, pkid);
+            }
         }
+        ticket
     }
 
     /// Records a subscription (replacing one with the same filter) and runs `insert` (the tree
@@ -551,7 +640,7 @@ impl Session {
         generation: u64,
         filter: &str,
         qos: QoS,
-        max: usize,
+        env: &Env,
         insert: impl FnOnce(),
     ) -> Result<(), SubscribeRefused> {
         let mut state = self.lock();
@@ -561,8 +650,11 @@ impl Session {
         let count = state.subscriptions.len();
         match state.subscriptions.iter_mut().find(|(f, _)| &**f == filter) {
             Some(existing) => existing.1 = qos,
-            None if count >= max => return Err(SubscribeRefused::TooManySubscriptions),
+            None if count >= env.limits.max_subscriptions => return Err(SubscribeRefused::TooManySubscriptions),
             None => state.subscriptions.push((filter.into(), qos)),
+        }
+        if let (true, Some(store)) = (state.persistent, &env.store) {
+            store.subscribe(&self.client, filter, qos);
         }
         insert();
         Ok(())
@@ -570,7 +662,7 @@ impl Session {
 
     /// Forgets a subscription, running `remove` (the tree update) under the session's lock;
     /// true if it existed.
-    pub(crate) fn remove_subscription(&self, generation: u64, filter: &str, remove: impl FnOnce()) -> bool {
+    pub(crate) fn remove_subscription(&self, generation: u64, filter: &str, env: &Env, remove: impl FnOnce()) -> bool {
         let mut state = self.lock();
         if !state.owned_by(generation) {
             return false;
@@ -579,6 +671,9 @@ impl Session {
         state.subscriptions.retain(|(f, _)| &**f != filter);
         let existed = state.subscriptions.len() != before;
         if existed {
+            if let (true, Some(store)) = (state.persistent, &env.store) {
+                store.unsubscribe(&self.client, filter);
+            }
             remove();
         }
         existed
@@ -618,7 +713,14 @@ impl State {
             || (self.queue.len() < limits.max_queued_messages && self.queued_bytes + size <= limits.max_queued_bytes)
     }
 
-    fn push(&mut self, delivery: Delivery, env: &Env) {
+    /// Queues `delivery`; a QoS 1/2 delivery to a persistent session is recorded in the store
+    /// first (its ticket added to `ticket`).
+    fn push(&mut self, client: &Arc<str>, mut delivery: Delivery, env: &Env, ticket: &mut Ticket) {
+        if let (true, QoS::AtLeastOnce | QoS::ExactlyOnce, Some(store)) = (self.persistent, delivery.qos, &env.store) {
+            let (id, recorded) = store.enqueue(client, &delivery);
+            delivery.stored = Some(id);
+            ticket.cover(recorded);
+        }
         let size = delivery.message.size();
         self.queued_bytes += size;
         self.queue.push_back(delivery);
@@ -653,5 +755,12 @@ impl State {
                 return (pkid, self.pkids_issued);
             }
         }
+    }
+}
+
+/// A delivery that is done (completed or dropped) leaves the store too.
+fn forget(delivery: &Delivery, env: &Env) {
+    if let (Some(id), Some(store)) = (delivery.stored, &env.store) {
+        store.remove(id, delivery.message.size());
     }
 }

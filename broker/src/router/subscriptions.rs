@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::message::QoS;
 use super::session::Session;
+use crate::message::QoS;
 use crate::topic::SubscriptionFilter;
 
 /// One session's subscription at a node.

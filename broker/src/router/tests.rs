@@ -21,7 +21,7 @@ fn limits() -> Limits {
 }
 
 fn router() -> Router {
-    Router::new(limits(), Audit::new(Arc::new(Metrics::default())))
+    Router::new(limits(), Audit::new(Arc::new(Metrics::default())), None)
 }
 
 fn key(client: &str) -> SessionKey {
@@ -200,14 +200,25 @@ fn unacknowledged_deliveries_are_resent_with_dup_after_a_reconnect() {
 fn a_qos2_resend_is_routed_once_and_unreleased_ones_are_bounded() {
     let router = router();
     let (publisher, _) = attach(&router, "pub", false);
-    assert_eq!(publisher.receive_exactly_once(7), Ok(true));
-    assert_eq!(publisher.receive_exactly_once(7), Ok(false), "a resend before PUBREL");
+    assert_eq!(publisher.receive_exactly_once(7, &mut Ticket::default()), Ok(true));
+    assert_eq!(
+        publisher.receive_exactly_once(7, &mut Ticket::default()),
+        Ok(false),
+        "a resend before PUBREL"
+    );
     publisher.release(7);
-    assert_eq!(publisher.receive_exactly_once(7), Ok(true), "released: a new message");
+    assert_eq!(
+        publisher.receive_exactly_once(7, &mut Ticket::default()),
+        Ok(true),
+        "released: a new message"
+    );
     for pkid in 8..12 {
-        assert_eq!(publisher.receive_exactly_once(pkid), Ok(true));
+        assert_eq!(publisher.receive_exactly_once(pkid, &mut Ticket::default()), Ok(true));
     }
-    assert_eq!(publisher.receive_exactly_once(12), Err(TooManyUnreleased));
+    assert_eq!(
+        publisher.receive_exactly_once(12, &mut Ticket::default()),
+        Err(TooManyUnreleased)
+    );
 }
 
 #[test]
@@ -323,7 +334,7 @@ fn a_message_too_big_for_the_queue_left_waits_for_room_without_spinning() {
         max_queued_bytes: 100,
         ..limits()
     };
-    let router = Router::new(limits, Audit::new(Arc::new(Metrics::default())));
+    let router = Router::new(limits, Audit::new(Arc::new(Metrics::default())), None);
     let (sub, _) = attach(&router, "sub", true);
     sub.subscribe("t", QoS::AtLeastOnce).unwrap();
     assert!(publish(&router, "t", &"a".repeat(80), QoS::AtLeastOnce).is_complete());
@@ -399,7 +410,7 @@ mod properties {
             slow_subscriber_timeout: Duration::from_secs(3600),
             ..super::limits()
         };
-        Router::new(limits, Audit::new(Arc::new(Metrics::default())))
+        Router::new(limits, Audit::new(Arc::new(Metrics::default())), None)
     }
 
     proptest! {
@@ -514,7 +525,7 @@ mod properties {
                 slow_subscriber_timeout: Duration::from_secs(3600),
                 ..super::limits()
             };
-            let router = Router::new(limits, Audit::new(Arc::new(Metrics::default())));
+            let router = Router::new(limits, Audit::new(Arc::new(Metrics::default())), None);
             let (sub, _) = attach(&router, "sub", true);
             sub.subscribe("from/+", QoS::AtLeastOnce).unwrap();
             let mut pending: Vec<Option<Publication>> = vec![None, None, None];

@@ -20,7 +20,10 @@
 //!   messages of 256 B through the same closed loop, the broker's RSS after every million (a
 //!   broker whose RSS passes `BENCH_RSS_CAP_MIB`, 4096, is stopped there and says so);
 //! - open loop: 8 publishers x `BENCH_OPEN_LOOP_MESSAGES` (25,000; 0 skips) QoS 1 messages of
-//!   64 B written without waiting for any PUBACK: delivered, lost and the broker's peak RSS.
+//!   64 B written without waiting for any PUBACK: delivered, lost and the broker's peak RSS;
+//! - durability ([`durable`]), ours and Mosquitto with persistence on: QoS 1 to an online
+//!   persistent subscriber, and the restart with `BENCH_DURABLE_QUEUED` (1,000,000; 0 skips)
+//!   messages queued for an offline one: time until it accepts again and store size per message.
 //!
 //! `BENCH_TARGETS` (default `ours,mosquitto,mosquitto-default,rumqttd`) chooses the brokers.
 //! Mosquitto runs with `max_queued_messages 0` (unlimited, so that it loses nothing);
@@ -45,6 +48,8 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_rustls::client::TlsStream;
+
+mod durable;
 
 /// Sessions opened (or subscribed) at once, in the handshake and idle memory phases.
 const CONCURRENCY: usize = 64;
@@ -142,21 +147,37 @@ impl Drop for KillOnDrop {
 fn start(name: &'static str, fleet: &TestFleet, cpus: &str) -> Target {
     match name {
         "ours" => ours(fleet, cpus),
-        "mosquitto" => mosquitto(name, fleet, cpus, true),
-        MOSQUITTO_DEFAULT => mosquitto(name, fleet, cpus, false),
+        "mosquitto" => mosquitto(name, fleet, cpus, true, None),
+        MOSQUITTO_DEFAULT => mosquitto(name, fleet, cpus, false, None),
         "rumqttd" => rumqttd(fleet, cpus),
         other => unreachable!("{other} is not in TARGETS"),
     }
 }
 
 fn ours(fleet: &TestFleet, cpus: &str) -> Target {
+    // A store of its own per start, so that no phase inherits an earlier one's sessions.
+    static STARTS: AtomicUsize = AtomicUsize::new(0);
+    let store = fleet
+        .path()
+        .join(format!("store-{}", STARTS.fetch_add(1, Ordering::Relaxed)));
+    ours_with(
+        fleet,
+        cpus,
+        &[("BROKER__PERSISTENCE__DIR", store.to_str().expect("a UTF-8 path"))],
+    )
+}
+
+/// Our broker with `env` added to the benchmark's own overrides.
+fn ours_with(fleet: &TestFleet, cpus: &str, env: &[(&str, &str)]) -> Target {
+    let mut all = vec![
+        ("RUST_LOG", "warn,broker::listener=info,broker::store=info"),
+        ("BROKER__LIMITS__MAX_CONNECTIONS", "20000"),
+    ];
+    all.extend_from_slice(env);
     let broker = BrokerProcess::start_pinned(
         Path::new(env!("CARGO_BIN_EXE_broker")),
         &fleet.broker_config(),
-        &[
-            ("RUST_LOG", "warn,broker::listener=info"),
-            ("BROKER__LIMITS__MAX_CONNECTIONS", "20000"),
-        ],
+        &all,
         Some(cpus),
     );
     Target {
@@ -168,10 +189,17 @@ fn ours(fleet: &TestFleet, cpus: &str) -> Target {
 }
 
 /// Mosquitto on the fleet's broker certificate; `unlimited_queue` lifts its default limit of
-/// 1000 messages queued per session.
-fn mosquitto(name: &'static str, fleet: &TestFleet, cpus: &str, unlimited_queue: bool) -> Target {
+/// 1000 messages queued per session; `persistence` turns its persistence on, saving in that
+/// directory (at its default autosave interval, and at exit) and listening on that port.
+fn mosquitto(
+    name: &'static str,
+    fleet: &TestFleet,
+    cpus: &str,
+    unlimited_queue: bool,
+    persistence: Option<(&Path, u16)>,
+) -> Target {
     let binary = e2e::require_tool("mosquitto", "mosquitto");
-    let port = free_port();
+    let port = persistence.map_or_else(free_port, |(_, port)| port);
     let dir = fleet.path().join(name);
     std::fs::create_dir_all(&dir).expect("mosquitto's directory");
     std::fs::write(
@@ -181,12 +209,16 @@ fn mosquitto(name: &'static str, fleet: &TestFleet, cpus: &str, unlimited_queue:
     .expect("mosquitto's ACL");
     let broker = fleet.broker_dir();
     let config = format!(
-        "user root\nlistener {port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate true\nuse_identity_as_username true\nset_tcp_nodelay true\nacl_file {acl}\n{queue}persistence false\nlog_dest none\n",
+        "user root\nlistener {port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate true\nuse_identity_as_username true\nset_tcp_nodelay true\nacl_file {acl}\n{queue}{persistence}log_dest none\n",
         ca = broker.join("device-ca.crt").display(),
         cert = broker.join("broker.crt").display(),
         key = broker.join("broker.key").display(),
         acl = dir.join("acl").display(),
         queue = if unlimited_queue { "max_queued_messages 0\n" } else { "" },
+        persistence = match persistence {
+            Some((dir, _)) => format!("persistence true\npersistence_location {}/\n", dir.display()),
+            None => "persistence false\n".into(),
+        },
     );
     let path = dir.join("mosquitto.conf");
     std::fs::write(&path, config).expect("mosquitto's configuration");
@@ -315,6 +347,11 @@ impl Session {
 
 impl Target {
     fn session(&self, credential: &Credential) -> Session {
+        self.session_with(credential, true)
+    }
+
+    /// The client of `credential`; with `clean = false` its session outlives the connection.
+    fn session_with(&self, credential: &Credential, clean: bool) -> Session {
         let client_id = match self.client_id_prefix {
             None => credential.cert_id.clone(),
             Some(prefix) => format!("{prefix}-{}", credential.cert_id),
@@ -322,7 +359,7 @@ impl Target {
         Session {
             port: self.port,
             config: credential.config.clone(),
-            connect: packets::connect(&client_id, true, KEEPALIVE_SECONDS, None),
+            connect: packets::connect(&client_id, clean, KEEPALIVE_SECONDS, None),
             cert_id: credential.cert_id.clone(),
         }
     }
@@ -477,6 +514,8 @@ struct Load {
     window: Option<usize>,
     /// Read the broker's RSS after every this many messages delivered.
     rss_every: Option<usize>,
+    /// The service subscribes with a persistent session (what the store keeps).
+    persistent_subscriber: bool,
 }
 
 impl Load {
@@ -488,6 +527,7 @@ impl Load {
             per_publisher,
             window: (qos == 1).then_some(WINDOW),
             rss_every: None,
+            persistent_subscriber: false,
         }
     }
 }
@@ -518,7 +558,7 @@ struct Delivery {
 /// open.
 async fn deliver(target: &Target, fleet: &Fleet, load: Load) -> Delivery {
     let mut subscriber = target
-        .session(&fleet.service)
+        .session_with(&fleet.service, !load.persistent_subscriber)
         .open()
         .await
         .expect("the service connects");
@@ -591,9 +631,8 @@ async fn receive(
     pid: u32,
     started: Instant,
 ) -> Received {
-    // Reading the stream directly is safe: the broker had sent nothing after the SUBACK when the
-    // publishers started.
-    let (mut buf, mut chunk, mut acks) = (Vec::new(), vec![0u8; 64 * 1024], Vec::new());
+    // Reading the stream directly, after what the client had already read past its last packet.
+    let (mut buf, mut chunk, mut acks) = (client.take_buffered(), vec![0u8; 64 * 1024], Vec::new());
     let (mut delivered, mut last, mut max_gap, mut rss) = (0, started, Duration::ZERO, Vec::new());
     let cap_kib = env_number("BENCH_RSS_CAP_MIB", RSS_CAP_MIB) as u64 * 1024;
     let (mut next_cap_check, mut over_cap) = (RSS_CAP_EVERY, false);
@@ -809,6 +848,8 @@ struct Report {
     sustained: Option<Delivery>,
     /// The delivery and the broker's peak RSS (KiB).
     open_loop: Option<(Delivery, u64)>,
+    /// With persistence on.
+    durable: Option<durable::Durable>,
 }
 
 /// The brokers of every phase but the open loop.
@@ -964,6 +1005,9 @@ fn print_ratios(reports: &[Report], idle_label: &str) {
         if !memory.is_empty() {
             lines.push(format!("memory (ours/theirs): {}", memory.join(", ")));
         }
+        if let (Some(a), Some(b)) = (&ours.durable, &other.durable) {
+            lines.push(durable::ratios(a, b));
+        }
         for line in lines {
             println!("ours vs {:<18} {line}", other.name);
         }
@@ -1015,6 +1059,7 @@ fn main() {
             idle: None,
             sustained: None,
             open_loop: None,
+            durable: None,
         })
         .collect();
 
@@ -1103,6 +1148,8 @@ fn main() {
             report.open_loop = Some((delivery, peak));
         }
     }
+
+    durable::run(&bench, &mut reports, runs, per_publisher);
 
     println!();
     print_ratios(&reports, idle_label);

@@ -71,4 +71,6 @@ pub struct Delivery {
     /// The RETAIN flag on the wire: set only for retained messages sent because of a new
     /// subscription (MQTT-3.3.1-8, -9).
     pub retain: bool,
+    /// Its id in the durable store, when a persistent session's queue holds it on disk.
+    pub stored: Option<u64>,
 }

@@ -1,0 +1,143 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::message::{Delivery, Message, QoS};
+
+fn settings(dir: &Path) -> StoreSettings {
+    StoreSettings {
+        dir: dir.to_owned(),
+        sync: SyncPolicy::Always,
+        max_bytes: 1 << 30,
+    }
+}
+
+fn delivery(topic: &str, payload: &str, qos: QoS) -> Delivery {
+    Delivery {
+        message: Message::new(topic, payload.as_bytes(), qos, false),
+        qos,
+        retain: false,
+        stored: None,
+    }
+}
+
+/// Waits (bounded) until `ticket` is durable.
+fn wait_durable(store: &Store, ticket: Ticket) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !store.is_durable(ticket) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ticket {ticket:?} never became durable"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn what_is_recorded_comes_back_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let client: Arc<str> = "service:backend:b1".into();
+    let scope: Arc<str> = "services".into();
+    {
+        let (store, recovered) = Store::open(&settings(dir.path())).unwrap();
+        assert!(recovered.sessions.is_empty());
+        store.session(&client, &scope);
+        store.subscribe(&client, "devices/+/telemetry", QoS::AtLeastOnce);
+        store.subscribe(&client, "devices/+/gone", QoS::AtLeastOnce);
+        store.unsubscribe(&client, "devices/+/gone");
+        let (first, _) = store.enqueue(&client, &delivery("devices/a/telemetry", "1", QoS::AtLeastOnce));
+        let (second, _) = store.enqueue(&client, &delivery("devices/a/telemetry", "2", QoS::ExactlyOnce));
+        let (third, _) = store.enqueue(&client, &delivery("devices/b/telemetry", "3", QoS::ExactlyOnce));
+        store.sent(second, 7);
+        store.sent(third, 8);
+        store.released(third);
+        let (done, _) = store.enqueue(&client, &delivery("devices/c/telemetry", "done", QoS::AtLeastOnce));
+        store.remove(done, "devices/c/telemetry".len() + 4);
+        store.await_release(&client, 42);
+        store.await_release(&client, 43);
+        store.release_received(&client, 43);
+        store.retain(
+            "devices/a/status",
+            Some(Message::new("devices/a/status", b"up", QoS::AtLeastOnce, true)),
+        );
+        store.retain(
+            "devices/b/status",
+            Some(Message::new("devices/b/status", b"up", QoS::AtMostOnce, true)),
+        );
+        let last = store.retain("devices/b/status", None);
+        wait_durable(&store, last);
+        assert!(first < second);
+        store.close();
+    }
+    let (store, recovered) = Store::open(&settings(dir.path())).unwrap();
+    assert_eq!(recovered.sessions.len(), 1);
+    let session = &recovered.sessions[0];
+    assert_eq!(&*session.client, &*client);
+    assert_eq!(&*session.share_scope, "services");
+    assert_eq!(
+        session.subscriptions,
+        vec![("devices/+/telemetry".into(), QoS::AtLeastOnce)]
+    );
+    assert_eq!(session.awaiting_release, vec![42]);
+    let got: Vec<(&[u8], QoS, Option<u16>, bool)> = session
+        .deliveries
+        .iter()
+        .map(|d| (&d.delivery.message.payload[..], d.delivery.qos, d.pkid, d.released))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (&b"1"[..], QoS::AtLeastOnce, None, false),
+            (&b"2"[..], QoS::ExactlyOnce, Some(7), false),
+            (&b"3"[..], QoS::ExactlyOnce, Some(8), true),
+        ]
+    );
+    assert_eq!(recovered.retained.len(), 1);
+    assert_eq!(&*recovered.retained[0].topic, "devices/a/status");
+    // New ids continue after the recovered ones.
+    let (next, _) = store.enqueue(&client, &delivery("devices/a/telemetry", "4", QoS::AtLeastOnce));
+    assert!(next > session.deliveries[2].delivery.stored.unwrap());
+    store.close();
+}
+
+#[test]
+fn a_session_that_ends_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let client: Arc<str> = "device:d1".into();
+    {
+        let (store, _) = Store::open(&settings(dir.path())).unwrap();
+        store.session(&client, &client);
+        store.subscribe(&client, "devices/d1/cmd/#", QoS::AtLeastOnce);
+        let (id, _) = store.enqueue(&client, &delivery("devices/d1/cmd/x", "go", QoS::AtLeastOnce));
+        store.await_release(&client, 1);
+        let last = store.session_gone(&client, vec![id], "devices/d1/cmd/x".len() + 2);
+        wait_durable(&store, last);
+        store.close();
+    }
+    let (_store, recovered) = Store::open(&settings(dir.path())).unwrap();
+    assert!(recovered.sessions.is_empty());
+}
+
+#[test]
+fn a_second_broker_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _) = Store::open(&settings(dir.path())).unwrap();
+    let error = Store::open(&settings(dir.path())).err().expect("refused");
+    assert!(error.to_string().contains("in use by another broker"), "{error}");
+    first.close();
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_set_aside_and_the_store_starts_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(DATABASE_FILE), vec![0x5a; 64 * 1024]).unwrap();
+    let (store, recovered) = Store::open(&settings(dir.path())).unwrap();
+    assert!(recovered.sessions.is_empty());
+    let kept: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("broker.sqlite.damaged-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "the damaged file is kept for inspection");
+    store.close();
+}
