@@ -26,6 +26,8 @@ struct Restart {
     queue_rate: f64,
     /// Bytes of the store on disk (ours: the directory; Mosquitto: its database file).
     store_bytes: u64,
+    /// The broker's RSS with the queue held, KiB (both keep what is queued in memory too).
+    rss_kib: u64,
     /// From starting the broker until the subscriber's CONNACK.
     back_after: Duration,
     /// Messages the subscriber received after the restart.
@@ -103,10 +105,11 @@ pub(crate) fn run(bench: &Bench, reports: &mut [Report], runs: usize, per_publis
     for report in durable_brokers(reports) {
         let restart = restart_with_queue(bench, report.name, queued);
         println!(
-            "{:<18} queued {} at {} msg/s; store {:.1} MiB ({:.0} B/message); back after {:.2} s; {} delivered after the restart",
+            "{:<18} queued {} at {} msg/s; RSS {:.1} MiB; store {:.1} MiB ({:.0} B/message); back after {:.2} s; {} delivered after the restart",
             report.name,
             grouped(restart.acked),
             grouped(restart.queue_rate.round() as usize),
+            mib(restart.rss_kib),
             restart.store_bytes as f64 / (1024.0 * 1024.0),
             restart.store_bytes as f64 / restart.acked.max(1) as f64,
             restart.back_after.as_secs_f64(),
@@ -148,6 +151,7 @@ fn restart_with_queue(bench: &Bench, name: &'static str, queued: usize) -> Resta
         let acked = acked.load(Ordering::Relaxed);
         (acked, acked as f64 / started.elapsed().as_secs_f64())
     });
+    let rss_kib = rss_kib(target.pid);
     if name == "mosquitto" {
         stop_gracefully(target.pid);
     }
@@ -172,6 +176,7 @@ fn restart_with_queue(bench: &Bench, name: &'static str, queued: usize) -> Resta
         acked,
         queue_rate,
         store_bytes,
+        rss_kib,
         back_after,
         recovered,
     }

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use rusqlite::{params, Connection, OpenFlags};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use super::Record;
 
@@ -142,7 +142,8 @@ impl Database {
             if !self.conn.is_autocommit() {
                 let _ = self.conn.execute_batch("ROLLBACK");
             }
-            // Session ids learnt in a rolled-back transaction do not exist.
+            // Session ids learnt in a rolled-back transaction do not exist; ids forgotten in it
+            // are found again by `lookup`.
             for client in added {
                 self.sessions.remove(&client);
             }
@@ -171,11 +172,13 @@ impl Database {
                     added.push(client.clone());
                 }
                 Record::SessionGone { client, deliveries } => {
-                    let mut delete = self.conn.prepare_cached("DELETE FROM deliveries WHERE id = ?1")?;
-                    for id in deliveries.iter().filter(|id| !passed.contains(id)) {
-                        delete.execute([*id as i64])?;
+                    {
+                        let mut delete = self.conn.prepare_cached("DELETE FROM deliveries WHERE id = ?1")?;
+                        for id in deliveries.iter().filter(|id| !passed.contains(id)) {
+                            delete.execute([*id as i64])?;
+                        }
                     }
-                    if let Some(session) = self.sessions.remove(client) {
+                    if let Some(session) = self.lookup(client)? {
                         for sql in [
                             "DELETE FROM subscriptions WHERE session = ?1",
                             "DELETE FROM awaiting_release WHERE session = ?1",
@@ -184,6 +187,7 @@ impl Database {
                         ] {
                             self.conn.prepare_cached(sql)?.execute([session])?;
                         }
+                        self.sessions.remove(client);
                     }
                 }
                 Record::Subscribe { client, filter, qos } => {
@@ -195,7 +199,7 @@ impl Database {
                         .execute(params![session, &**filter, *qos as u8])?;
                 }
                 Record::Unsubscribe { client, filter } => {
-                    if let Some(&session) = self.sessions.get(client) {
+                    if let Some(session) = self.lookup(client)? {
                         self.conn
                             .prepare_cached("DELETE FROM subscriptions WHERE session = ?1 AND filter = ?2")?
                             .execute(params![session, &**filter])?;
@@ -247,7 +251,7 @@ impl Database {
                         .execute(params![session, *pkid])?;
                 }
                 Record::ReleaseReceived { client, pkid } => {
-                    if let Some(&session) = self.sessions.get(client) {
+                    if let Some(session) = self.lookup(client)? {
                         self.conn
                             .prepare_cached("DELETE FROM awaiting_release WHERE session = ?1 AND pkid = ?2")?
                             .execute(params![session, *pkid])?;
@@ -272,19 +276,34 @@ impl Database {
         self.conn.execute_batch("COMMIT")
     }
 
+    /// The row id of `client`'s session if it has one. The cache may lack it after a failed
+    /// write (its rollback may have restored a row the cache had forgotten), so the table is
+    /// asked then.
+    fn lookup(&mut self, client: &Arc<str>) -> rusqlite::Result<Option<i64>> {
+        if let Some(&id) = self.sessions.get(client) {
+            return Ok(Some(id));
+        }
+        let id: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT id FROM sessions WHERE client = ?1")?
+            .query_row([&**client], |row| row.get(0))
+            .optional()?;
+        if let Some(id) = id {
+            self.sessions.insert(client.clone(), id);
+        }
+        Ok(id)
+    }
+
     /// The row id of `client`'s session. A session is recorded before anything of it, so the
     /// row exists; should it not, one is made (with no share scope) rather than lose the
     /// delivery or stall every later write on it.
     fn session_id(&mut self, client: &Arc<str>, added: &mut Vec<Arc<str>>) -> rusqlite::Result<i64> {
-        if let Some(&id) = self.sessions.get(client) {
+        if let Some(id) = self.lookup(client)? {
             return Ok(id);
         }
         let id: i64 = self
             .conn
-            .prepare_cached(
-                "INSERT INTO sessions (client, share_scope) VALUES (?1, '')
-                 ON CONFLICT (client) DO UPDATE SET client = excluded.client RETURNING id",
-            )?
+            .prepare_cached("INSERT INTO sessions (client, share_scope) VALUES (?1, '') RETURNING id")?
             .query_row([&**client], |row| row.get(0))?;
         self.sessions.insert(client.clone(), id);
         added.push(client.clone());

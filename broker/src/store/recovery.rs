@@ -330,10 +330,7 @@ fn read(database: &mut Database) -> (Recovered, Vec<Damage>) {
             let (session, pkid): (i64, i64) = (row.get(0)?, row.get(1)?);
             Ok((|| {
                 let at = session_of(session, &mut sessions)?;
-                let pkid = u16::try_from(pkid)
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or(format!("packet id {pkid} is not 1..=65535"))?;
+                let pkid = packet_id(pkid)?;
                 sessions[at].1.awaiting_release.push(pkid);
                 Ok(())
             })())
@@ -360,12 +357,7 @@ fn read(database: &mut Database) -> (Recovered, Vec<Damage>) {
                     .map_err(|e| format!("delivery {id}: topic {topic:?}: {e}"))?;
                 let pkid = match pkid {
                     None => None,
-                    Some(p) => Some(
-                        u16::try_from(p)
-                            .ok()
-                            .filter(|p| *p != 0)
-                            .ok_or(format!("delivery {id}: packet id {p} is not 1..=65535"))?,
-                    ),
+                    Some(p) => Some(packet_id(p).map_err(|e| format!("delivery {id}: {e}"))?),
                 };
                 let message = Arc::new(Message {
                     topic: topic.into(),
@@ -416,6 +408,14 @@ fn read(database: &mut Database) -> (Recovered, Vec<Damage>) {
         retained,
     };
     (recovered, damage)
+}
+
+/// A stored MQTT packet id, if it is one.
+fn packet_id(value: i64) -> Result<u16, String> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(format!("packet id {value} is not 1..=65535"))
 }
 
 /// Runs `sql` and hands each row to `each`: an SQLite error ends the table (damage, with how
