@@ -127,6 +127,38 @@ impl Audit {
         );
     }
 
+    /// What revocation covers, said at start and after every reload: off without a CRL; every
+    /// client CA that no CRL covers (its certificates refused, or accepted unchecked if exempt).
+    pub fn revocation_coverage(&self, crl: Option<&crate::crl::CrlInfo>) {
+        let Some(crl) = crl else {
+            warn!(
+                event = "revocation_off",
+                "no `crl` configured: revocation is OFF, a revoked certificate is accepted; set `crl` to each client CA's CRL file"
+            );
+            return;
+        };
+        for ca in &crl.uncovered {
+            tracing::error!(
+                event = "crl_missing",
+                ca = %ca.subject,
+                ca_sha256 = %ca.sha256,
+                "no CRL covers client CA {} (sha256 {}): its certificates are REFUSED (crl_missing) until its CRL is added to `crl`, or it is named in `crl_exempt_cas`",
+                ca.subject,
+                ca.sha256
+            );
+        }
+        for ca in &crl.exempt {
+            warn!(
+                event = "crl_exempt",
+                ca = %ca.subject,
+                ca_sha256 = %ca.sha256,
+                "client CA {} (sha256 {}) has no CRL and is in `crl_exempt_cas`: its certificates are accepted WITHOUT a revocation check",
+                ca.subject,
+                ca.sha256
+            );
+        }
+    }
+
     /// The CRL is past its nextUpdate. It is still enforced.
     pub fn crl_stale(&self, path: &str, next_update: &str) {
         warn!(event = "crl_stale", crl = path, next_update, "CRL {path} is past its nextUpdate ({next_update}); still enforcing it: run `provision crl` and deliver the new file");

@@ -25,9 +25,14 @@ pub struct BrokerConfig {
     pub server_key: PathBuf,
     /// The device CA bundle clients must chain to (several CAs allowed for a rollover), PEM.
     pub client_ca: PathBuf,
-    /// The device CA's CRL (PEM or DER). Checked at every handshake and watched for changes.
+    /// The CRL files (PEM or DER), one per client CA, each written by its own PKI; one path or
+    /// a list. Checked at every handshake and watched for changes. None: revocation is off.
+    #[serde(default, deserialize_with = "paths")]
+    pub crl: Vec<PathBuf>,
+    /// SHA-256 fingerprints (hex) of client CAs whose certificates are accepted without a CRL.
+    /// Any other client CA without one has its certificates refused (`crl_missing`).
     #[serde(default)]
-    pub crl: Option<PathBuf>,
+    pub crl_exempt_cas: Vec<String>,
     /// Topic ACL templates.
     #[serde(default)]
     pub acl: AclConfig,
@@ -221,7 +226,7 @@ impl BrokerConfig {
         for file in [&mut loaded.server_cert, &mut loaded.server_key, &mut loaded.client_ca] {
             *file = base.join(&*file);
         }
-        if let Some(crl) = &mut loaded.crl {
+        for crl in &mut loaded.crl {
             *crl = base.join(&*crl);
         }
         if let Some(persistence) = &mut loaded.persistence {
@@ -288,17 +293,35 @@ impl BrokerConfig {
     }
 }
 
-fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<SocketAddr>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
+/// A value given as one string or a list of strings (environment overrides give one string;
+/// commas separate several there).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(one) => one.split(',').map(str::trim).map(str::to_owned).collect(),
+            OneOrMany::Many(many) => many,
+        }
     }
-    let texts = match OneOrMany::deserialize(deserializer)? {
-        OneOrMany::One(one) => one.split(',').map(str::trim).map(str::to_owned).collect(),
-        OneOrMany::Many(many) => many,
-    };
+}
+
+fn paths<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<PathBuf>, D::Error> {
+    Ok(OneOrMany::deserialize(deserializer)?
+        .into_vec()
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .collect())
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<SocketAddr>, D::Error> {
+    let texts = OneOrMany::deserialize(deserializer)?.into_vec();
     texts
         .iter()
         .map(|t| {

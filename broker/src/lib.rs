@@ -33,6 +33,7 @@ pub mod config;
 pub mod connect;
 pub mod connection;
 pub mod context;
+pub mod crl;
 pub mod handshake;
 pub mod kick;
 pub mod listener;

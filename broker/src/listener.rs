@@ -68,7 +68,11 @@ impl Broker {
     pub async fn bind(config: &BrokerConfig) -> Result<Self, StartError> {
         let provider = crypto_provider();
         let files = TlsFiles::of(config);
-        let tls = Arc::new(TlsState::new(TlsMaterial::load(&files, &provider)?));
+        let material = TlsMaterial::load(&files, &provider)?;
+        let metrics = Arc::new(Metrics::default());
+        let audit = Audit::new(metrics.clone());
+        audit.revocation_coverage(material.crl.as_ref());
+        let tls = Arc::new(TlsState::new(material));
         let mut listeners = Vec::new();
         for addr in &config.listen {
             listeners.push(
@@ -77,8 +81,6 @@ impl Broker {
                     .map_err(|source| StartError::Bind { addr: *addr, source })?,
             );
         }
-        let metrics = Arc::new(Metrics::default());
-        let audit = Audit::new(metrics.clone());
         let (store, recovered) = match &config.persistence {
             Some(persistence) => {
                 let (store, recovered) = Store::open(&persistence.settings())?;

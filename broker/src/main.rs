@@ -128,13 +128,25 @@ fn check_config(path: &std::path::Path, config: &BrokerConfig) -> ExitCode {
         (material.server.not_after - now) / 86_400
     );
     println!("client CAs {}:", files.client_ca.display());
-    for subject in &material.client_ca_subjects {
-        println!("  {subject}");
+    let crl = material.crl.as_ref();
+    for ca in &material.client_cas {
+        let coverage = match crl {
+            None => "",
+            Some(crl) if crl.refuses_issuer(&ca.subject_der) => "  NO CRL: its certificates are refused (crl_missing)",
+            Some(crl) if crl.exempt.iter().any(|e| e.sha256 == ca.sha256) => "  no CRL, exempt: accepted unchecked",
+            Some(_) => "  covered by a CRL",
+        };
+        println!("  {} (sha256 {}){coverage}", ca.subject, ca.sha256);
     }
-    match (&material.crl, &files.crl) {
-        (Some(crl), Some(crl_path)) => println!(
-            "CRL {}: {} revoked, number {}, next update {}{}",
-            crl_path.display(),
+    match crl {
+        Some(crl) => println!(
+            "CRLs {}: {} revoked, number {}, next update {}{}",
+            files
+                .crl
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             crl.revoked.len(),
             crl.number.as_deref().unwrap_or("-"),
             crl.next_update.map(date).unwrap_or_else(|| "-".into()),
@@ -144,7 +156,7 @@ fn check_config(path: &std::path::Path, config: &BrokerConfig) -> ExitCode {
                 ""
             }
         ),
-        _ => println!("CRL: none configured (revocation disabled)"),
+        None => println!("CRL: none configured (revocation OFF: a revoked certificate is accepted)"),
     }
     match &config.persistence {
         Some(persistence) => println!(

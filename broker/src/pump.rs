@@ -61,6 +61,8 @@ enum Ack {
     Received(u16),
     /// PUBCOMP: a QoS 2 exchange is complete.
     Complete(u16),
+    /// PUBREL: the client's PUBREC for our QoS 2 delivery came.
+    Release(u16),
 }
 
 impl Ack {
@@ -87,6 +89,7 @@ impl Ack {
                 },
                 None,
             ),
+            Ack::Release(pkid) => pubrel(pkid),
         }
     }
 }
@@ -279,6 +282,7 @@ impl Pump<'_> {
                 // wait for a publication that is so; while output piles up, only as long as the
                 // client still reads what we write.
                 let ours = self.held_full()
+                    || self.unsynced.len() >= UNSYNCED_ACKS
                     || (self.conn.pending_output() >= OUTPUT_HIGH
                         && self
                             .session
@@ -317,31 +321,37 @@ impl Pump<'_> {
             return false;
         }
         let (session, conn) = (self.session, &mut *self.conn);
-        let (mut published, mut failed) = (0u64, None);
-        let handed = session.attached.poll_outgoing(cx, DELIVERY_BATCH, &mut |outgoing| {
-            let queued = match outgoing {
-                Outgoing::Publish { delivery, pkid, dup } => {
-                    published += 1;
-                    conn.queue_publish(&OutgoingPublish {
-                        topic: &delivery.message.topic,
-                        payload: &delivery.message.payload,
-                        qos: delivery.qos,
-                        pkid,
-                        dup,
-                        retain: delivery.retain,
-                    })
-                }
-                Outgoing::PubRel(pkid) => conn.queue(pubrel(pkid)),
-            };
-            failed = failed.take().or(queued.err());
-        });
+        let (mut published, mut failed, mut durable_wait) = (0u64, None, None);
+        let handed = session
+            .attached
+            .poll_outgoing(cx, DELIVERY_BATCH, &mut durable_wait, &mut |outgoing| {
+                let queued = match outgoing {
+                    Outgoing::Publish { delivery, pkid, dup } => {
+                        published += 1;
+                        conn.queue_publish(&OutgoingPublish {
+                            topic: &delivery.message.topic,
+                            payload: &delivery.message.payload,
+                            qos: delivery.qos,
+                            pkid,
+                            dup,
+                            retain: delivery.retain,
+                        })
+                    }
+                    Outgoing::PubRel(pkid) => conn.queue(pubrel(pkid)),
+                };
+                failed = failed.take().or(queued.err());
+            });
         if published > 0 {
             self.ctx.audit.metrics().messages_out(published);
         }
         if let Some(e) = failed {
             self.encoding_failed(&e);
         }
-        handed > 0
+        let now_durable = match (durable_wait, self.ctx.router.store()) {
+            (Some(ticket), Some(store)) => store.poll_durable(ticket, &self.durable, cx).is_ready(),
+            _ => false,
+        };
+        handed > 0 || now_durable
     }
 
     /// Handles the packets already read, as far as allowed: while a publication waits, only
@@ -401,8 +411,8 @@ impl Pump<'_> {
                 attached.puback(pkid);
             }
             Inbound::PubRec(pkid) => {
-                if attached.pubrec(pkid) {
-                    self.reply(pubrel(pkid));
+                if let Some(ticket) = attached.pubrec(pkid) {
+                    self.acknowledge(ticket, Ack::Release(pkid));
                 }
             }
             Inbound::PubComp(pkid) => {

@@ -12,6 +12,9 @@ use std::fmt;
 pub enum RejectReason {
     /// The client sent no certificate.
     NoClientCert,
+    /// Revocation is configured, but no CRL covers the CA that issued the certificate (and
+    /// `crl_exempt_cas` does not name it): without one, a revoked certificate would pass.
+    CrlMissing,
     /// The certificate does not chain to a configured device CA.
     UnknownIssuer,
     /// The certificate's notAfter has passed.
@@ -50,12 +53,13 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, for documentation and metrics.
-    pub const ALL: [RejectReason; 17] = [
+    pub const ALL: [RejectReason; 18] = [
         RejectReason::NoClientCert,
         RejectReason::UnknownIssuer,
         RejectReason::Expired,
         RejectReason::NotYetValid,
         RejectReason::Revoked,
+        RejectReason::CrlMissing,
         RejectReason::WrongPurpose,
         RejectReason::CaCertAsLeaf,
         RejectReason::BadIdentity,
@@ -78,6 +82,7 @@ impl RejectReason {
             RejectReason::Expired => "expired",
             RejectReason::NotYetValid => "not_yet_valid",
             RejectReason::Revoked => "revoked",
+            RejectReason::CrlMissing => "crl_missing",
             RejectReason::WrongPurpose => "wrong_purpose",
             RejectReason::CaCertAsLeaf => "ca_cert_as_leaf",
             RejectReason::BadIdentity => "bad_identity",

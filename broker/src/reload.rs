@@ -73,12 +73,16 @@ impl TlsState {
     }
 }
 
-/// A file's identity and version, to notice a change (including an atomic rename over it).
+/// A file's identity, version and permissions, to notice a change (including an atomic rename
+/// over it, and a `chmod` that makes an unreadable file readable).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FileStamp {
     inode: u64,
     len: u64,
     modified: Option<SystemTime>,
+    /// The inode change time: moves on chmod and chown as well as writes.
+    changed: (i64, i64),
+    mode: u32,
 }
 
 fn stamp(path: &std::path::Path) -> Option<FileStamp> {
@@ -87,8 +91,13 @@ fn stamp(path: &std::path::Path) -> Option<FileStamp> {
         inode: meta.ino(),
         len: meta.len(),
         modified: meta.modified().ok(),
+        changed: (meta.ctime(), meta.ctime_nsec()),
+        mode: meta.mode(),
     })
 }
+
+/// How often a reload that keeps failing is reported again.
+const FAILURE_REMINDER: Duration = Duration::from_secs(60);
 
 /// The current stamp of every watched file, in `TlsFiles::all` order.
 fn stamps(files: &TlsFiles) -> Vec<Option<FileStamp>> {
@@ -108,6 +117,9 @@ pub struct Reloader {
     /// reported once, not at every poll.
     seen: Vec<Option<FileStamp>>,
     stale_reported: Option<Instant>,
+    /// The last reload's error and when it was reported: while set, every poll tries again (a
+    /// file the broker cannot read yet, say, becomes readable without changing).
+    failing: Option<(String, Instant)>,
 }
 
 impl Reloader {
@@ -129,6 +141,7 @@ impl Reloader {
             seen: in_force.clone(),
             in_force,
             stale_reported: None,
+            failing: None,
         }
     }
 
@@ -142,6 +155,8 @@ impl Reloader {
                 _ = tick.tick() => {
                     if let Some(changed) = self.changed_files() {
                         self.reload(&changed);
+                    } else if self.failing.is_some() {
+                        self.reload("files that failed to load");
                     }
                 }
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
@@ -185,14 +200,26 @@ impl Reloader {
         match loaded {
             Ok(material) => {
                 let revoked = material.crl.as_ref().map(|crl| crl.revoked.clone()).unwrap_or_default();
+                self.audit.revocation_coverage(material.crl.as_ref());
                 self.state.replace(material);
                 self.in_force = self.seen.clone();
                 self.audit.reload(what);
                 self.stale_reported = None;
+                self.failing = None;
                 // Sessions log `revoked_kick` themselves as they close.
                 self.sessions.kick_revoked(&revoked);
             }
-            Err(e) => self.audit.reload_failed(&e.to_string()),
+            Err(e) => {
+                let error = e.to_string();
+                let due = self
+                    .failing
+                    .as_ref()
+                    .is_none_or(|(last, at)| *last != error || at.elapsed() >= FAILURE_REMINDER);
+                if due {
+                    self.audit.reload_failed(&error);
+                    self.failing = Some((error, Instant::now()));
+                }
+            }
         }
     }
 
@@ -214,9 +241,10 @@ impl Reloader {
         let path = self
             .files
             .crl
-            .as_ref()
+            .iter()
             .map(|p| p.display().to_string())
-            .unwrap_or_default();
+            .collect::<Vec<_>>()
+            .join(", ");
         self.audit.crl_stale(&path, &next_update);
     }
 }

@@ -3,20 +3,19 @@
 //! was refused, so the audit log can name the certificate and a stable reason.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fleet_identity::pem::{load_certs, load_crls, load_key};
+use fleet_identity::pem::{load_certs, load_key, PemProblem};
 use fleet_identity::{sha256_hex, CertificateSummary, Identity};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, ServerConfig, SignatureScheme};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-use x509_parser::revocation_list::CertificateRevocationList;
 
+use crate::crl::{ClientCa, CrlInfo, CrlProblem};
 use crate::reason::RejectReason;
 
 /// The files the TLS configuration is built from.
@@ -28,8 +27,10 @@ pub struct TlsFiles {
     pub server_key: PathBuf,
     /// Client CA bundle.
     pub client_ca: PathBuf,
-    /// The CRL, if revocation is configured.
-    pub crl: Option<PathBuf>,
+    /// The CRL files, one per client CA; none: revocation is off.
+    pub crl: Vec<PathBuf>,
+    /// SHA-256 fingerprints of client CAs accepted without a CRL.
+    pub crl_exempt_cas: Vec<String>,
 }
 
 impl TlsFiles {
@@ -40,6 +41,7 @@ impl TlsFiles {
             server_key: config.server_key.clone(),
             client_ca: config.client_ca.clone(),
             crl: config.crl.clone(),
+            crl_exempt_cas: config.crl_exempt_cas.clone(),
         }
     }
 
@@ -50,9 +52,7 @@ impl TlsFiles {
             ("server_key", self.server_key.as_path()),
             ("client_ca", self.client_ca.as_path()),
         ];
-        if let Some(crl) = &self.crl {
-            files.push(("crl", crl.as_path()));
-        }
+        files.extend(self.crl.iter().map(|crl| ("crl", crl.as_path())));
         files
     }
 }
@@ -64,13 +64,30 @@ pub struct TlsLoadError {
     /// The file at fault.
     pub path: PathBuf,
     /// What is wrong.
-    pub problem: String,
+    pub problem: TlsProblem,
 }
 
-fn fail(path: &Path, problem: impl ToString) -> TlsLoadError {
+/// What is wrong with a TLS file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsProblem {
+    /// It cannot be read, is not PEM, or holds nothing of the kind expected.
+    #[error(transparent)]
+    File(#[from] PemProblem),
+    /// A certificate in it is not valid X.509.
+    #[error("not a valid certificate: {0}")]
+    Certificate(String),
+    /// A CRL in it is not believed.
+    #[error(transparent)]
+    Crl(#[from] CrlProblem),
+    /// rustls refused the material (a key that does not fit its certificate, an unusable CA).
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn fail(path: &Path, problem: impl Into<TlsProblem>) -> TlsLoadError {
     TlsLoadError {
         path: path.to_owned(),
-        problem: problem.to_string(),
+        problem: problem.into(),
     }
 }
 
@@ -94,35 +111,15 @@ pub struct ServerCertInfo {
     pub names: Vec<String>,
 }
 
-/// Facts about the CRL in force.
-#[derive(Clone, Debug)]
-pub struct CrlInfo {
-    /// Revoked serials, lower-case hex without leading zeros.
-    pub revoked: HashSet<String>,
-    /// thisUpdate, Unix seconds.
-    pub this_update: i64,
-    /// nextUpdate, Unix seconds, if present.
-    pub next_update: Option<i64>,
-    /// The CRL number, if present.
-    pub number: Option<String>,
-}
-
-impl CrlInfo {
-    /// Whether the CRL is past its nextUpdate at `now`.
-    pub fn is_stale(&self, now: i64) -> bool {
-        self.next_update.is_some_and(|t| t < now)
-    }
-}
-
 /// A complete, validated TLS configuration and what the rest of the broker needs to know of it.
 pub struct TlsMaterial {
     /// The rustls configuration for new handshakes.
     pub config: Arc<ServerConfig>,
     /// The server certificate.
     pub server: ServerCertInfo,
-    /// Subjects of the client CAs.
-    pub client_ca_subjects: Vec<String>,
-    /// The CRL, if configured.
+    /// The client CAs.
+    pub client_cas: Vec<ClientCa>,
+    /// What the CRLs say, if revocation is configured.
     pub crl: Option<CrlInfo>,
 }
 
@@ -131,34 +128,40 @@ impl TlsMaterial {
     pub fn load(files: &TlsFiles, provider: &Arc<CryptoProvider>) -> Result<Self, TlsLoadError> {
         let chain = load_certs(&files.server_cert).map_err(|e| fail(&files.server_cert, e.problem))?;
         let key = load_key(&files.server_key).map_err(|e| fail(&files.server_key, e.problem))?;
-        let server = server_cert_info(&chain[0]).map_err(|e| fail(&files.server_cert, e))?;
+        let server = server_cert_info(&chain[0]).map_err(|e| fail(&files.server_cert, TlsProblem::Certificate(e)))?;
         let client_cas = load_certs(&files.client_ca).map_err(|e| fail(&files.client_ca, e.problem))?;
-        let client_ca_subjects = client_cas
+        let cas = client_cas
             .iter()
-            .map(|der| X509Certificate::from_der(der).map(|(_, c)| c.subject().to_string()))
+            .map(ClientCa::from_der)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| fail(&files.client_ca, format!("not a valid certificate: {e}")))?;
-        let (crls, crl) = match &files.crl {
-            Some(path) => {
-                let crls = load_crls(path).map_err(|e| fail(path, e.problem))?;
-                let info = crl_info(&crls, &client_cas).map_err(|e| fail(path, e))?;
-                (crls, Some(info))
-            }
-            None => (Vec::new(), None),
+            .map_err(|e| fail(&files.client_ca, TlsProblem::Certificate(e)))?;
+        let (crls, crl) = if files.crl.is_empty() {
+            (Vec::new(), None)
+        } else {
+            let (crls, info) = crate::crl::load(&files.crl, &cas, &files.crl_exempt_cas, provider)
+                .map_err(|e| fail(&e.path, e.problem))?;
+            (crls, Some(info))
         };
-        let standard = fleet_identity::tls::client_verifier(provider.clone(), &client_cas, crls)
-            .map_err(|e| fail(files.crl.as_deref().unwrap_or(&files.client_ca), e))?;
-        let verifier = Arc::new(AuditingVerifier { inner: standard });
+        let standard = fleet_identity::tls::client_verifier(provider.clone(), &client_cas, crls).map_err(|e| {
+            fail(
+                files.crl.first().unwrap_or(&files.client_ca),
+                TlsProblem::Refused(e.to_string()),
+            )
+        })?;
+        let verifier = Arc::new(AuditingVerifier {
+            inner: standard,
+            crl: crl.clone(),
+        });
         let config = fleet_identity::tls::server_config(provider.clone(), verifier, chain, key).map_err(|e| {
             fail(
                 &files.server_key,
-                format!("does not fit {}: {e}", files.server_cert.display()),
+                TlsProblem::Refused(format!("does not fit {}: {e}", files.server_cert.display())),
             )
         })?;
         Ok(Self {
             config: Arc::new(with_fleet_tuning(config)),
             server,
-            client_ca_subjects,
+            client_cas: cas,
             crl,
         })
     }
@@ -173,7 +176,7 @@ fn with_fleet_tuning(mut config: ServerConfig) -> ServerConfig {
 }
 
 fn server_cert_info(der: &CertificateDer<'_>) -> Result<ServerCertInfo, String> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("not a valid certificate: {e}"))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
     let names = cert
         .subject_alternative_name()
         .ok()
@@ -204,52 +207,6 @@ fn ip_to_string(bytes: &[u8]) -> Option<String> {
     }
 }
 
-/// What the CRLs in force say together. A file may hold one CRL per client CA (during a CA
-/// rollover): every one must be issued by a client CA; the revoked sets are joined; the earliest
-/// thisUpdate and nextUpdate count (the file is as stale as its stalest CRL).
-fn crl_info(
-    crls: &[CertificateRevocationListDer<'static>],
-    client_cas: &[CertificateDer<'static>],
-) -> Result<CrlInfo, String> {
-    let ca_subjects: Vec<Vec<u8>> = client_cas
-        .iter()
-        .filter_map(|ca| {
-            X509Certificate::from_der(ca)
-                .ok()
-                .map(|(_, ca)| ca.subject().as_raw().to_vec())
-        })
-        .collect();
-    let mut info = CrlInfo {
-        revoked: HashSet::new(),
-        this_update: i64::MAX,
-        next_update: None,
-        number: None,
-    };
-    for (index, der) in crls.iter().enumerate() {
-        let (_, crl) =
-            CertificateRevocationList::from_der(der).map_err(|e| format!("CRL #{index} is not a valid CRL: {e}"))?;
-        if !ca_subjects
-            .iter()
-            .any(|subject| subject.as_slice() == crl.issuer().as_raw())
-        {
-            return Err(format!(
-                "CRL #{index}: issuer {} is none of the client CAs: refusing a CRL that cannot apply",
-                crl.issuer()
-            ));
-        }
-        info.revoked.extend(
-            crl.iter_revoked_certificates()
-                .map(|r| r.user_certificate.to_str_radix(16)),
-        );
-        info.this_update = info.this_update.min(crl.last_update().timestamp());
-        if let Some(next) = crl.next_update().map(|t| t.timestamp()) {
-            info.next_update = Some(info.next_update.map_or(next, |n| n.min(next)));
-        }
-        info.number = info.number.or_else(|| crl.crl_number().map(|n| n.to_str_radix(16)));
-    }
-    Ok(info)
-}
-
 /// What the verifier learned during one handshake.
 #[derive(Default)]
 pub struct HandshakeNotes {
@@ -271,6 +228,8 @@ tokio::task_local! {
 #[derive(Debug)]
 struct AuditingVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    /// The CRLs in force: a certificate from a client CA none of them covers is refused.
+    crl: Option<CrlInfo>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -306,12 +265,19 @@ impl AuditingVerifier {
         };
         let is_ca = summary.as_ref().is_some_and(|s| s.is_ca);
         let verdict = self.inner.verify_client_cert(end_entity, intermediates, now);
+        let uncovered = self.crl.as_ref().is_some_and(|crl| {
+            X509Certificate::from_der(end_entity).is_ok_and(|(_, cert)| crl.refuses_issuer(cert.issuer().as_raw()))
+        });
         let refusal = match (&verdict, identity) {
             _ if is_ca => Some((
                 RejectReason::CaCertAsLeaf,
                 "a CA certificate was presented as a client certificate".to_owned(),
             )),
             (Err(e), _) => Some((reason_for(e), e.to_string())),
+            (Ok(_), _) if uncovered => Some((
+                RejectReason::CrlMissing,
+                "no CRL covers the CA that issued this certificate, so its revocation cannot be checked (add that CA's CRL to `crl`, or name the CA in `crl_exempt_cas`)".to_owned(),
+            )),
             (Ok(_), Err(e)) => Some((RejectReason::BadIdentity, e.to_string())),
             (Ok(_), Ok(identity)) => {
                 notes.identity = Some(identity);

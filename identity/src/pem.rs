@@ -87,6 +87,31 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
     Ok(crls)
 }
 
+/// The DER prefix of an Ed25519 PKCS#8 v2 key (RFC 5958) as ring and aws-lc-rs write it:
+/// version 1, the algorithm, the 32-byte seed; the public key follows.
+const ED25519_PKCS8_V2_PREFIX: [u8; 16] = [
+    0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+/// The DER prefix of the same key as PKCS#8 v1 (RFC 5208), which ends after the seed.
+const ED25519_PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// A PKCS#8 private key in the form every common TLS stack reads, for writing to a key file.
+/// An Ed25519 key in PKCS#8 v2 (with its public key, as ring and aws-lc-rs write it) becomes
+/// PKCS#8 v1 without the public key: OpenSSL 3.0 refuses the v2 form ("unsupported"), and with
+/// it Python's `ssl`, `mosquitto_pub` and most device stacks built on OpenSSL. Every other key
+/// is returned as it is.
+pub fn portable_pkcs8(der: &[u8]) -> Vec<u8> {
+    match der
+        .strip_prefix(&ED25519_PKCS8_V2_PREFIX[..])
+        .and_then(|rest| rest.get(..32))
+    {
+        Some(seed) => [&ED25519_PKCS8_V1_PREFIX[..], seed].concat(),
+        None => der.to_vec(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +122,19 @@ mod tests {
         let path = dir.join(name);
         fs::write(&path, contents).unwrap();
         path
+    }
+
+    #[test]
+    fn ed25519_keys_become_pkcs8_v1_without_the_public_key_and_others_stay() {
+        let ed25519 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let v2 = ed25519.serialized_der();
+        assert_eq!(&v2[..16], &ED25519_PKCS8_V2_PREFIX[..], "what the key library writes");
+        let v1 = portable_pkcs8(v2);
+        assert_eq!(v1.len(), 48, "version 0, the algorithm and the seed, nothing more");
+        assert_eq!(&v1[..16], &ED25519_PKCS8_V1_PREFIX[..]);
+        assert_eq!(&v1[16..], &v2[16..48], "the same seed");
+        let ecdsa = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        assert_eq!(portable_pkcs8(ecdsa.serialized_der()), ecdsa.serialized_der());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The key algorithms the fleet PKI can use.
+//! The key algorithms the fleet PKI can use, and the one form their private keys are written in.
 
 use rcgen::{KeyPair, SignatureAlgorithm};
 
@@ -36,5 +36,35 @@ impl KeyType {
     /// Generates a fresh key pair of this type.
     pub fn generate(self) -> Result<KeyPair> {
         KeyPair::generate_for(self.algorithm()).generating(format!("{self:?} key"))
+    }
+}
+
+/// `key` as a PEM `PRIVATE KEY` that every common TLS stack reads
+/// ([`fleet_identity::pem::portable_pkcs8`]: for Ed25519, PKCS#8 v1 without the public key).
+pub fn private_key_pem(key: &KeyPair) -> String {
+    let der = fleet_identity::pem::portable_pkcs8(key.serialized_der());
+    pem::encode_config(
+        &pem::Pem::new("PRIVATE KEY", der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_type_is_written_in_a_form_that_reads_back_as_the_same_key() {
+        for key_type in [
+            KeyType::EcdsaP256,
+            KeyType::EcdsaP384,
+            KeyType::Ed25519,
+            KeyType::Rsa2048,
+        ] {
+            let key = key_type.generate().unwrap();
+            let pem = private_key_pem(&key);
+            let back = KeyPair::from_pem(&pem).unwrap_or_else(|e| panic!("{key_type:?}: {e}"));
+            assert_eq!(back.public_key_raw(), key.public_key_raw(), "{key_type:?}");
+        }
     }
 }

@@ -48,6 +48,8 @@ pub fn write_new(path: &Path, contents: &[u8], mode: u32, overwrite: Overwrite) 
 
 /// Replaces `path` atomically: a temporary file beside it is written, synced and renamed over it,
 /// so a reader (the broker watching the CRL) sees the old file or the new one, never half of one.
+/// The file gets `mode` whatever the umask: a CRL written 0600 under `umask 077` would lock an
+/// unprivileged broker out of revocation updates.
 pub fn replace_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
@@ -61,6 +63,7 @@ pub fn replace_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()>
             .open(&temp)
             .at(&temp)?;
         file.write_all(contents).at(&temp)?;
+        fs::set_permissions(&temp, std::os::unix::fs::PermissionsExt::from_mode(mode)).at(&temp)?;
         file.sync_all().at(&temp)?;
         fs::rename(&temp, path).at(path)?;
         File::open(dir).and_then(|d| d.sync_all()).at(dir)

@@ -34,7 +34,7 @@ impl BrokerProcess {
     /// Like [`BrokerProcess::start`], restricted to the CPUs in `cpus` (a `taskset` list, for
     /// benchmarks) when given.
     pub fn start_pinned(binary: &Path, config: &Path, env: &[(&str, &str)], cpus: Option<&str>) -> Self {
-        let mut command = match cpus {
+        let command = match cpus {
             Some(cpus) => {
                 let mut taskset = Command::new("taskset");
                 taskset.args(["-c", cpus]).arg(binary);
@@ -42,6 +42,20 @@ impl BrokerProcess {
             }
             None => Command::new(binary),
         };
+        Self::launch(command, config, env)
+    }
+
+    /// Like [`BrokerProcess::start`], running as the user and group `uid`:`gid` (the test must
+    /// run as root), as a gateway runs it: unprivileged.
+    pub fn start_as(binary: &Path, config: &Path, env: &[(&str, &str)], uid: u32, gid: u32) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        let mut command = Command::new(binary);
+        command.uid(uid).gid(gid);
+        Self::launch(command, config, env)
+    }
+
+    fn launch(mut command: Command, config: &Path, env: &[(&str, &str)]) -> Self {
+        let binary = command.get_program().to_owned();
         command
             .arg("--config")
             .arg(config)
@@ -56,7 +70,7 @@ impl BrokerProcess {
         }
         let mut child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", Path::new(&binary).display()));
         let stderr = child.stderr.take().expect("piped stderr");
         let events = Arc::new(Events::default());
         let sink = events.clone();

@@ -184,9 +184,11 @@ impl Router {
         let env = self.env();
         for stored in recovered.sessions {
             let session = Arc::new(Session::restore(stored, env));
+            // Read before the tree's lock: the lock order is session, then tree.
+            let subscriptions = session.subscriptions();
             {
                 let mut tree = self.shared.tree.write().unwrap_or_else(|p| p.into_inner());
-                for (filter, qos) in session.subscriptions() {
+                for (filter, qos) in subscriptions {
                     if let Ok(parsed) = SubscriptionFilter::parse(&filter) {
                         tree.insert(&parsed, &session, qos);
                     }
@@ -580,10 +582,18 @@ impl Attached {
     }
 
     /// Hands over up to `budget` packets to write (resends first, then the queue, within the
-    /// inflight bound). Returns how many; when none, the task is woken once there are some.
-    pub fn poll_outgoing(&self, cx: &mut Context<'_>, budget: usize, out: &mut dyn FnMut(Outgoing<'_>)) -> usize {
+    /// inflight bound). Returns how many; when none, the task is woken once there are some. A
+    /// delivery held back until the store has something on disk sets `durable_wait`: the caller
+    /// waits for that ticket, then asks again.
+    pub fn poll_outgoing(
+        &self,
+        cx: &mut Context<'_>,
+        budget: usize,
+        durable_wait: &mut Option<Ticket>,
+        out: &mut dyn FnMut(Outgoing<'_>),
+    ) -> usize {
         self.session
-            .poll_outgoing(self.generation, cx, budget, self.router.env(), out)
+            .poll_outgoing(self.generation, cx, budget, self.router.env(), durable_wait, out)
     }
 
     /// PUBACK from the client; false if no QoS 1 delivery had that packet id.
@@ -591,8 +601,9 @@ impl Attached {
         self.session.puback(self.generation, pkid, self.router.env())
     }
 
-    /// PUBREC from the client; true if the caller must answer PUBREL.
-    pub fn pubrec(&self, pkid: u16) -> bool {
+    /// PUBREC from the client; if the packet id is known, the caller answers PUBREL once the
+    /// ticket is durable.
+    pub fn pubrec(&self, pkid: u16) -> Option<Ticket> {
         self.session.pubrec(self.generation, pkid, self.router.env())
     }
 

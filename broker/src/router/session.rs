@@ -97,6 +97,11 @@ struct Inflight {
     released: bool,
     /// Whether the current owner has been sent it (PUBLISH, or PUBREL once released).
     sent: bool,
+    /// Whether it went out before: sent again, it carries DUP.
+    resend: bool,
+    /// What must be durable before it goes out (again): a stored QoS 2 delivery's packet id, or
+    /// its release, so that after a crash it is resent under the packet id the client holds.
+    after: Ticket,
 }
 
 /// What the owner must write next.
@@ -198,6 +203,8 @@ impl Session {
                         delivery: entry.delivery,
                         released: entry.released,
                         sent: false,
+                        resend: true,
+                        after: Ticket::default(),
                     }),
                     _ => {
                         let size = entry.delivery.message.size();
@@ -450,12 +457,15 @@ impl Session {
 
     /// Hands the owner (`generation`) what it should write next, at most `budget` packets.
     /// Returns how many were handed out; when none, the owner is woken once there are some.
+    /// A stored QoS 2 delivery goes out only once its packet id is durable (and its PUBREL once
+    /// its release is); `durable_wait` then names what to wait for.
     pub(crate) fn poll_outgoing(
         &self,
         generation: u64,
         cx: &mut Context<'_>,
         budget: usize,
         env: &Env,
+        durable_wait: &mut Option<Ticket>,
         out: &mut dyn FnMut(Outgoing<'_>),
     ) -> usize {
         let mut state = self.lock();
@@ -471,9 +481,15 @@ impl Session {
         // wake-ups), and under the lock, so an offer that follows finds it.
         self.consumer.register(cx.waker());
         let mut handed = 0;
+        let durable = |ticket: Ticket| env.store.as_ref().is_none_or(|store| store.is_durable(ticket));
         for entry in state.inflight.iter_mut().filter(|e| !e.sent) {
             if handed == budget {
                 return handed;
+            }
+            if !durable(entry.after) {
+                let first = durable_wait.get_or_insert(entry.after);
+                *first = (*first).min(entry.after);
+                continue;
             }
             entry.sent = true;
             handed += 1;
@@ -483,8 +499,9 @@ impl Session {
                 out(Outgoing::Publish {
                     delivery: &entry.delivery,
                     pkid: entry.pkid,
-                    dup: true,
+                    dup: entry.resend,
                 });
+                entry.resend = true;
             }
         }
         let mut popped = 0;
@@ -505,16 +522,25 @@ impl Session {
                 continue;
             }
             let (pkid, issued) = state.issue_pkid();
-            if let (QoS::ExactlyOnce, Some(id), Some(store)) = (delivery.qos, delivery.stored, &env.store) {
-                store.sent(id, pkid);
-            }
+            let after = match (delivery.qos, delivery.stored, &env.store) {
+                (QoS::ExactlyOnce, Some(id), Some(store)) => store.sent(id, pkid),
+                _ => Ticket::default(),
+            };
+            let ready = durable(after);
             state.inflight.push_back(Inflight {
                 pkid,
                 issued,
                 delivery,
                 released: false,
-                sent: true,
+                sent: ready,
+                resend: ready,
+                after,
             });
+            if !ready {
+                handed -= 1;
+                durable_wait.get_or_insert(after);
+                continue;
+            }
             if let Some(entry) = state.inflight.back() {
                 out(Outgoing::Publish {
                     delivery: &entry.delivery,
@@ -564,28 +590,25 @@ impl Session {
         }
     }
 
-    /// PUBREC from the owner: the QoS 2 delivery is now awaiting PUBCOMP. True if the caller
-    /// must answer PUBREL (the packet id is known).
-    pub(crate) fn pubrec(&self, generation: u64, pkid: u16, env: &Env) -> bool {
+    /// PUBREC from the owner: the QoS 2 delivery is now awaiting PUBCOMP. If the packet id is
+    /// known, the caller must answer PUBREL once the returned ticket (the release, recorded for
+    /// a stored delivery) is durable: a PUBREL that a crash could forget would have the
+    /// PUBLISH sent again for a message the client has completed.
+    pub(crate) fn pubrec(&self, generation: u64, pkid: u16, env: &Env) -> Option<Ticket> {
         let mut state = self.lock();
         if !state.owned_by(generation) {
-            return false;
+            return None;
         }
-        match state
+        let entry = state
             .inflight
             .iter_mut()
-            .find(|e| e.pkid == pkid && e.delivery.qos == QoS::ExactlyOnce)
-        {
-            Some(entry) => {
-                if let (false, Some(id), Some(store)) = (entry.released, entry.delivery.stored, &env.store) {
-                    store.released(id);
-                }
-                entry.released = true;
-                entry.sent = true;
-                true
-            }
-            None => false,
+            .find(|e| e.pkid == pkid && e.delivery.qos == QoS::ExactlyOnce)?;
+        if let (false, Some(id), Some(store)) = (entry.released, entry.delivery.stored, &env.store) {
+            entry.after = store.released(id);
         }
+        entry.released = true;
+        entry.sent = true;
+        Some(entry.after)
     }
 
     /// A QoS 2 PUBLISH from the client with `pkid`: true if it is new and must be routed, false
@@ -625,8 +648,14 @@ impl Session {
         if state.owned_by(generation) {
             let before = state.awaiting_release.len();
             state.awaiting_release.retain(|p| *p != pkid);
-            if let (true, true, Some(store)) = (state.persistent, before != state.awaiting_release.len(), &env.store) {
-                ticket = store.release_received(&self.client, pkid);
+            if let (true, Some(store)) = (state.persistent, &env.store) {
+                ticket = if before != state.awaiting_release.len() {
+                    store.release_received(&self.client, pkid)
+                } else {
+                    // A PUBREL resent after a reconnect: its first may still be on its way to
+                    // the disk, recorded by the connection before.
+                    store.head()
+                };
             }
         }
         ticket

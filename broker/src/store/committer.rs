@@ -52,7 +52,9 @@ fn run(shared: &Shared, mut database: Database) {
             batch.append(&mut journal.records);
             (journal.closing, journal.last)
         };
-        match database.write(&batch) {
+        // After a failed attempt some of the batch may have reached the disk: write every
+        // record then, never skipping an enqueue because its removal came in the same batch.
+        match database.write(&batch, failure.is_none()) {
             Ok(()) => {
                 batch.clear();
                 shared.commits.fetch_add(1, Ordering::Relaxed);

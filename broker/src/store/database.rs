@@ -106,9 +106,9 @@ impl Database {
         self.sessions.insert(client, id);
     }
 
-    /// Writes `batch` in one transaction. A delivery enqueued and removed within the batch is
-    /// not written at all. On error nothing of the batch is written, and it may be tried again.
-    pub(super) fn write(&mut self, batch: &[Record]) -> rusqlite::Result<()> {
+    /// Writes `batch` in one transaction. With `skip_passed`, a delivery enqueued and removed
+    /// within the batch is not written at all. On error the batch may be tried again.
+    pub(super) fn write(&mut self, batch: &[Record], skip_passed: bool) -> rusqlite::Result<()> {
         let mut enqueued = HashSet::new();
         let mut removed = HashSet::new();
         for record in batch {
@@ -122,7 +122,11 @@ impl Database {
                 _ => {}
             }
         }
-        let passed: HashSet<u64> = enqueued.intersection(&removed).copied().collect();
+        let passed: HashSet<u64> = if skip_passed {
+            enqueued.intersection(&removed).copied().collect()
+        } else {
+            HashSet::new()
+        };
         let needed = batch.iter().any(|record| match record {
             Record::Enqueue { id, .. } | Record::Remove { id } | Record::Sent { id, .. } | Record::Released { id } => {
                 !passed.contains(id)

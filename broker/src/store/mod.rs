@@ -208,7 +208,7 @@ impl Store {
     pub fn open(settings: &StoreSettings) -> Result<(Store, Recovered), StoreError> {
         let path = settings.dir.join(DATABASE_FILE);
         let (database, recovered, dir_lock) = recovery::open(&settings.dir, &path)?;
-        let next_delivery = recovered.max_delivery_id() + 1;
+        let next_delivery = recovered.max_delivery_id().saturating_add(1);
         let queued_bytes = recovered.queued_bytes();
         let shared = Arc::new(Shared {
             path,
@@ -257,9 +257,13 @@ impl Store {
         Ticket(lock(&self.shared.journal).last)
     }
 
-    /// Whether everything up to `ticket` is durable (always, with `sync = interval`).
+    /// Whether everything up to `ticket` is durable. With `sync = interval`, always, unless
+    /// writes are failing: then acknowledgements wait, so that a full disk cannot make the
+    /// broker hold ever more unwritten records in memory.
     pub fn is_durable(&self, ticket: Ticket) -> bool {
-        matches!(self.shared.sync, SyncPolicy::Interval(_)) || self.shared.durable.load(Ordering::SeqCst) >= ticket.0
+        let interval = matches!(self.shared.sync, SyncPolicy::Interval(_));
+        (interval && !self.shared.failing.load(Ordering::Relaxed))
+            || self.shared.durable.load(Ordering::SeqCst) >= ticket.0
     }
 
     /// Ready once `ticket` is durable; otherwise `waiter` is woken when the watermark moves.

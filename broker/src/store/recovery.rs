@@ -148,8 +148,8 @@ pub(super) fn open(dir: &Path, path: &Path) -> Result<(Database, Recovered, std:
         Err(std::fs::TryLockError::Error(e)) => return Err(dir_error(e)),
     }
     let started = Instant::now();
-    let (mut database, recovered, damage) = match Database::open(path).and_then(|mut db| db.prepare().map(|v| (db, v)))
-    {
+    let opened = Database::open(path).and_then(|mut db| db.prepare().map(|version| (db, version)));
+    let (database, recovered, damage) = match opened {
         Ok((_, Some(version))) => {
             return Err(StoreError::Database {
                 path: path.to_owned(),
@@ -160,7 +160,15 @@ pub(super) fn open(dir: &Path, path: &Path) -> Result<(Database, Recovered, std:
         }
         Ok((mut database, None)) => {
             let (recovered, damage) = read(&mut database);
-            (database, recovered, damage)
+            (Some(database), recovered, damage)
+        }
+        Err(e) if is_damage(&e) => {
+            let damage = vec![Damage {
+                table: "(file)",
+                read: 0,
+                reason: e.to_string(),
+            }];
+            (None, Recovered::default(), damage)
         }
         Err(e) if in_use(&e) => {
             return Err(StoreError::Database {
@@ -168,33 +176,33 @@ pub(super) fn open(dir: &Path, path: &Path) -> Result<(Database, Recovered, std:
                 reason: format!("in use by another process: {e}"),
             })
         }
+        // Permissions, I/O, a full disk: nothing says the file is damaged, so it is left alone
+        // and the broker does not start on an empty store in its place.
         Err(e) => {
-            let damage = vec![Damage {
-                table: "(file)",
-                read: 0,
-                reason: e.to_string(),
-            }];
-            (fresh(path, None)?, Recovered::default(), damage)
+            return Err(StoreError::Database {
+                path: path.to_owned(),
+                reason: format!("cannot open: {e}"),
+            })
         }
     };
-    if !damage.is_empty() {
-        for Damage { table, read, reason } in &damage {
-            tracing::error!(
-                event = "store_damaged",
-                path = %path.display(),
-                table,
-                rows_read = read,
-                %reason,
-                "store {}: table {table}: {reason} (after {read} rows); rows beyond are not recovered",
-                path.display()
-            );
+    let database = match database {
+        Some(database) if damage.is_empty() => database,
+        database => {
+            for Damage { table, read, reason } in &damage {
+                tracing::error!(
+                    event = "store_damaged",
+                    path = %path.display(),
+                    table,
+                    rows_read = read,
+                    %reason,
+                    "store {}: table {table}: {reason} (after {read} rows); rows beyond are not recovered",
+                    path.display()
+                );
+            }
+            drop(database);
+            rebuild(path, &recovered)?
         }
-        database = fresh(path, Some(database))?;
-        database.write(&recovered.records()).map_err(|e| StoreError::Database {
-            path: path.to_owned(),
-            reason: format!("cannot write the recovered state into a fresh database: {e}"),
-        })?;
-    }
+    };
     tracing::info!(
         event = "store_opened",
         path = %path.display(),
@@ -223,33 +231,71 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
-/// Moves the damaged database (and its WAL) aside and opens a fresh one.
-fn fresh(path: &Path, damaged: Option<Database>) -> Result<Database, StoreError> {
-    drop(damaged);
+/// Whether SQLite's error says the file itself is damaged (not that it cannot be reached).
+fn is_damage(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt)
+    )
+}
+
+/// Writes `recovered` into a fresh database and puts it in the damaged one's place, keeping
+/// the damaged file (and its WAL) beside it as `broker.sqlite.damaged-<unix time>`. The fresh
+/// database is complete before it replaces anything, and the damaged file keeps its name until
+/// then, so a crash at any step leaves one of the two in place.
+fn rebuild(path: &Path, recovered: &Recovered) -> Result<Database, StoreError> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| StoreError::Database {
+        path: path.to_owned(),
+        reason: format!("damaged, and {what}: {e}"),
+    };
+    let named = |base: &Path, suffix: &str| PathBuf::from(format!("{}{suffix}", base.display()));
+    let temp = named(path, ".rebuild");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(named(&temp, suffix));
+    }
+    {
+        let mut fresh = Database::open(&temp)
+            .and_then(|mut db| db.prepare().map(|_| db))
+            .map_err(|e| failed("a fresh database cannot be created", &e))?;
+        fresh
+            .write(&recovered.records(), true)
+            .map_err(|e| failed("the recovered state cannot be written", &e))?;
+    }
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    for suffix in ["", "-wal", "-shm"] {
-        let from = PathBuf::from(format!("{}{suffix}", path.display()));
+    let aside = (0..)
+        .map(|n| {
+            named(
+                path,
+                &if n == 0 {
+                    format!(".damaged-{stamp}")
+                } else {
+                    format!(".damaged-{stamp}-{n}")
+                },
+            )
+        })
+        .find(|candidate| ["", "-wal", "-shm"].iter().all(|s| !named(candidate, s).exists()))
+        .unwrap_or_else(|| named(path, ".damaged"));
+    if path.exists() {
+        std::fs::hard_link(path, &aside).map_err(|e| failed(&format!("cannot be kept as {}", aside.display()), &e))?;
+    }
+    for suffix in ["-wal", "-shm"] {
+        let from = named(path, suffix);
         if from.exists() {
-            let to = PathBuf::from(format!("{}.damaged-{stamp}{suffix}", path.display()));
-            std::fs::rename(&from, &to).map_err(|e| StoreError::Database {
-                path: path.to_owned(),
-                reason: format!("damaged, and cannot be moved aside to {}: {e}", to.display()),
-            })?;
-            tracing::warn!(event = "store_damaged", moved_to = %to.display(), "damaged store file kept as {}", to.display());
+            let to = named(&aside, suffix);
+            std::fs::rename(&from, &to).map_err(|e| failed(&format!("cannot be kept as {}", to.display()), &e))?;
         }
     }
-    let mut database = Database::open(path).map_err(|e| StoreError::Database {
-        path: path.to_owned(),
-        reason: format!("cannot create a fresh database: {e}"),
-    })?;
-    database.prepare().map_err(|e| StoreError::Database {
-        path: path.to_owned(),
-        reason: format!("cannot create a fresh database: {e}"),
-    })?;
-    Ok(database)
+    std::fs::rename(&temp, path).map_err(|e| failed("the rebuilt database cannot replace it", &e))?;
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    tracing::warn!(event = "store_damaged", moved_to = %aside.display(), "damaged store file kept as {}", aside.display());
+    Database::open(path)
+        .and_then(|mut db| db.prepare().map(|_| db))
+        .map_err(|e| failed("the rebuilt database cannot be opened", &e))
 }
 
 /// Reads every table, keeping what is usable; what is not is reported as damage.
@@ -349,10 +395,14 @@ fn read(database: &mut Database) -> (Recovered, Vec<Damage>) {
             let (qos, retain, pkid, released): (u8, bool, Option<i64>, bool) =
                 (row.get(4)?, row.get(5)?, row.get(6)?, row.get(7)?);
             Ok((|| {
+                if id <= 0 {
+                    return Err(format!("delivery id {id} is not positive"));
+                }
                 let at = session_of(session, &mut sessions)?;
                 let qos = QoS::from_u8(qos)
                     .filter(|q| *q != QoS::AtMostOnce)
                     .ok_or(format!("delivery {id}: qos {qos} is not 1 or 2"))?;
+                topic_fits(&topic).map_err(|e| format!("delivery {id}: {e}"))?;
                 crate::topic::validate_topic_name(&topic)
                     .map_err(|e| format!("delivery {id}: topic {topic:?}: {e}"))?;
                 let pkid = match pkid {
@@ -408,6 +458,17 @@ fn read(database: &mut Database) -> (Recovered, Vec<Damage>) {
         retained,
     };
     (recovered, damage)
+}
+
+/// A stored topic can be sent: MQTT frames a topic with a 16-bit length.
+fn topic_fits(topic: &str) -> Result<(), String> {
+    if topic.len() > usize::from(u16::MAX) {
+        return Err(format!(
+            "a topic of {} bytes is longer than MQTT can frame",
+            topic.len()
+        ));
+    }
+    Ok(())
 }
 
 /// A stored MQTT packet id, if it is one.

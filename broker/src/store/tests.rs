@@ -139,5 +139,28 @@ fn a_file_that_is_not_a_database_is_set_aside_and_the_store_starts_empty() {
         .filter(|name| name.starts_with("broker.sqlite.damaged-"))
         .collect();
     assert_eq!(kept.len(), 1, "the damaged file is kept for inspection");
+    let kept = std::fs::read(dir.path().join(&kept[0])).unwrap();
+    assert_eq!(kept, vec![0x5a; 64 * 1024], "as it was");
+    store.close();
+}
+
+#[test]
+fn a_store_that_cannot_be_opened_for_another_reason_is_left_alone_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let client: Arc<str> = "device:d1".into();
+    {
+        let (store, _) = Store::open(&settings(dir.path())).unwrap();
+        store.session(&client, &client);
+        let (_, ticket) = store.enqueue(&client, &delivery("devices/d1/cmd/x", "kept", QoS::AtLeastOnce));
+        wait_durable(&store, ticket);
+        store.close();
+    }
+    // Something in the way that says nothing about the database itself.
+    std::fs::create_dir(dir.path().join("broker.sqlite-shm")).unwrap();
+    let error = Store::open(&settings(dir.path())).err().expect("refused");
+    assert!(error.to_string().contains("cannot open"), "{error}");
+    std::fs::remove_dir(dir.path().join("broker.sqlite-shm")).unwrap();
+    let (store, recovered) = Store::open(&settings(dir.path())).unwrap();
+    assert_eq!(recovered.sessions[0].deliveries.len(), 1, "the store was not replaced");
     store.close();
 }
