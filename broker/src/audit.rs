@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_identity::Identity;
+use fleet_identity::{Identity, Serial};
 use tracing::{info, warn};
 
 use crate::metrics::{DropReason, Metrics};
@@ -41,7 +41,7 @@ impl Audit {
             event = "accept",
             device_id = %identity.id,
             role = %identity.role,
-            serial = %cert.serial,
+            serial = cert.serial.as_ref().map_or("-", Serial::as_str),
             sha256 = %cert.sha256,
             %peer,
             tls_version,
@@ -55,7 +55,7 @@ impl Audit {
     pub fn reject(&self, peer: SocketAddr, reason: RejectReason, detail: &str, cert: Option<&PresentedCert>) {
         self.metrics.handshake_rejected(reason);
         let id = cert.and_then(|c| c.id.as_deref()).unwrap_or("-");
-        let serial = cert.map_or("-", |c| c.serial.as_str());
+        let serial = cert.and_then(|c| c.serial.as_ref()).map_or("-", Serial::as_str);
         warn!(event = "reject", reason = reason.as_str(), %peer, device_id = id, serial, detail, "rejected {peer}: {}", reason.as_str());
     }
 
@@ -66,8 +66,8 @@ impl Audit {
     }
 
     /// A live session was closed because its certificate was revoked.
-    pub fn revoked_kick(&self, identity: &Identity, serial: &str) {
-        warn!(event = "revoked_kick", device_id = %identity.id, role = %identity.role, serial, "closed the session of {} {}: certificate revoked", identity.role, identity.id);
+    pub fn revoked_kick(&self, identity: &Identity, serial: &Serial) {
+        warn!(event = "revoked_kick", device_id = %identity.id, role = %identity.role, serial = serial.as_str(), "closed the session of {} {}: certificate revoked", identity.role, identity.id);
     }
 
     /// An established session ended (other than by revocation or a protocol error, which have

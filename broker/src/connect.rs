@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_identity::{Identity, Role};
+use fleet_identity::{Identity, Role, Serial};
 use rumqttd::protocol::{Connect, ConnectReturnCode, LastWill};
 use tokio::time::timeout;
 
@@ -25,7 +25,7 @@ use crate::tls::PresentedCert;
 pub(crate) struct Established {
     pub(crate) identity: Identity,
     /// The certificate's serial (what revocation and the audit need of it from now on).
-    pub(crate) serial: String,
+    pub(crate) serial: Serial,
     /// The client id as the client knows it (assigned if it sent none).
     pub(crate) client_id: String,
     pub(crate) rules: TopicRules,
@@ -63,13 +63,21 @@ pub(crate) async fn establish(
         ctx.audit.reject(peer, reason, &detail, Some(&cert));
         return None;
     }
+    let Some(serial) = cert.serial.clone() else {
+        // The verifier accepted a certificate it could read: never without a serial.
+        ctx.audit.reject(
+            peer,
+            RejectReason::BadIdentity,
+            "the certificate's serial cannot be read",
+            Some(&cert),
+        );
+        return None;
+    };
     let (key, client_id) = session_key(&identity, &connect.client_id);
     let kick = Arc::new(Kick::default());
-    let registration = ctx
-        .sessions
-        .register(identity.clone(), cert.serial.clone(), kick.clone());
+    let registration = ctx.sessions.register(identity.clone(), serial.clone(), kick.clone());
     // A CRL swapped in between this handshake and the registration above would miss us.
-    if ctx.tls.is_revoked(&cert.serial) {
+    if ctx.tls.is_revoked(&serial) {
         ctx.audit
             .reject(peer, RejectReason::Revoked, "revoked while connecting", Some(&cert));
         return None;
@@ -90,7 +98,7 @@ pub(crate) async fn establish(
     let keepalive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     Some(Established {
         identity,
-        serial: cert.serial,
+        serial,
         client_id,
         rules,
         kick,

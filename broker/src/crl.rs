@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use fleet_identity::pem::{load_crls, PemProblem};
-use fleet_identity::sha256_hex;
+use fleet_identity::{sha256_hex, Serial};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -52,8 +52,8 @@ impl ClientCa {
 /// What the CRLs in force say together.
 #[derive(Clone, Debug)]
 pub struct CrlInfo {
-    /// Revoked serials, lower-case hex without leading zeros.
-    pub revoked: HashSet<String>,
+    /// Revoked serials.
+    pub revoked: HashSet<Serial>,
     /// The earliest thisUpdate, Unix seconds (the set is as old as its oldest CRL).
     pub this_update: i64,
     /// The earliest nextUpdate, Unix seconds, if any CRL has one.
@@ -227,7 +227,7 @@ fn check(
 fn add(info: &mut CrlInfo, crl: &CertificateRevocationList<'_>) {
     info.revoked.extend(
         crl.iter_revoked_certificates()
-            .map(|r| r.user_certificate.to_str_radix(16)),
+            .map(|r| Serial::from_be_bytes(r.raw_serial())),
     );
     info.this_update = info.this_update.min(crl.last_update().timestamp());
     if let Some(next) = crl.next_update().map(|t| t.timestamp()) {

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use fleet_identity::Identity;
+use fleet_identity::{Identity, Serial};
 
 use crate::kick::Kick;
 use crate::reason::KickReason;
@@ -16,7 +16,7 @@ use crate::reason::KickReason;
 /// One registered connection.
 struct Entry {
     identity: Identity,
-    serial: String,
+    serial: Serial,
     kick: Arc<Kick>,
 }
 
@@ -54,7 +54,7 @@ impl LiveSessions {
 
     /// Registers a connection authenticated by the certificate with `serial`, closed through
     /// `kick`.
-    pub fn register(self: &Arc<Self>, identity: Identity, serial: String, kick: Arc<Kick>) -> Registration {
+    pub fn register(self: &Arc<Self>, identity: Identity, serial: Serial, kick: Arc<Kick>) -> Registration {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let mut table = self.lock();
         if table.closing {
@@ -68,7 +68,7 @@ impl LiveSessions {
     }
 
     /// Tells every connection whose certificate serial is in `revoked` to close; returns who.
-    pub fn kick_revoked(&self, revoked: &HashSet<String>) -> Vec<(Identity, String)> {
+    pub fn kick_revoked(&self, revoked: &HashSet<Serial>) -> Vec<(Identity, Serial)> {
         self.lock()
             .entries
             .values()
@@ -112,7 +112,8 @@ mod tests {
             id: DeviceId::parse(id).unwrap(),
         };
         let kick = Arc::new(Kick::default());
-        (table.register(identity, serial.into(), kick.clone()), kick)
+        let serial = Serial::parse(serial).unwrap();
+        (table.register(identity, serial, kick.clone()), kick)
     }
 
     #[test]
@@ -120,7 +121,8 @@ mod tests {
         let table = Arc::new(LiveSessions::default());
         let (revoked, revoked_kick) = device(&table, "dev-1", "0a");
         let (_kept, kept_kick) = device(&table, "dev-2", "0b");
-        let kicked = table.kick_revoked(&HashSet::from(["0a".to_owned()]));
+        // Written as a CRL entry's bytes would give it, and as the session registered it.
+        let kicked = table.kick_revoked(&HashSet::from([Serial::from_be_bytes(&[0x0a])]));
         assert_eq!(kicked.len(), 1);
         assert_eq!(revoked_kick.reason(), Some(KickReason::Revoked));
         assert_eq!(kept_kick.reason(), None);

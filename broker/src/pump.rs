@@ -52,6 +52,16 @@ struct Waiting {
     ack: Option<Ack>,
 }
 
+/// What an acknowledgement waits for.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// The store to have this on disk.
+    Durable(Ticket),
+    /// The first routing of the QoS 2 message with this packet id to complete (the client sent
+    /// a resend of it), then everything recorded by then to be on disk.
+    Routed(u16),
+}
+
 /// An acknowledgement the broker owes the client.
 #[derive(Clone, Copy)]
 enum Ack {
@@ -99,8 +109,8 @@ struct Pump<'a> {
     session: &'a Established,
     conn: &'a mut Connection,
     waiting: Option<Waiting>,
-    /// Acknowledgements waiting for the store, in the order owed (MQTT-4.6.0-2, -3).
-    unsynced: VecDeque<(Ticket, Ack)>,
+    /// Acknowledgements waiting, in the order owed (MQTT-4.6.0-2, -3).
+    unsynced: VecDeque<(Wait, Ack)>,
     /// This connection's registration for the store's watermark.
     durable: Arc<DurableWaiter>,
     /// Packets read while `waiting` that may not overtake it, in order, handled once it
@@ -225,17 +235,28 @@ impl Pump<'_> {
         if self.unsynced.is_empty() && durable() {
             self.reply(ack.packet());
         } else {
-            self.unsynced.push_back((ticket, ack));
+            self.unsynced.push_back((Wait::Durable(ticket), ack));
         }
     }
 
-    /// Sends the acknowledgements the store's watermark has passed; true if any went out.
+    /// Sends the acknowledgements that no longer wait; true if any went out.
     fn release_acknowledgements(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(store) = self.ctx.router.store() else {
             return false;
         };
         let mut released = false;
-        while let Some(&(ticket, ack)) = self.unsynced.front() {
+        while let Some(&(wait, ack)) = self.unsynced.front() {
+            let ticket = match wait {
+                Wait::Durable(ticket) => ticket,
+                Wait::Routed(pkid) => {
+                    if self.session.attached.poll_routed(pkid, cx).is_pending() {
+                        break;
+                    }
+                    let head = store.head();
+                    self.unsynced[0].0 = Wait::Durable(head);
+                    head
+                }
+            };
             if store.poll_durable(ticket, &self.durable, cx).is_pending() {
                 break;
             }
@@ -456,16 +477,25 @@ impl Pump<'_> {
         if publish.qos == QoS::ExactlyOnce {
             match self.session.attached.receive_exactly_once(publish.pkid, &mut ticket) {
                 Ok(true) => {}
-                // A resend of one already routed: acknowledge it again, deliver it once.
+                // A resend: acknowledge it again (once its first routing is complete and on disk),
+                // deliver it once.
                 Ok(false) => {
-                    self.acknowledge(ticket, Ack::Received(publish.pkid));
+                    if self.ctx.router.store().is_some() {
+                        self.unsynced
+                            .push_back((Wait::Routed(publish.pkid), Ack::Received(publish.pkid)));
+                    } else {
+                        self.acknowledge(ticket, Ack::Received(publish.pkid));
+                    }
                     return Ok(());
                 }
                 Err(e) => return Err(SessionEnd::Protocol(e.to_string())),
             }
         }
         let message = Message::new(topic, &publish.payload, publish.qos, publish.retain);
-        let publication = self.ctx.router.publish(message);
+        let mut publication = self.ctx.router.publish(message);
+        if publish.qos == QoS::ExactlyOnce {
+            self.session.attached.route_exactly_once(&mut publication, publish.pkid);
+        }
         ticket.cover(publication.ticket());
         self.await_or_ack(publication, ticket, ack);
         Ok(())

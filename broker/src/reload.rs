@@ -13,6 +13,8 @@ use rustls::crypto::CryptoProvider;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
+use fleet_identity::Serial;
+
 use crate::audit::Audit;
 use crate::live::LiveSessions;
 use crate::tls::{TlsFiles, TlsMaterial};
@@ -65,7 +67,7 @@ impl TlsState {
     }
 
     /// Whether the certificate with `serial` is revoked by the CRL in force.
-    pub fn is_revoked(&self, serial: &str) -> bool {
+    pub fn is_revoked(&self, serial: &Serial) -> bool {
         self.current()
             .crl
             .as_ref()

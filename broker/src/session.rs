@@ -110,7 +110,7 @@ async fn finish(
         SessionEnd::Protocol(detail) => {
             let cert = PresentedCert {
                 id: Some(identity.id.to_string()),
-                serial,
+                serial: Some(serial),
                 sha256: String::new(),
             };
             ctx.audit.reject(peer, RejectReason::ProtocolError, detail, Some(&cert))

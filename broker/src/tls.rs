@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fleet_identity::pem::{load_certs, load_key, PemProblem};
-use fleet_identity::{sha256_hex, CertificateSummary, Identity};
+use fleet_identity::{sha256_hex, CertificateSummary, Identity, Serial};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -96,8 +96,8 @@ fn fail(path: &Path, problem: impl Into<TlsProblem>) -> TlsLoadError {
 pub struct PresentedCert {
     /// The identity id, if one could be read.
     pub id: Option<String>,
-    /// Serial, lower-case hex.
-    pub serial: String,
+    /// Serial, if the certificate could be read.
+    pub serial: Option<Serial>,
     /// SHA-256 fingerprint, lower-case hex.
     pub sha256: String,
 }
@@ -253,7 +253,7 @@ impl AuditingVerifier {
                 .ok()
                 .map(|i| i.id.to_string())
                 .or_else(|| summary.as_ref().and_then(|s| s.common_name.clone())),
-            serial: summary.as_ref().map(|s| s.serial.clone()).unwrap_or_default(),
+            serial: summary.as_ref().map(|s| s.serial.clone()),
             sha256: summary
                 .as_ref()
                 .map(|s| s.sha256.clone())

@@ -17,7 +17,7 @@ use clap::Parser;
 use device_agent::config::Agent;
 use device_agent::queue::Queue;
 use device_agent::session::{Outbound, Runner};
-use fleet_identity::{pem, tls, DeviceId};
+use fleet_identity::{pem, tls, DeviceId, Role};
 use provisioning::batch::{issue_devices, IssueOptions};
 use provisioning::broker_bundle::{issue_broker, BrokerRequest};
 use provisioning::issue::issue_service;
@@ -25,7 +25,7 @@ use provisioning::key_type::KeyType;
 use provisioning::output::Overwrite;
 use provisioning::pki::{InitOptions, Pki};
 use provisioning::registry::RevokeTarget;
-use provisioning::revocation::publish_crl;
+use provisioning::revocation::Reason;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tracing_subscriber::layer::SubscriberExt;
@@ -55,10 +55,6 @@ fn demo_dir() -> PathBuf {
             let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."));
             workspace.join("certs").join("demo")
         })
-}
-
-fn now() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 /// Creates the demo PKI on first use; each run re-issues the device it will revoke.
@@ -120,15 +116,13 @@ fn issue_options(overwrite: Overwrite) -> IssueOptions {
     }
 }
 
+/// Revokes the device `id` and rewrites the CRL, as `provision revoke` does.
 fn revoke(dir: &Path, id: &str) -> Result<()> {
-    let mut pki = Pki::open(&dir.join("pki"))?;
-    let crl = pki.crl_path();
-    let Pki {
-        registry, device_ca, ..
-    } = &mut pki;
-    registry.revoke(&RevokeTarget::Id(id.into()), "key-compromise", now(), |number, set| {
-        publish_crl(&crl, device_ca, number, set, 30)
-    })?;
+    let target = RevokeTarget::Id {
+        id: id.into(),
+        kind: Some(Role::Device),
+    };
+    Pki::open(&dir.join("pki"))?.revoke_and_publish(&target, Reason::KeyCompromise, 30)?;
     Ok(())
 }
 
@@ -136,7 +130,12 @@ fn revoke(dir: &Path, id: &str) -> Result<()> {
 fn client(dir: &Path, port: u16, cert: &Path, key: &Path, client_id: &str) -> Result<(AsyncClient, EventLoop)> {
     let provider = tls::hardened_provider(rustls::crypto::aws_lc_rs::default_provider());
     let roots = pem::load_certs(&dir.join("pki/broker-ca.crt"))?;
-    let verifier = tls::server_verifier(provider.clone(), &roots)?;
+    let verifier = Arc::new(tls::PinnedBrokerVerifier::new(
+        provider.clone(),
+        &roots,
+        None,
+        Vec::new(),
+    )?);
     let config = tls::client_config(
         provider,
         Arc::new(rustls::time_provider::DefaultTimeProvider),
@@ -164,13 +163,15 @@ async fn connected(eventloop: &mut EventLoop) -> bool {
     attempt.await.unwrap_or(false)
 }
 
-/// Starts the agent for `id` (the agent's own code), answering every command with a reply.
-fn start_agent(
-    dir: &Path,
-    id: &str,
-    port: u16,
-    queues: &Path,
-) -> Result<(mpsc::Sender<Outbound>, oneshot::Sender<()>)> {
+/// Starts the agent for `id` (the agent's own code) with `reading` already in its queue,
+/// answering every command with a reply; the returned sender stops it.
+///
+/// The reading is queued before the agent starts, as if taken while offline, rather than handed
+/// to it once running: a message arriving while the agent is still connecting cancels its
+/// half-done TLS handshake (its `select!` drops the MQTT client's pending poll) and it connects
+/// again, which the broker audits as a `tls_error` from a peer with no certificate, a refusal
+/// the demo would show but never announce.
+fn start_agent(dir: &Path, id: &str, port: u16, queues: &Path, reading: &Outbound) -> Result<oneshot::Sender<()>> {
     let bundle = dir.join("devices").join(id);
     let mut agent = Agent::load(&bundle.join("agent.toml"))?;
     agent.broker.port = port;
@@ -178,11 +179,11 @@ fn start_agent(
     agent.config.backoff_max_ms = 5_000;
     let clock = Arc::new(device_agent::trust::FlooredClock::system());
     let device_agent::trust::Credentials { identity, tls, .. } = device_agent::trust::load_credentials(&agent, clock)?;
-    let queue = Queue::open(&agent.config.queue_dir, agent.config.queue_max_messages)?;
+    let mut queue = Queue::open(&agent.config.queue_dir, agent.config.queue_max_messages)?;
+    queue.push(&reading.0, &reading.1)?;
     let (input, input_rx) = mpsc::channel(64);
     let (commands_tx, mut commands) = mpsc::unbounded_channel::<device_agent::session::Command>();
     let (stop, stop_rx) = oneshot::channel::<()>();
-    let answers = input.clone();
     tokio::spawn(async move {
         while let Some((topic, payload)) = commands.recv().await {
             let reply = format!(
@@ -190,7 +191,7 @@ fn start_agent(
                 topic.rsplit('/').next().unwrap_or(""),
                 String::from_utf8_lossy(&payload)
             );
-            let _ = answers.send(("reply".into(), reply.into_bytes())).await;
+            let _ = input.send(("reply".into(), reply.into_bytes())).await;
         }
     });
     tokio::spawn(
@@ -198,7 +199,7 @@ fn start_agent(
             let _ = stop_rx.await;
         }),
     );
-    Ok((input, stop))
+    Ok(stop)
 }
 
 fn describe(decision: &Decision) -> Option<(String, &'static str, String)> {
@@ -235,6 +236,12 @@ async fn main() -> Result<()> {
 
     let mut config = broker::BrokerConfig::load(&dir.join("broker/broker.toml"))?;
     config.listen = vec![SocketAddr::from(([127, 0, 0, 1], cli.port))];
+    // A fresh store each run: retained messages or persistent sessions that an earlier run (or a
+    // client during --keep-running) left in certs/demo/broker/store would show up in this run.
+    let store = tempfile::tempdir()?;
+    if let Some(persistence) = &mut config.persistence {
+        persistence.dir = store.path().to_owned();
+    }
     let broker = broker::Broker::bind(&config).await?;
     let port = broker
         .local_addrs()
@@ -286,11 +293,8 @@ async fn main() -> Result<()> {
     let queues = tempfile::tempdir()?;
     let mut agents = Vec::new();
     for (n, id) in SENSORS.iter().enumerate() {
-        let (input, stop) = start_agent(&dir, id, port, queues.path())?;
-        input
-            .send(("telemetry".into(), format!("temperature={}.5", 20 + n).into_bytes()))
-            .await?;
-        agents.push((id, input, stop));
+        let reading = ("telemetry".into(), format!("temperature={}.5", 20 + n).into_bytes());
+        agents.push(start_agent(&dir, id, port, queues.path(), &reading)?);
     }
     let mut telemetry = 0;
     let mut replies = 0;
@@ -388,12 +392,12 @@ async fn main() -> Result<()> {
             "\nthe broker keeps running on 127.0.0.1:{port}; watch sensor-1's topics with:\n  mosquitto_sub -h localhost -p {port} --cafile {d}/broker-ca.crt --cert {d}/device.crt --key {d}/device.key -i sensor-1 -t 'devices/sensor-1/#' -v\n(the demo's own agents have stopped, so sensor-1's client id is free; Ctrl-C ends the broker)",
             d = device.display()
         );
-        for (_, _, stop) in agents.drain(..) {
+        for stop in agents.drain(..) {
             let _ = stop.send(());
         }
         tokio::signal::ctrl_c().await?;
     }
-    for (_, _, stop) in agents {
+    for stop in agents {
         let _ = stop.send(());
     }
     let _ = stop_broker.send(());

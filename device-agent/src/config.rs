@@ -41,7 +41,20 @@ pub struct AgentConfig {
     /// Heartbeat period, seconds (0 turns it off). Default 60.
     #[serde(default = "defaults::heartbeat_s")]
     pub heartbeat_s: u64,
+    /// The largest MQTT packet sent or accepted, bytes: set it to the broker's
+    /// `limits.max_packet_bytes` (default 262144, the broker's default). A message whose PUBLISH
+    /// would be larger is refused before it is queued; see [`crate::outbound`] and
+    /// [`crate::session::mqtt_options`] for how each direction is measured.
+    #[serde(default = "defaults::max_packet_bytes")]
+    pub max_packet_bytes: usize,
 }
+
+/// The smallest `max_packet_bytes`: room for the CONNECT, the command subscription and the
+/// heartbeat of a device with the longest id (each under 300 bytes), with margin.
+pub const MIN_PACKET_BYTES: usize = 1024;
+
+/// The largest `max_packet_bytes`: the largest remaining length MQTT can frame.
+pub const MAX_PACKET_BYTES: usize = 268_435_455;
 
 mod defaults {
     use std::path::PathBuf;
@@ -62,6 +75,9 @@ mod defaults {
     }
     pub fn heartbeat_s() -> u64 {
         60
+    }
+    pub fn max_packet_bytes() -> usize {
+        256 * 1024
     }
 }
 
@@ -134,6 +150,15 @@ impl Agent {
         if config.queue_max_messages == 0 {
             return Err(invalid("queue_max_messages", "must be at least 1".into()));
         }
+        if !(MIN_PACKET_BYTES..=MAX_PACKET_BYTES).contains(&config.max_packet_bytes) {
+            return Err(invalid(
+                "max_packet_bytes",
+                format!(
+                    "{} is outside {MIN_PACKET_BYTES}..={MAX_PACKET_BYTES}: set it to the broker's limits.max_packet_bytes",
+                    config.max_packet_bytes
+                ),
+            ));
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         for file in [&mut config.ca, &mut config.cert, &mut config.key, &mut config.queue_dir] {
             *file = base.join(&*file);
@@ -144,5 +169,43 @@ impl Agent {
             broker,
             server_name,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with(extra: &str) -> Result<Agent, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "broker_url = \"mqtts://gateway:8883\"\nca = \"ca.crt\"\ncert = \"d.crt\"\nkey = \"d.key\"\n{extra}"
+            ),
+        )
+        .unwrap();
+        Agent::load(&path)
+    }
+
+    #[test]
+    fn max_packet_bytes_defaults_to_the_brokers_default() {
+        assert_eq!(load_with("").unwrap().config.max_packet_bytes, 262_144);
+        assert_eq!(
+            load_with("max_packet_bytes = 1048576").unwrap().config.max_packet_bytes,
+            1_048_576
+        );
+    }
+
+    #[test]
+    fn an_unusable_max_packet_bytes_is_refused_naming_the_field() {
+        for bad in ["0", "1023", "268435456"] {
+            let error = load_with(&format!("max_packet_bytes = {bad}")).unwrap_err().to_string();
+            assert!(
+                error.contains("agent.toml: max_packet_bytes: ") && error.contains(bad),
+                "{error}"
+            );
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::fmt;
 use rumqttc::{ConnectReturnCode, ConnectionError};
 use rustls::{AlertDescription, CertificateError};
 
-use crate::trust::PinMismatch;
+use fleet_identity::tls::PinMismatch;
 
 /// The outcome of a connection attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -130,7 +130,8 @@ pub fn generate(key_type: KeyType, common_name: &str) -> Result<KeyAndCsr, Keyge
     let signature = signer(&info)?;
     let csr = sequence(&[info, signature_alg, bit_string(&signature)]);
     Ok(KeyAndCsr {
-        key_pem: pem("PRIVATE KEY", &pkcs8),
+        // In the form every TLS stack reads (Ed25519: PKCS#8 v1), not ring's PKCS#8 v2.
+        key_pem: pem("PRIVATE KEY", &fleet_identity::pem::portable_pkcs8(&pkcs8)),
         csr_pem: pem("CERTIFICATE REQUEST", &csr),
     })
 }

@@ -8,12 +8,14 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use device_agent::config::Agent;
 use device_agent::diagnosis::Diagnosis;
+use device_agent::input::read_messages;
 use device_agent::keygen::{self, KeyType};
+use device_agent::outbound::MessageRules;
 use device_agent::queue::Queue;
-use device_agent::session::{connect_once, mqtt_options, Outbound, Runner};
+use device_agent::session::{connect_once, mqtt_options, Runner};
 use device_agent::trust::{load_credentials, Credentials, FlooredClock};
 use rumqttc::{Event, Packet, QoS};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::BufReader;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -132,32 +134,27 @@ async fn check(config: &Path) -> ExitCode {
     }
 }
 
-/// Validates a topic suffix: one or more levels below devices/<id>/, no wildcards.
-fn valid_suffix(suffix: &str) -> bool {
-    !suffix.is_empty() && !suffix.starts_with('/') && !suffix.contains(['+', '#', '\0'])
-}
-
 async fn publish(config: &Path, suffix: &str, message: String, qos: u8) -> ExitCode {
     let agent = match load(config) {
         Ok(agent) => agent,
         Err(code) => return code,
     };
-    if !valid_suffix(suffix) {
-        eprintln!("error: --topic {suffix:?}: give a topic below devices/<id>/ without wildcards");
-        return ExitCode::from(2);
-    }
     let Credentials { identity, tls, .. } = match load_credentials(&agent, Arc::new(FlooredClock::system())) {
         Ok(credentials) => credentials,
         Err(e) => return report(&Diagnosis::LocalProblem(e.to_string())),
     };
+    let rules = MessageRules::new(identity.id.as_str(), agent.config.max_packet_bytes);
+    if let Err(refusal) = rules.check(suffix, message.as_bytes()) {
+        eprintln!("error: --topic/--message: {refusal}");
+        return ExitCode::from(2);
+    }
     let (client, mut eventloop) = rumqttc::AsyncClient::new(mqtt_options(&agent, &identity, tls), 4);
     let connected = connect_once(&mut eventloop, Duration::from_secs(15)).await;
     if connected != Diagnosis::Ok {
         return report(&connected);
     }
     let qos = if qos == 1 { QoS::AtLeastOnce } else { QoS::AtMostOnce };
-    let topic = format!("devices/{}/{suffix}", identity.id);
-    if client.try_publish(topic, qos, false, message).is_err() {
+    if client.try_publish(rules.topic(suffix), qos, false, message).is_err() {
         return report(&Diagnosis::Other("could not hand the message to the client".into()));
     }
     let acknowledged = tokio::time::timeout(Duration::from_secs(15), async {
@@ -212,6 +209,7 @@ async fn run(config: &Path, listen_socket: Option<PathBuf>) -> ExitCode {
     info!(event = "starting", device_id = %identity.id, broker = %agent.broker, queued = queue.len(), "device {} starting", identity.id);
     tokio::spawn(warn_before_expiry(cert.to_vec(), clock));
     let (tx, rx) = mpsc::channel(1024);
+    let max_line_bytes = agent.config.max_packet_bytes;
     match listen_socket {
         Some(path) => {
             let _ = std::fs::remove_file(&path);
@@ -219,7 +217,7 @@ async fn run(config: &Path, listen_socket: Option<PathBuf>) -> ExitCode {
                 Ok(listener) => {
                     tokio::spawn(async move {
                         while let Ok((stream, _)) = listener.accept().await {
-                            tokio::spawn(read_lines(BufReader::new(stream), tx.clone()));
+                            tokio::spawn(read_messages(BufReader::new(stream), tx.clone(), max_line_bytes));
                         }
                     });
                 }
@@ -227,7 +225,7 @@ async fn run(config: &Path, listen_socket: Option<PathBuf>) -> ExitCode {
             }
         }
         None => {
-            tokio::spawn(read_lines(BufReader::new(tokio::io::stdin()), tx));
+            tokio::spawn(read_messages(BufReader::new(tokio::io::stdin()), tx, max_line_bytes));
         }
     }
     let (commands_tx, mut commands) = mpsc::unbounded_channel::<device_agent::session::Command>();
@@ -252,21 +250,6 @@ fn print_command(topic: &str, payload: &[u8]) {
         }
     };
     println!("{line}");
-}
-
-/// Reads `<topic-suffix> <payload>` lines into the agent.
-async fn read_lines(reader: impl tokio::io::AsyncBufRead + Unpin, tx: mpsc::Sender<Outbound>) {
-    let mut lines = reader.lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let (suffix, payload) = line.split_once(' ').unwrap_or((line.as_str(), ""));
-        if !valid_suffix(suffix) {
-            warn!(line = %line, "ignored: expected \"<topic-suffix> <payload>\" with a suffix without wildcards");
-            continue;
-        }
-        if tx.send((suffix.to_owned(), payload.as_bytes().to_vec())).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// Warns once a day from 30 days before the device certificate expires.

@@ -4,12 +4,56 @@
 //! and the directory synced, so a message accepted by [`Queue::push`] survives `kill -9` and a
 //! power cut, and a reader never sees half a message. The file is removed when the broker
 //! acknowledges it. When the queue is full the oldest messages are dropped, and counted.
+//!
+//! A file that cannot be read, or does not hold a message, is set aside (renamed `<seq>.corrupt`)
+//! rather than retried, and so is a message that can no longer be sent (`<seq>.refused`, e.g.
+//! larger than a lowered `max_packet_bytes`): either would otherwise come back on every
+//! connection. Set-aside files are kept for the operator and never read again.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+
+/// Why a queued message cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    /// The file could not be read.
+    #[error("{}: unreadable: {source}", path.display())]
+    Unreadable {
+        /// The message's file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The file does not hold `<topic-suffix>\n<payload>`.
+    #[error("{}: not a queued message: {reason}", path.display())]
+    Malformed {
+        /// The message's file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// Why a message leaves the queue without being sent: the extension its file is renamed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetAside {
+    /// Unreadable or malformed (`.corrupt`).
+    Corrupt,
+    /// A message this agent can no longer send (`.refused`).
+    Refused,
+}
+
+impl SetAside {
+    fn extension(self) -> &'static str {
+        match self {
+            SetAside::Corrupt => "corrupt",
+            SetAside::Refused => "refused",
+        }
+    }
+}
 
 /// A queued message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,15 +136,37 @@ impl Queue {
     }
 
     /// Reads message `seq`, if it is still queued.
-    pub fn read(&self, seq: u64) -> io::Result<Option<Message>> {
+    pub fn read(&self, seq: u64) -> Result<Option<Message>, EntryError> {
         if !self.seqs.contains(&seq) {
             return Ok(None);
         }
-        let bytes = fs::read(self.path(seq))?;
-        let split = bytes.iter().position(|b| *b == b'\n').unwrap_or(bytes.len());
-        let suffix = String::from_utf8_lossy(&bytes[..split]).into_owned();
-        let payload = bytes.get(split + 1..).unwrap_or_default().to_vec();
+        let path = self.path(seq);
+        let mut bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(source) => return Err(EntryError::Unreadable { path, source }),
+        };
+        let malformed = |reason| EntryError::Malformed {
+            path: path.clone(),
+            reason,
+        };
+        let split = bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or_else(|| malformed("no newline after the topic suffix"))?;
+        let payload = bytes.split_off(split + 1);
+        bytes.truncate(split);
+        let suffix = String::from_utf8(bytes).map_err(|_| malformed("the topic suffix is not UTF-8"))?;
         Ok(Some(Message { seq, suffix, payload }))
+    }
+
+    /// Takes message `seq` out of the queue without sending it: renames its file to
+    /// `<seq>.corrupt` or `<seq>.refused` and returns the new name. Even if the rename fails the
+    /// message is forgotten until the agent restarts, so it is never retried on every connection.
+    pub fn set_aside(&mut self, seq: u64, why: SetAside) -> io::Result<PathBuf> {
+        self.seqs.remove(&seq);
+        let aside = self.path(seq).with_extension(why.extension());
+        fs::rename(self.path(seq), &aside)?;
+        Ok(aside)
     }
 
     /// Forgets a message the broker acknowledged.
@@ -166,6 +232,39 @@ mod tests {
         assert_eq!(queue.dropped(), 3);
         let first = queue.after(0).next().unwrap();
         assert_eq!(queue.read(first).unwrap().unwrap().payload, b"3");
+    }
+
+    #[test]
+    fn corrupt_and_unreadable_entries_are_set_aside_and_the_rest_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut queue = Queue::open(dir.path(), 10).unwrap();
+        let first = queue.push("t", b"first").unwrap();
+        let name = |seq: u64, ext: &str| dir.path().join(format!("{seq:020}.{ext}"));
+        // Damage: no separator, a suffix that is not UTF-8, a file that cannot be read.
+        fs::write(name(first + 1, "msg"), b"no newline").unwrap();
+        fs::write(name(first + 2, "msg"), b"\xff\xfe\npayload").unwrap();
+        fs::create_dir(name(first + 3, "msg")).unwrap();
+        drop(queue);
+        let mut queue = Queue::open(dir.path(), 10).unwrap();
+        let last = queue.push("t", b"last").unwrap();
+        for damaged in first + 1..=first + 3 {
+            let error = queue.read(damaged).unwrap_err().to_string();
+            assert!(error.contains(&format!("{damaged:020}.msg")), "names the file: {error}");
+            assert_eq!(
+                queue.set_aside(damaged, SetAside::Corrupt).unwrap(),
+                name(damaged, "corrupt")
+            );
+            assert!(!name(damaged, "msg").exists());
+        }
+        assert_eq!(queue.after(0).collect::<Vec<_>>(), vec![first, last]);
+        assert_eq!(queue.read(last).unwrap().unwrap().payload, b"last");
+        queue.set_aside(first, SetAside::Refused).unwrap();
+        assert!(name(first, "refused").exists());
+        // Never read again, after a restart either.
+        assert_eq!(
+            Queue::open(dir.path(), 10).unwrap().after(0).collect::<Vec<_>>(),
+            vec![last]
+        );
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! else happens to it, and leaves the queue only when the broker acknowledges it. A connection
 //! re-sends, in order, everything still queued (at least once). Each connection gets a fresh MQTT
 //! client, so nothing of a dead connection's state is trusted.
+//!
+//! No message can wedge it: one that cannot be sent is refused before it is queued
+//! ([`crate::outbound`]), a queued one that cannot be read or sent is set aside
+//! ([`crate::queue`]), and a command too large to receive ends only the connection it came on
+//! (see `incoming_too_large`).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -11,7 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_identity::Identity;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, StateError, TlsConfiguration,
+    Transport,
+};
 use rustls::ClientConfig;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -19,7 +27,8 @@ use tracing::{info, warn};
 use crate::backoff::Backoff;
 use crate::config::Agent;
 use crate::diagnosis::Diagnosis;
-use crate::queue::Queue;
+use crate::outbound::MessageRules;
+use crate::queue::{Queue, SetAside};
 
 /// QoS 1 messages handed to the client and not yet acknowledged, at most.
 const WINDOW: usize = 64;
@@ -30,13 +39,41 @@ pub type Outbound = (String, Vec<u8>);
 /// A command received from the broker: its full topic and payload.
 pub type Command = (String, Vec<u8>);
 
-/// MQTT options for this device: client id = device id, TLS with our configuration.
+/// MQTT options for this device: client id = device id, TLS with our configuration, and
+/// `max_packet_bytes` both ways. rumqttc compares an incoming packet's remaining length with it,
+/// as the broker does with what it receives, so nothing the broker accepted under the same limit
+/// is refused here; it compares an outgoing packet's whole size (fixed header included), which is
+/// what [`crate::outbound`] measures before a message is queued.
 pub fn mqtt_options(agent: &Agent, identity: &Identity, tls: Arc<ClientConfig>) -> MqttOptions {
     let mut options = MqttOptions::new(identity.id.as_str(), agent.broker.host.clone(), agent.broker.port);
+    options.set_max_packet_size(agent.config.max_packet_bytes, agent.config.max_packet_bytes);
     options.set_keep_alive(Duration::from_secs(agent.config.keep_alive_s.max(5)));
     options.set_clean_session(true);
     options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     options
+}
+
+/// The remaining length of the incoming packet that ended a connection by exceeding
+/// `max_packet_bytes`, if that is what `error` is.
+///
+/// What rumqttc 0.25.1 does with such a packet: its codec (`mqttbytes::check`) reads the fixed
+/// header, sees the remaining length above the incoming limit and fails with
+/// `PayloadSizeLimitExceeded(remaining length)` before reading the body, so the packet is never
+/// buffered. But the stream cannot be resynchronised past bytes it did not read: the event loop
+/// returns `ConnectionError::MqttState(StateError::Deserialization(..))` and the connection is
+/// over, with every PUBACK behind the packet unread (and any read in the same batch before it
+/// lost with the event loop). A clean session brings nothing back by itself, but a retained
+/// command is sent again on every subscription: an agent that subscribed at once on every
+/// connection would lose every connection the same way before its queue was acknowledged, and
+/// resend the queue forever. So after such a packet, later connections subscribe only after a
+/// delay ([`Runner`]), and the queue drains first.
+fn incoming_too_large(error: &ConnectionError) -> Option<usize> {
+    match error {
+        ConnectionError::MqttState(StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
+        )) => Some(*size),
+        _ => None,
+    }
 }
 
 /// How a connection ended.
@@ -45,6 +82,8 @@ enum End {
     Stopped,
     /// The connection failed or was refused.
     Failed(Diagnosis),
+    /// The broker sent a packet larger than `max_packet_bytes`, of this remaining length.
+    CommandTooLarge(usize),
 }
 
 /// The running agent.
@@ -57,6 +96,12 @@ pub struct Runner {
     heartbeats: u64,
     /// Where received commands go.
     commands: mpsc::UnboundedSender<Command>,
+    /// What a message must be to be queued and sent: the device's topics, `max_packet_bytes`.
+    rules: MessageRules,
+    /// The size of the packet too large to receive that ended the last connection subscribed to
+    /// commands, if one did. It is likely retained and would end the next subscription too, so
+    /// while this is set each connection first sends the queue and subscribes later.
+    command_too_large: Option<usize>,
 }
 
 impl Runner {
@@ -68,6 +113,7 @@ impl Runner {
         queue: Queue,
         commands: mpsc::UnboundedSender<Command>,
     ) -> Self {
+        let rules = MessageRules::new(identity.id.as_str(), agent.config.max_packet_bytes);
         Self {
             agent,
             identity,
@@ -76,14 +122,17 @@ impl Runner {
             started: Instant::now(),
             heartbeats: 0,
             commands,
+            rules,
+            command_too_large: None,
         }
     }
 
-    fn topic(&self, suffix: &str) -> String {
-        format!("devices/{}/{suffix}", self.identity.id)
-    }
-
+    /// Queues a message from the application, unless it could never be sent.
     fn accept(&mut self, (suffix, payload): Outbound) {
+        if let Err(refusal) = self.rules.check(&suffix, &payload) {
+            warn!(event = "message_refused", "refused a message: {refusal}; not queued");
+            return;
+        }
         if let Err(e) = self.queue.push(&suffix, &payload) {
             tracing::error!(error = %e, queue = %self.agent.config.queue_dir.display(), "cannot store a message in the queue; it was NOT accepted");
         }
@@ -94,16 +143,22 @@ impl Runner {
         let mut stop = std::pin::pin!(stop);
         let mut backoff = Backoff::new(self.agent.config.backoff_min_ms, self.agent.config.backoff_max_ms);
         loop {
-            let diagnosis = match self.connection(&mut input, &mut stop, &mut backoff).await {
+            let delay = match self.connection(&mut input, &mut stop, &mut backoff).await {
                 End::Stopped => return,
-                End::Failed(diagnosis) => diagnosis,
+                End::CommandTooLarge(size) => {
+                    self.note_command_too_large(size);
+                    backoff.next_delay()
+                }
+                End::Failed(diagnosis) => {
+                    let delay = if diagnosis.identity_refused() {
+                        backoff.longest()
+                    } else {
+                        backoff.next_delay()
+                    };
+                    warn!(event = "connect_failed", broker = %self.agent.broker, retry_in_ms = delay.as_millis() as u64, "{diagnosis}");
+                    delay
+                }
             };
-            let delay = if diagnosis.identity_refused() {
-                backoff.longest()
-            } else {
-                backoff.next_delay()
-            };
-            warn!(event = "connect_failed", broker = %self.agent.broker, retry_in_ms = delay.as_millis() as u64, "{diagnosis}");
             let wait = tokio::time::sleep(delay);
             tokio::pin!(wait);
             loop {
@@ -128,6 +183,11 @@ impl Runner {
         let heartbeat_period = Duration::from_secs(self.agent.config.heartbeat_s.max(1));
         let mut heartbeat = tokio::time::interval(heartbeat_period);
         let mut connected = false;
+        let mut subscribed = false;
+        // Armed at the CONNACK when a command too large ended an earlier connection.
+        let subscribe_later = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(subscribe_later);
+        let mut subscription_waits = false;
         loop {
             tokio::select! {
                 event = eventloop.poll() => match event {
@@ -135,7 +195,14 @@ impl Runner {
                         connected = true;
                         backoff.reset();
                         info!(event = "connected", broker = %self.agent.broker, device_id = %self.identity.id, queued = self.queue.len(), "connected to {}", self.agent.broker);
-                        let _ = client.try_subscribe(self.topic("cmd/#"), QoS::AtLeastOnce);
+                        if self.command_too_large.is_some() {
+                            // The longest reconnect delay: a retained command stays until an
+                            // operator replaces it, and meanwhile the queue drains.
+                            subscribe_later.as_mut().reset(tokio::time::Instant::now() + backoff.longest());
+                            subscription_waits = true;
+                        } else {
+                            subscribed = self.subscribe_to_commands(&client);
+                        }
                         self.fill(&client, &mut flight);
                     }
                     Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -151,13 +218,28 @@ impl Runner {
                         self.fill(&client, &mut flight);
                     }
                     Ok(_) => {}
-                    Err(e) => return End::Failed(Diagnosis::of(&e)),
-                },
-                Some(message) = input.recv() => {
-                    self.accept(message);
-                    if connected {
-                        self.fill(&client, &mut flight);
+                    Err(e) => {
+                        if let Some(size) = incoming_too_large(&e) {
+                            return End::CommandTooLarge(size);
+                        }
+                        if subscribed {
+                            // That subscription did not bring the command back.
+                            self.command_too_large = None;
+                        }
+                        return End::Failed(Diagnosis::of(&e));
                     }
+                },
+                () = &mut subscribe_later, if subscription_waits => {
+                    subscription_waits = false;
+                    subscribed = self.subscribe_to_commands(&client);
+                }
+                // Only once connected: this select drops `eventloop.poll()` whenever another
+                // branch wins, and a poll dropped mid-connect abandons the TLS handshake (the
+                // broker logs a refused handshake, the agent reconnects). Until then a message
+                // waits in the channel; the queue takes it at the CONNACK.
+                Some(message) = input.recv(), if connected => {
+                    self.accept(message);
+                    self.fill(&client, &mut flight);
                 }
                 _ = heartbeat.tick(), if connected && self.agent.config.heartbeat_s > 0 => self.heartbeat(&client, &mut flight),
                 () = stop.as_mut() => {
@@ -168,6 +250,29 @@ impl Runner {
                 }
             }
         }
+    }
+
+    fn subscribe_to_commands(&self, client: &AsyncClient) -> bool {
+        client
+            .try_subscribe(self.rules.topic("cmd/#"), QoS::AtLeastOnce)
+            .is_ok()
+    }
+
+    /// Logs a packet too large to receive once, not on every connection it ends.
+    fn note_command_too_large(&mut self, size: usize) {
+        if self.command_too_large != Some(size) {
+            warn!(
+                event = "command_too_large",
+                bytes = size,
+                max_packet_bytes = self.agent.config.max_packet_bytes,
+                "the broker sent a packet of {size} bytes, larger than max_packet_bytes ({}): the connection ended without reading it. \
+                 If it is a retained command it comes back on every subscription: until it is replaced (or max_packet_bytes raised to the broker's), \
+                 each connection sends the queue first and subscribes to commands up to {} ms later",
+                self.agent.config.max_packet_bytes,
+                self.agent.config.backoff_max_ms
+            );
+        }
+        self.command_too_large = Some(size);
     }
 
     /// The last line of a run, whether it stopped while connected or while waiting to reconnect.
@@ -191,17 +296,39 @@ impl Runner {
                 Ok(Some(message)) => message,
                 Ok(None) => continue,
                 Err(e) => {
-                    warn!(error = %e, seq, "cannot read a queued message; skipping it for this connection");
+                    self.set_aside(seq, SetAside::Corrupt, &e);
                     continue;
                 }
             };
+            if let Err(refusal) = self.rules.check(&message.suffix, &message.payload) {
+                self.set_aside(seq, SetAside::Refused, &refusal);
+                continue;
+            }
             if client
-                .try_publish(self.topic(&message.suffix), QoS::AtLeastOnce, false, message.payload)
+                .try_publish(
+                    self.rules.topic(&message.suffix),
+                    QoS::AtLeastOnce,
+                    false,
+                    message.payload,
+                )
                 .is_err()
             {
                 return;
             }
             flight.handed(Some(seq));
+        }
+    }
+
+    /// Takes a queued message that cannot be sent out of the queue, so that it is not retried on
+    /// every connection and the messages after it go on.
+    fn set_aside(&mut self, seq: u64, why: SetAside, reason: &dyn std::fmt::Display) {
+        match self.queue.set_aside(seq, why) {
+            Ok(file) => {
+                warn!(event = "queued_message_set_aside", seq, file = %file.display(), "cannot send queued message {seq} ({reason}): set aside as {}", file.display())
+            }
+            Err(e) => {
+                warn!(event = "queued_message_set_aside", seq, error = %e, "cannot send queued message {seq} ({reason}), nor rename it ({e}): skipped until the agent restarts")
+            }
         }
     }
 
@@ -214,7 +341,7 @@ impl Runner {
             "queue_dropped": self.queue.dropped(),
         });
         if client
-            .try_publish(self.topic("status"), QoS::AtMostOnce, false, status.to_string())
+            .try_publish(self.rules.topic("status"), QoS::AtMostOnce, false, status.to_string())
             .is_ok()
         {
             flight.handed(None);

@@ -9,15 +9,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
 use fleet_identity::{pem, tls, Identity, Role};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::time_provider::TimeProvider;
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, OtherError, SignatureScheme};
-use x509_parser::prelude::{FromDer, X509Certificate};
+use rustls::ClientConfig;
 
 use crate::config::Agent;
 
@@ -68,76 +64,6 @@ impl FlooredClock {
 impl TimeProvider for FlooredClock {
     fn current_time(&self) -> Option<UnixTime> {
         Some(UnixTime::since_unix_epoch(Duration::from_secs(self.seconds())))
-    }
-}
-
-/// The broker's key is not one of the pinned keys.
-#[derive(Debug, thiserror::Error)]
-#[error("broker key SHA-256 {0} is not in pin_sha256")]
-pub struct PinMismatch(pub String);
-
-/// The standard verifier (pinned CA, name) plus the optional key pins.
-#[derive(Debug)]
-pub struct PinnedVerifier {
-    inner: Arc<WebPkiServerVerifier>,
-    pins: Vec<String>,
-    /// The configured `server_name`: verified instead of the host the socket connected to
-    /// (rumqttc passes the URL's host).
-    server_name: ServerName<'static>,
-}
-
-/// Base64 SHA-256 of a certificate's SubjectPublicKeyInfo (the form `pin_sha256` takes).
-pub fn spki_sha256(cert: &[u8]) -> Option<String> {
-    let (_, parsed) = X509Certificate::from_der(cert).ok()?;
-    let digest = ring::digest::digest(&ring::digest::SHA256, parsed.public_key().raw);
-    Some(base64::engine::general_purpose::STANDARD.encode(digest.as_ref()))
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _host: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = self
-            .inner
-            .verify_server_cert(end_entity, intermediates, &self.server_name, ocsp, now)?;
-        if self.pins.is_empty() {
-            return Ok(verified);
-        }
-        let hash = spki_sha256(end_entity).unwrap_or_default();
-        if self.pins.contains(&hash) {
-            Ok(verified)
-        } else {
-            Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
-                Arc::new(PinMismatch(hash)),
-            ))))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
     }
 }
 
@@ -218,14 +144,14 @@ fn client_config(
 ) -> Result<Arc<ClientConfig>, LocalError> {
     let provider = crypto_provider();
     let roots = pem::load_certs(&agent.config.ca)?;
-    let inner = tls::server_verifier(provider.clone(), &roots)?;
     let server_name = ServerName::try_from(agent.server_name.clone())
         .map_err(|_| LocalError::ServerName(agent.server_name.clone()))?;
-    let verifier = Arc::new(PinnedVerifier {
-        inner,
-        pins: agent.config.pin_sha256.clone(),
-        server_name,
-    });
+    let verifier = Arc::new(tls::PinnedBrokerVerifier::new(
+        provider.clone(),
+        &roots,
+        Some(server_name),
+        agent.config.pin_sha256.clone(),
+    )?);
     let key = pem::load_key(&agent.config.key)?;
     Ok(Arc::new(tls::client_config(provider, clock, verifier, chain, key)?))
 }

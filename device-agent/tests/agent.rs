@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use device_agent::config::Agent;
 use device_agent::diagnosis::Diagnosis;
 use device_agent::session::{connect_once, mqtt_options};
-use device_agent::trust::{build_time, load_credentials, spki_sha256, Credentials, FlooredClock};
-use e2e::{connect, next_publish, require_tool, run_ok, workspace_bin, BrokerProcess, ClientFiles, TestFleet};
+use device_agent::trust::{build_time, load_credentials, Credentials, FlooredClock};
+use e2e::{connect_with, next_publish, require_tool, run_ok, workspace_bin, BrokerProcess, ClientFiles, TestFleet};
+use fleet_identity::tls::spki_sha256;
 use rumqttc::QoS;
 
 fn agent() -> Command {
@@ -39,11 +40,14 @@ fn agent_cmd(sub: &str, bundle: &Path, port: u16) -> Command {
     command
 }
 
-/// The `ingest` service, connected and subscribed to `filter` (its SUBACK received).
+/// The `ingest` service, connected and subscribed to `filter` (its SUBACK received). Its packet
+/// limit is 1 MiB rather than rumqttc's 10 KiB, so it can carry anything a broker may accept.
 async fn subscribed_service(fleet: &TestFleet, port: u16, filter: &str) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
-    let (svc, mut svc_loop) = connect(port, &ClientFiles::service(&fleet.service("ingest")), "ingest")
-        .await
-        .unwrap();
+    let (svc, mut svc_loop) = connect_with(port, &ClientFiles::service(&fleet.service("ingest")), "ingest", |o| {
+        o.set_max_packet_size(1 << 20, 1 << 20);
+    })
+    .await
+    .unwrap();
     svc.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
     e2e::wait_for_incoming(&mut svc_loop, Duration::from_secs(5), "SUBACK", |p| {
         matches!(p, rumqttc::Packet::SubAck(_))
@@ -133,19 +137,55 @@ impl RunningAgent {
     }
 
     fn send(&mut self, line: &str) {
-        writeln!(self.child.stdin.as_mut().unwrap(), "{line}").unwrap();
+        self.send_bytes(line.as_bytes());
+    }
+
+    /// Writes `line` and a newline to the agent's stdin, whatever its bytes.
+    fn send_bytes(&mut self, line: &[u8]) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(line).and_then(|()| stdin.write_all(b"\n")).unwrap();
     }
 
     fn wait_stderr(&self, needle: &str, limit: Duration) -> String {
+        let mut lines = self.stderr_until(&format!("{needle:?}"), limit, |lines| {
+            lines.last().is_some_and(|l| l.contains(needle))
+        });
+        lines.pop().expect("the line that matched")
+    }
+
+    /// The agent's next stderr lines, up to the one after which `done` holds of all of them;
+    /// panics (naming `what`, with the lines) after `limit`.
+    fn stderr_until(&self, what: &str, limit: Duration, done: impl Fn(&[String]) -> bool) -> Vec<String> {
         let deadline = Instant::now() + limit;
-        loop {
+        let mut lines = Vec::new();
+        while !done(&lines) {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stderr.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("the agent never logged {needle:?}"),
+                Ok(line) => lines.push(line),
+                Err(_) => panic!("the agent never logged {what}; it logged:\n{}", lines.join("\n")),
             }
         }
+        lines
+    }
+}
+
+/// The messages in a queue directory (`*.msg`).
+fn queued_files(queue: &Path) -> usize {
+    fs::read_dir(queue)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "msg"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until every message in `queue` was acknowledged; panics (saying `why`) after `limit`.
+fn wait_until_drained(queue: &Path, limit: Duration, why: &str) {
+    let deadline = Instant::now() + limit;
+    while queued_files(queue) > 0 {
+        assert!(Instant::now() < deadline, "{why}: {} still queued", queued_files(queue));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -357,15 +397,7 @@ async fn queued_messages_survive_sigkill_and_arrive_in_order_when_the_broker_ret
     }
     let queue = bundle.join("queue");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while fs::read_dir(&queue)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.path().extension().is_some_and(|x| x == "msg"))
-                .count()
-        })
-        .unwrap_or(0)
-        < 500
-    {
+    while queued_files(&queue) < 500 {
         assert!(Instant::now() < deadline, "the agent did not queue 500 messages");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -503,4 +535,226 @@ fn sigterm_while_waiting_to_reconnect_exits_zero_and_says_so() {
         "SIGTERM during the backoff ends the agent cleanly: {status}"
     );
     agent.wait_stderr("stopped;", Duration::from_secs(2));
+}
+
+/// The broker's default `limits.max_packet_bytes`, and so the agent's.
+const BROKER_MAX_PACKET: usize = 262_144;
+
+/// A telemetry payload whose PUBLISH from dev-1 is exactly `packet` bytes.
+fn telemetry_payload(packet: usize) -> String {
+    let topic = "devices/dev-1/telemetry".len();
+    let mut payload = packet - device_agent::outbound::qos1_publish_bytes(topic, 0);
+    // The remaining length's own size grows with the payload: settle on the exact fit.
+    while device_agent::outbound::qos1_publish_bytes(topic, payload) > packet {
+        payload -= 1;
+    }
+    assert_eq!(device_agent::outbound::qos1_publish_bytes(topic, payload), packet);
+    "x".repeat(payload)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_up_to_the_brokers_packet_limit_go_both_ways() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let broker = start_broker(&fleet, &[]);
+    let (svc, mut svc_loop) = subscribed_service(&fleet, broker.port(), "devices/dev-1/telemetry").await;
+    let mut agent = RunningAgent::start(agent_cmd("run", &bundle, broker.port()));
+    agent.wait_stderr("connected to", Duration::from_secs(10));
+
+    let largest = telemetry_payload(BROKER_MAX_PACKET);
+    agent.send(&format!("telemetry {largest}"));
+    let telemetry = next_publish(&mut svc_loop, Duration::from_secs(10))
+        .await
+        .expect("a PUBLISH of exactly max_packet_bytes arrives");
+    assert_eq!(telemetry.payload.len(), largest.len());
+
+    let command = "c".repeat(200 * 1024);
+    svc.publish("devices/dev-1/cmd/config", QoS::AtLeastOnce, false, command.clone())
+        .await
+        .unwrap();
+    tokio::spawn(async move { while svc_loop.poll().await.is_ok() {} });
+    let line = agent
+        .stdout
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the 200 KiB command on stdout");
+    let printed: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(printed["payload"].as_str(), Some(command.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_non_utf8_lines_are_refused_and_the_next_message_still_goes_out() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let broker = start_broker(&fleet, &[]);
+    let (_svc, mut svc_loop) = subscribed_service(&fleet, broker.port(), "devices/dev-1/telemetry").await;
+    let mut agent = RunningAgent::start(agent_cmd("run", &bundle, broker.port()));
+    agent.wait_stderr("connected to", Duration::from_secs(10));
+
+    // Longer than any message could be: discarded while it is read.
+    agent.send(&format!("telemetry {}", "x".repeat(300 * 1024)));
+    // Short enough a line, but its PUBLISH is one byte over the limit.
+    agent.send(&format!("telemetry {}x", telemetry_payload(BROKER_MAX_PACKET)));
+    agent.send_bytes(b"telemetry \xff\xfe");
+    agent.send("telemetry next");
+
+    let first = next_publish(&mut svc_loop, Duration::from_secs(10))
+        .await
+        .expect("the message after the refused ones arrives");
+    assert_eq!(&first.payload[..], b"next", "nothing refused was queued before it");
+    let needles = [
+        format!(
+            "refused a line of {} bytes: longer than max_packet_bytes (262144)",
+            10 + 300 * 1024
+        ),
+        "its PUBLISH would be 262145 bytes, larger than max_packet_bytes (262144)".to_owned(),
+        "bytes that is not UTF-8".to_owned(),
+    ];
+    agent.stderr_until("the three refusals", Duration::from_secs(5), |lines| {
+        needles.iter().all(|n| lines.iter().any(|l| l.contains(n.as_str())))
+    });
+    wait_until_drained(
+        &bundle.join("queue"),
+        Duration::from_secs(5),
+        "nothing refused stays queued",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_command_too_large_does_not_lock_the_device_out() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    // The broker allows 1 MiB, the agent keeps its 256 KiB default: a mismatch an operator can make.
+    let broker = start_broker(&fleet, &[("BROKER__LIMITS__MAX_PACKET_BYTES", "1048576")]);
+    let (svc, mut svc_loop) = subscribed_service(&fleet, broker.port(), "devices/dev-1/telemetry").await;
+    svc.publish(
+        "devices/dev-1/cmd/config",
+        QoS::AtLeastOnce,
+        true,
+        vec![b'c'; 300 * 1024],
+    )
+    .await
+    .unwrap();
+    e2e::wait_for_incoming(
+        &mut svc_loop,
+        Duration::from_secs(5),
+        "the retained command's PUBACK",
+        |p| matches!(p, rumqttc::Packet::PubAck(_)),
+    )
+    .await;
+
+    let mut command = agent_cmd("run", &bundle, broker.port());
+    command
+        .env("DEVICE_AGENT__BACKOFF_MIN_MS", "100")
+        .env("DEVICE_AGENT__BACKOFF_MAX_MS", "400");
+    let mut agent = RunningAgent::start(command);
+    let mut seen: Vec<u32> = Vec::new();
+    for n in 0..20 {
+        agent.send(&format!("telemetry {n}"));
+        // Spread over several connections, each ended by the retained command.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    while seen.len() < 20 {
+        let publish = next_publish(&mut svc_loop, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("only {seen:?} of 20 arrived"));
+        let n: u32 = std::str::from_utf8(&publish.payload).unwrap().parse().unwrap();
+        if !seen.contains(&n) {
+            seen.push(n);
+        }
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..20).collect::<Vec<_>>());
+
+    // Every message is acknowledged, though each subscription still ends its connection.
+    wait_until_drained(
+        &bundle.join("queue"),
+        Duration::from_secs(10),
+        "the queue never drained",
+    );
+    let lines = agent.stderr_until("five connections", Duration::from_secs(20), |lines| {
+        lines.iter().filter(|l| l.contains("connected to")).count() >= 5
+    });
+    let reports: Vec<&String> = lines.iter().filter(|l| l.contains("command_too_large")).collect();
+    // Its remaining length: topic length, topic, packet id, payload.
+    assert_eq!(reports.len(), 1, "logged once, not per connection: {lines:#?}");
+    assert!(
+        reports[0].contains("bytes=307228") && reports[0].contains("max_packet_bytes=262144"),
+        "names the size and the limit: {}",
+        reports[0]
+    );
+}
+
+#[tokio::test]
+async fn unreadable_corrupt_and_unsendable_queue_entries_are_set_aside_and_the_rest_go_out() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let queue = bundle.join("queue");
+    fs::create_dir_all(&queue).unwrap();
+    let entry = |seq: u64, ext: &str| queue.join(format!("{seq:020}.{ext}"));
+    fs::write(entry(1, "msg"), "telemetry\none").unwrap();
+    fs::create_dir(entry(2, "msg")).unwrap(); // cannot be read as a file
+    fs::write(entry(3, "msg"), b"\xff\xfe\npayload").unwrap(); // suffix not UTF-8
+    let mut too_large = b"telemetry\n".to_vec(); // queued by an agent without a limit
+    too_large.extend(vec![b'x'; 300 * 1024]);
+    fs::write(entry(4, "msg"), too_large).unwrap();
+    fs::write(entry(5, "msg"), "no newline").unwrap();
+    fs::write(entry(6, "msg"), "telemetry\nsix").unwrap();
+
+    let broker = start_broker(&fleet, &[]);
+    let (_svc, mut svc_loop) = subscribed_service(&fleet, broker.port(), "devices/dev-1/#").await;
+    let agent = RunningAgent::start(agent_cmd("run", &bundle, broker.port()));
+    for expected in [&b"one"[..], b"six"] {
+        let publish = next_publish(&mut svc_loop, Duration::from_secs(10))
+            .await
+            .expect("the readable messages arrive");
+        assert_eq!(
+            (publish.topic.as_str(), &publish.payload[..]),
+            ("devices/dev-1/telemetry", expected)
+        );
+    }
+    let lines = agent.stderr_until("four set-aside entries", Duration::from_secs(5), |lines| {
+        lines.iter().filter(|l| l.contains("queued_message_set_aside")).count() >= 4
+    });
+    for (seq, ext) in [(2, "corrupt"), (3, "corrupt"), (4, "refused"), (5, "corrupt")] {
+        let aside = entry(seq, ext);
+        assert!(aside.exists() && !entry(seq, "msg").exists(), "{}", aside.display());
+        assert!(
+            lines.iter().any(|l| l.contains(&aside.display().to_string())),
+            "the log names {}: {lines:#?}",
+            aside.display()
+        );
+    }
+    wait_until_drained(&queue, Duration::from_secs(5), "the sent messages are acknowledged");
+}
+
+// Input that arrives while the agent connects must wait, not abort the connection: a message
+// taken mid-handshake used to drop the connect in progress, which the broker logged as a
+// refused handshake (`tls_error`), and the agent had to start over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_during_the_connect_does_not_abort_the_handshake() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let broker = start_broker(&fleet, &[]);
+    let (_svc, mut svc_loop) = subscribed_service(&fleet, broker.port(), "devices/dev-1/telemetry").await;
+    let mut agent = RunningAgent::start(agent_cmd("run", &bundle, broker.port()));
+    // A message every millisecond from the moment the agent starts, through its handshake.
+    for n in 0..50 {
+        agent.send(&format!("telemetry {n}"));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 50 {
+        let publish = next_publish(&mut svc_loop, Duration::from_secs(10))
+            .await
+            .expect("every message arrives");
+        seen.insert(publish.payload.to_vec());
+    }
+    let events = broker.events();
+    let refused: Vec<_> = events.iter().filter(|e| e["event"] == "reject").collect();
+    assert!(refused.is_empty(), "handshakes refused: {refused:?}");
+    let accepted = events
+        .iter()
+        .filter(|e| e["event"] == "accept" && e["device_id"] == "dev-1")
+        .count();
+    assert_eq!(accepted, 1, "the agent connected more than once");
 }

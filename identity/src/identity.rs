@@ -135,8 +135,8 @@ impl fmt::Display for Identity {
 /// The facts about a certificate that logs and inventories record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertificateSummary {
-    /// Serial number, lower-case hex without leading zeros (the form `provision revoke --serial` takes).
-    pub serial: String,
+    /// Serial number.
+    pub serial: crate::Serial,
     /// SHA-256 of the DER encoding, lower-case hex.
     pub sha256: String,
     /// Start of validity, Unix seconds.
@@ -164,7 +164,7 @@ impl CertificateSummary {
 
     fn of(cert: &X509Certificate<'_>, der: &[u8]) -> Self {
         Self {
-            serial: cert.serial.to_str_radix(16),
+            serial: crate::Serial::from_be_bytes(cert.raw_serial()),
             sha256: sha256_hex(der),
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),

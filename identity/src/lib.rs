@@ -21,8 +21,10 @@ mod broker_url;
 mod device_id;
 mod identity;
 pub mod pem;
+mod serial;
 pub mod tls;
 
 pub use broker_url::{BrokerUrl, BrokerUrlError, DEFAULT_MQTTS_PORT};
 pub use device_id::{DeviceId, DeviceIdError, MAX_ID_LEN};
 pub use identity::{sha256_hex, CertificateSummary, Identity, IdentityError, Role};
+pub use serial::Serial;

@@ -6,14 +6,20 @@
 
 use std::sync::Arc;
 
-use rustls::client::danger::ServerCertVerifier;
+use base64::Engine as _;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::time_provider::TimeProvider;
-use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedCipherSuite};
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig, SignatureScheme,
+    SupportedCipherSuite,
+};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
+use sha2::Digest as _;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// Protocol versions offered, most preferred first.
 pub static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =
@@ -147,20 +153,112 @@ pub fn server_verifier(
     Ok(WebPkiServerVerifier::builder_with_provider(roots, provider).build()?)
 }
 
-/// A client configuration that presents `chain`/`key` and trusts what `verifier` accepts.
+/// How a device (or a service) trusts the broker: the certificate chains to one of the pinned
+/// broker CAs (never system roots), names the broker, and, if pins are given, carries one of
+/// the pinned keys. The only verifier [`client_config`] takes, so no caller can build a client
+/// configuration that trusts less.
+#[derive(Debug)]
+pub struct PinnedBrokerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    pins: Vec<String>,
+    /// The name to verify, when it is not the host the socket connected to (a device's
+    /// configured `server_name`).
+    server_name: Option<ServerName<'static>>,
+}
+
+/// The broker's key is not one of the pins.
+#[derive(Debug, thiserror::Error)]
+#[error("broker key SHA-256 {0} is not in pin_sha256")]
+pub struct PinMismatch(pub String);
+
+impl PinnedBrokerVerifier {
+    /// Trusts `broker_cas` only; verifies `server_name` if given (else the host connected to);
+    /// with `pins` (base64 SHA-256 of SubjectPublicKeyInfo), only those broker keys.
+    pub fn new(
+        provider: Arc<CryptoProvider>,
+        broker_cas: &[CertificateDer<'static>],
+        server_name: Option<ServerName<'static>>,
+        pins: Vec<String>,
+    ) -> Result<Self, TlsError> {
+        Ok(Self {
+            inner: server_verifier(provider, broker_cas)?,
+            pins,
+            server_name,
+        })
+    }
+}
+
+/// Base64 SHA-256 of a certificate's SubjectPublicKeyInfo (the form a pin takes).
+pub fn spki_sha256(cert: &[u8]) -> Option<String> {
+    let (_, parsed) = X509Certificate::from_der(cert).ok()?;
+    let digest = sha2::Sha256::digest(parsed.public_key().raw);
+    Some(base64::engine::general_purpose::STANDARD.encode(digest))
+}
+
+impl ServerCertVerifier for PinnedBrokerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        host: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let name = self.server_name.as_ref().unwrap_or(host);
+        let verified = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, name, ocsp, now)?;
+        if self.pins.is_empty() {
+            return Ok(verified);
+        }
+        let hash = spki_sha256(end_entity).unwrap_or_default();
+        if self.pins.contains(&hash) {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                Arc::new(PinMismatch(hash)),
+            ))))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A client configuration that presents `chain`/`key` and trusts the broker as `verifier` says.
 ///
 /// `time` is the clock certificates are validated against (devices without a real-time clock
 /// substitute a floor; see the device agent).
 pub fn client_config(
     provider: Arc<CryptoProvider>,
     time: Arc<dyn TimeProvider>,
-    verifier: Arc<dyn ServerCertVerifier>,
+    verifier: Arc<PinnedBrokerVerifier>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<ClientConfig, TlsError> {
     ClientConfig::builder_with_details(provider, time)
         .with_protocol_versions(PROTOCOL_VERSIONS)
         .map_err(TlsError::Provider)?
+        // The custom verifier is ours, and stricter than the standard one (see above).
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)

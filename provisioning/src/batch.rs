@@ -1,14 +1,11 @@
 //! Issuing device identities, one or ten thousand at a time.
 //!
-//! Keys are generated and certificates signed on every core; each bundle is written into a
-//! staging folder inside the output directory, the registry records the whole batch in one
-//! transaction, and only then are the bundles moved into place. A failure anywhere leaves neither
-//! registry rows nor bundles behind.
+//! Keys are generated and certificates signed in memory on every core; the registry records the
+//! whole batch in one transaction; only then are the bundles written, into a staging folder
+//! inside the output directory, and moved into place together. A failure before the commit leaves
+//! nothing behind; one after it leaves recorded certificates without files, and says so.
 
-use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 
 use fleet_identity::{BrokerUrl, DeviceId, Identity, Role};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -16,11 +13,13 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
-use crate::issue::{mint_client, move_into_place, write_bundle};
+use crate::issue::{mint_client, write_bundles, Minted};
 use crate::key_type::KeyType;
-use crate::output::{create_private_dir, ensure_writable, write_new, Overwrite, PUBLIC_MODE};
-use crate::pki::{CertificateAuthority, Pki};
+use crate::output::{ensure_writable, write_new, Overwrite, PUBLIC_MODE};
+use crate::parallel;
+use crate::pki::Pki;
 use crate::registry::Issued;
+use crate::staging::Staging;
 
 /// Name of the manifest `batch` writes into its output directory.
 pub const MANIFEST: &str = "manifest.csv";
@@ -62,110 +61,33 @@ pub fn issue_devices(pki: &mut Pki, ids: &[DeviceId], out: &Path, options: &Issu
             });
         }
     }
-    create_private_dir(out)?;
-    let staging = out.join(format!(".staging-{}", std::process::id()));
-    create_private_dir(&staging)?;
-    let result = mint_and_record(pki, ids, out, &staging, options, now);
-    let _ = fs::remove_dir_all(&staging);
-    result
-}
-
-fn mint_and_record(
-    pki: &mut Pki,
-    ids: &[DeviceId],
-    out: &Path,
-    staging: &Path,
-    options: &IssueOptions,
-    now: i64,
-) -> Result<Vec<Issued>> {
-    let issued = mint_in_parallel(&Signers::of(pki), ids, staging, options)?;
-    pki.registry.record(&issued, false, now, || {
-        ids.iter()
-            .try_for_each(|id| move_into_place(&staging.join(id.as_str()), &out.join(id.as_str()), options.overwrite))
+    // Made first, so an output directory that cannot be written is refused before anything is
+    // minted or recorded.
+    let staging = Staging::new(out)?;
+    let progress = progress_bar(ids.len(), options.progress);
+    let (device_ca, fleet) = (&pki.device_ca, pki.fleet.as_str());
+    let minted: Vec<Minted> = parallel::try_map(ids, options.jobs, |id| {
+        let identity = Identity {
+            role: Role::Device,
+            id: id.clone(),
+        };
+        let minted = mint_client(device_ca, fleet, identity, options.key_type, options.validity_days);
+        progress.inc(1);
+        minted
+    })?;
+    progress.finish_and_clear();
+    let issued: Vec<Issued> = minted.iter().map(|minted| minted.issued.clone()).collect();
+    pki.record_then_write(&issued, false, |pki| {
+        write_bundles(
+            staging,
+            &minted,
+            &pki.broker_ca,
+            Some(&options.broker_url),
+            options.overwrite,
+            options.jobs,
+        )
     })?;
     Ok(issued)
-}
-
-/// The parts of a PKI that signing threads share (the registry stays on the calling thread).
-struct Signers<'a> {
-    fleet: &'a str,
-    device_ca: &'a CertificateAuthority,
-    broker_ca: &'a CertificateAuthority,
-}
-
-impl<'a> Signers<'a> {
-    fn of(pki: &'a Pki) -> Self {
-        Self {
-            fleet: &pki.fleet,
-            device_ca: &pki.device_ca,
-            broker_ca: &pki.broker_ca,
-        }
-    }
-}
-
-fn mint_in_parallel(
-    pki: &Signers<'_>,
-    ids: &[DeviceId],
-    staging: &Path,
-    options: &IssueOptions,
-) -> Result<Vec<Issued>> {
-    let progress = progress_bar(ids.len(), options.progress);
-    let failed = AtomicBool::new(false);
-    let first_error: Mutex<Option<Error>> = Mutex::new(None);
-    let jobs = options.jobs.clamp(1, ids.len().max(1));
-    let chunk = ids.len().div_ceil(jobs).max(1);
-    let chunks: Vec<Vec<Issued>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = ids
-            .chunks(chunk)
-            .map(|part| {
-                let (progress, failed, first_error) = (&progress, &failed, &first_error);
-                scope.spawn(move || {
-                    let mut done = Vec::with_capacity(part.len());
-                    for id in part {
-                        if failed.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        match mint_one(pki, id, staging, options) {
-                            Ok(issued) => done.push(issued),
-                            Err(e) => {
-                                failed.store(true, Ordering::Relaxed);
-                                first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                            }
-                        }
-                        progress.inc(1);
-                    }
-                    done
-                })
-            })
-            .collect();
-        workers.into_iter().map(|w| w.join().unwrap_or_default()).collect()
-    });
-    progress.finish_and_clear();
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
-    }
-    Ok(chunks.into_iter().flatten().collect())
-}
-
-fn mint_one(pki: &Signers<'_>, id: &DeviceId, staging: &Path, options: &IssueOptions) -> Result<Issued> {
-    let identity = Identity {
-        role: Role::Device,
-        id: id.clone(),
-    };
-    let minted = mint_client(
-        pki.device_ca,
-        pki.fleet,
-        identity,
-        options.key_type,
-        options.validity_days,
-    )?;
-    write_bundle(
-        &staging.join(id.as_str()),
-        &minted,
-        pki.broker_ca,
-        Some(&options.broker_url),
-    )?;
-    Ok(minted.issued)
 }
 
 fn progress_bar(len: usize, wanted: bool) -> ProgressBar {

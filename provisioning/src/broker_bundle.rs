@@ -1,21 +1,32 @@
 //! The broker's server certificate and a ready-to-run broker configuration.
+//!
+//! The bundle is written all or nothing: minted in memory, recorded in the registry, written into
+//! a staging folder in the output directory and swapped in together, so a failure half-way
+//! (`--force` over an old bundle included) never leaves a new certificate beside an old key.
 
 use std::net::IpAddr;
 use std::path::Path;
 
-use time::OffsetDateTime;
-
-use crate::error::{GenerateContext, IoContext, Result};
+use crate::error::{Error, GenerateContext, IoContext, Result};
+use crate::fault;
 use crate::issue::issued_record;
+use crate::key_type::private_key_pem;
 use crate::key_type::KeyType;
-use crate::output::{create_private_dir, ensure_writable, write_new, Overwrite, KEY_MODE, PUBLIC_MODE};
+use crate::output::{ensure_writable, write_new, Overwrite, KEY_MODE, PUBLIC_MODE};
 use crate::pki::{Pki, DEVICE_CA_CERT};
 use crate::registry::Issued;
+use crate::staging::Staging;
 
 /// Default validity of a broker certificate: two years.
 pub const DEFAULT_BROKER_VALIDITY_DAYS: u32 = 2 * 365;
+/// The broker's server certificate.
+pub const BROKER_CERT: &str = "broker.crt";
+/// The broker's private key.
+pub const BROKER_KEY: &str = "broker.key";
+/// The broker configuration.
+pub const BROKER_CONFIG: &str = "broker.toml";
 /// The files `provision broker` writes.
-pub const BROKER_FILES: [&str; 4] = ["broker.crt", "broker.key", DEVICE_CA_CERT, "broker.toml"];
+pub const BROKER_FILES: [&str; 4] = [BROKER_CERT, BROKER_KEY, DEVICE_CA_CERT, BROKER_CONFIG];
 
 /// What the broker certificate names.
 #[derive(Clone, Debug)]
@@ -34,8 +45,21 @@ pub struct BrokerRequest {
 /// `broker.toml` into `out`.
 pub fn issue_broker(pki: &mut Pki, out: &Path, request: &BrokerRequest) -> Result<Issued> {
     for file in BROKER_FILES {
-        ensure_writable(&out.join(file), request.overwrite)?;
+        let path = out.join(file);
+        ensure_writable(&path, request.overwrite)?;
+        if path.is_dir() {
+            return Err(Error::BadArgument {
+                flag: "--out",
+                reason: format!(
+                    "{} is a directory where the bundle's {file} goes; move it away",
+                    path.display()
+                ),
+            });
+        }
     }
+    // Made first, so an output directory that cannot be written is refused before anything is
+    // minted or recorded.
+    let staging = Staging::new(out)?;
     let params = crate::profile::broker(&pki.fleet, &request.dns, &request.ips, request.validity_days)?;
     let key = KeyType::EcdsaP256.generate()?;
     let cert = params
@@ -50,33 +74,33 @@ pub fn issue_broker(pki: &mut Pki, out: &Path, request: &BrokerRequest) -> Resul
     let issued = issued_record(&name, "broker", cert.der())?;
     let crl = pki.crl_path().canonicalize().at(pki.crl_path())?;
     let config = broker_config(&crl);
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    pki.registry.record(std::slice::from_ref(&issued), false, now, || {
-        create_private_dir(out)?;
+    pki.record_then_write(std::slice::from_ref(&issued), false, |pki| {
         write_new(
-            &out.join("broker.crt"),
+            &staging.path(BROKER_CERT),
             cert.pem().as_bytes(),
             PUBLIC_MODE,
-            request.overwrite,
+            Overwrite::Refuse,
         )?;
+        fault::point("bundle-cert-written");
         write_new(
-            &out.join("broker.key"),
-            key.serialize_pem().as_bytes(),
+            &staging.path(BROKER_KEY),
+            private_key_pem(&key).as_bytes(),
             KEY_MODE,
-            request.overwrite,
+            Overwrite::Refuse,
         )?;
         write_new(
-            &out.join(DEVICE_CA_CERT),
+            &staging.path(DEVICE_CA_CERT),
             pki.device_ca.cert_pem.as_bytes(),
             PUBLIC_MODE,
-            request.overwrite,
+            Overwrite::Refuse,
         )?;
         write_new(
-            &out.join("broker.toml"),
+            &staging.path(BROKER_CONFIG),
             config.as_bytes(),
             PUBLIC_MODE,
-            request.overwrite,
-        )
+            Overwrite::Refuse,
+        )?;
+        staging.swap_in(&BROKER_FILES, request.overwrite)
     })?;
     Ok(issued)
 }

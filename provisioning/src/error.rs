@@ -82,6 +82,42 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// `revoke --id` named an id that both a device and a service hold.
+    #[error("id {id:?} names both an active device and an active service; say which to revoke with --kind device or --kind service")]
+    AmbiguousId {
+        /// The id.
+        id: String,
+    },
+    /// Certificates were recorded in the registry, but writing their files failed.
+    #[error("{source}\nThe registry already records {} as active, but no file of {them} was written: revoke {them} (`provision revoke --pki {} --serial SERIAL`) before issuing again.", count(serials), pki.display(), them = if serials.len() == 1 { "it" } else { "them" })]
+    RecordedNotWritten {
+        /// The PKI directory.
+        pki: PathBuf,
+        /// Serials of the certificates recorded.
+        serials: Vec<String>,
+        /// Why writing failed.
+        source: Box<Error>,
+    },
+    /// A revocation was committed to the registry, but the CRL carrying it was not published.
+    #[error("revoked {} in the registry, but the CRL was not published: {source}\nThe revocation stands; once the cause is fixed, run `provision crl --pki {}` to publish it.", serials.join(", "), pki.display())]
+    CrlNotPublished {
+        /// The PKI directory.
+        pki: PathBuf,
+        /// Serials revoked.
+        serials: Vec<String>,
+        /// Why publishing failed.
+        source: Box<Error>,
+    },
+    /// Swapping new outputs into place failed, and some of the old ones could not be put back.
+    #[error("{}: {source}; some of the previous files could not be put back: they are kept in {}", out.display(), kept.display())]
+    NotRestored {
+        /// The output directory.
+        out: PathBuf,
+        /// Where the previous files are.
+        kept: PathBuf,
+        /// Why the swap failed.
+        source: Box<Error>,
+    },
     /// Nothing matched what was asked for.
     #[error("{0}")]
     NotFound(String),
@@ -109,6 +145,21 @@ pub enum Error {
         /// rcgen's reason.
         source: rcgen::Error,
     },
+}
+
+/// "1 certificate (serial S)" or "3 certificates (serials A, B, C)", for messages about serials.
+fn count(serials: &[String]) -> String {
+    /// Serials named in a message; `provision list` shows every one.
+    const SHOWN: usize = 5;
+    let shown = serials.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    match serials.len() {
+        1 => format!("1 certificate (serial {shown})"),
+        n if n <= SHOWN => format!("{n} certificates (serials {shown})"),
+        n => format!(
+            "{n} certificates (serials {shown} and {} more; `provision list --status active` shows them)",
+            n - SHOWN
+        ),
+    }
 }
 
 /// Shorthand for results in this crate.

@@ -1,16 +1,21 @@
 //! Minting client certificates (devices and services) and writing their bundles.
+//!
+//! Certificates and keys are minted in memory and recorded in the registry; only then are the
+//! bundles written, all into a staging folder first and then moved into place together.
 
-use std::fs;
 use std::path::Path;
 
 use fleet_identity::{BrokerUrl, CertificateSummary, DeviceId, Identity, Role};
 use rcgen::CertificateParams;
 
 use crate::error::{Error, GenerateContext, Result};
-use crate::key_type::KeyType;
+use crate::fault;
+use crate::key_type::{private_key_pem, KeyType};
 use crate::output::{create_private_dir, ensure_writable, write_new, Overwrite, KEY_MODE, PUBLIC_MODE};
+use crate::parallel;
 use crate::pki::{CertificateAuthority, Pki, BROKER_CA_CERT};
 use crate::registry::Issued;
+use crate::staging::Staging;
 
 /// Default validity of a device or service certificate: three years.
 pub const DEFAULT_LEAF_VALIDITY_DAYS: u32 = 3 * 365;
@@ -44,7 +49,7 @@ pub fn mint_client(
     Ok(Minted {
         identity,
         cert_pem: cert.pem(),
-        key_pem: Some(key.serialize_pem()),
+        key_pem: Some(private_key_pem(&key)),
         issued,
     })
 }
@@ -76,7 +81,7 @@ pub fn issued_record(id: &str, role: &'static str, der: &[u8]) -> Result<Issued>
     Ok(Issued {
         id: id.to_owned(),
         role,
-        serial: summary.serial,
+        serial: summary.serial.to_string(),
         fingerprint: summary.sha256,
         not_before: summary.not_before,
         not_after: summary.not_after,
@@ -110,6 +115,7 @@ pub fn write_bundle(
         PUBLIC_MODE,
         Overwrite::Refuse,
     )?;
+    fault::point("bundle-cert-written");
     if let Some(key) = &minted.key_pem {
         write_new(&dir.join(key_name), key.as_bytes(), KEY_MODE, Overwrite::Refuse)?;
     }
@@ -146,26 +152,29 @@ pub fn agent_config(identity: &Identity, broker_url: &BrokerUrl) -> String {
     )
 }
 
-/// Moves a finished bundle from the staging area into place, replacing an old one only if
-/// `overwrite` allows.
-pub fn move_into_place(staged: &Path, target: &Path, overwrite: Overwrite) -> Result<()> {
-    if overwrite == Overwrite::Replace && target.exists() {
-        fs::remove_dir_all(target).map_err(|source| Error::Io {
-            path: target.to_owned(),
-            source,
-        })?;
-    }
-    if target.exists() {
-        return Err(Error::OutputExists(target.to_owned()));
-    }
-    fs::rename(staged, target).map_err(|source| Error::Io {
-        path: target.to_owned(),
-        source,
-    })
+/// Writes the bundle of each of `minted` (on up to `jobs` threads) into `staging`, then moves
+/// them all into `OUT/<id>/` together, replacing old ones only if `overwrite` allows.
+pub fn write_bundles(
+    staging: Staging,
+    minted: &[Minted],
+    broker_ca: &CertificateAuthority,
+    broker_url: Option<&BrokerUrl>,
+    overwrite: Overwrite,
+    jobs: usize,
+) -> Result<()> {
+    parallel::try_map(minted, jobs, |minted| {
+        write_bundle(
+            &staging.path(minted.identity.id.as_str()),
+            minted,
+            broker_ca,
+            broker_url,
+        )
+    })?;
+    let ids: Vec<&str> = minted.iter().map(|minted| minted.identity.id.as_str()).collect();
+    staging.swap_in(&ids, overwrite)
 }
 
 /// Issues a service identity and writes `OUT/<name>/` (service.crt, service.key, broker-ca.crt).
-/// The bundle is written aside and moved into place inside the registry transaction.
 pub fn issue_service(
     pki: &mut Pki,
     name: &DeviceId,
@@ -173,8 +182,7 @@ pub fn issue_service(
     validity_days: u32,
     overwrite: Overwrite,
 ) -> Result<Minted> {
-    let target = out.join(name.as_str());
-    ensure_writable(&target, overwrite)?;
+    ensure_writable(&out.join(name.as_str()), overwrite)?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     if let Some(serial) = pki.registry.active_serial(Role::Service.as_str(), name.as_str(), now)? {
         return Err(Error::AlreadyActive {
@@ -187,15 +195,11 @@ pub fn issue_service(
         role: Role::Service,
         id: name.clone(),
     };
+    let staging = Staging::new(out)?;
     let minted = mint_client(&pki.device_ca, &pki.fleet, identity, KeyType::EcdsaP256, validity_days)?;
-    create_private_dir(out)?;
-    let staged = out.join(format!(".staging-{}-{name}", std::process::id()));
-    let result = write_bundle(&staged, &minted, &pki.broker_ca, None).and_then(|()| {
-        pki.registry
-            .record(std::slice::from_ref(&minted.issued), false, now, || {
-                move_into_place(&staged, &target, overwrite)
-            })
-    });
-    let _ = fs::remove_dir_all(&staged);
-    result.map(|()| minted)
+    let bundle = std::slice::from_ref(&minted);
+    pki.record_then_write(std::slice::from_ref(&minted.issued), false, |pki| {
+        write_bundles(staging, bundle, &pki.broker_ca, None, overwrite, 1)
+    })?;
+    Ok(minted)
 }

@@ -9,13 +9,16 @@ pub mod batch;
 pub mod broker_bundle;
 pub mod csr;
 pub mod error;
+pub mod fault;
 pub mod issue;
 pub mod key_type;
 pub mod output;
+pub mod parallel;
 pub mod pki;
 pub mod profile;
 pub mod registry;
 pub mod revocation;
 pub mod serial;
+pub mod staging;
 
 pub use error::{Error, Result};

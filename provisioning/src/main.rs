@@ -2,21 +2,20 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fleet_identity::{BrokerUrl, DeviceId};
+use fleet_identity::{BrokerUrl, DeviceId, Role};
 use provisioning::batch::{issue_devices, manifest_ids, numbered_ids, write_manifest, IssueOptions, MANIFEST};
-use provisioning::broker_bundle::{issue_broker, BrokerRequest, DEFAULT_BROKER_VALIDITY_DAYS};
+use provisioning::broker_bundle::{issue_broker, BrokerRequest, BROKER_CONFIG, DEFAULT_BROKER_VALIDITY_DAYS};
 use provisioning::csr::{read_csr, sign_device_csr};
 use provisioning::issue::{issue_service, DEFAULT_LEAF_VALIDITY_DAYS};
 use provisioning::key_type::KeyType;
 use provisioning::output::{ensure_writable, write_new, Overwrite, PUBLIC_MODE};
 use provisioning::pki::{InitOptions, Pki};
 use provisioning::registry::{ListFilter, Record, RevokeTarget};
-use provisioning::revocation::{publish_crl, Reason, DEFAULT_NEXT_UPDATE_DAYS};
-use provisioning::serial::normalize_hex;
+use provisioning::revocation::{Reason, DEFAULT_NEXT_UPDATE_DAYS};
 use provisioning::{Error, Result};
 use time::OffsetDateTime;
 
@@ -210,6 +209,9 @@ struct RevokeArgs {
     /// Revoke every active certificate of this device or service id.
     #[arg(long)]
     id: Option<String>,
+    /// With --id: revoke the device or the service of that name. Needed when both exist.
+    #[arg(long, value_enum, conflicts_with = "serial")]
+    kind: Option<Kind>,
     /// Revoke the certificate with this serial (hex, colons allowed).
     #[arg(long, value_name = "HEX")]
     serial: Option<String>,
@@ -219,6 +221,24 @@ struct RevokeArgs {
     /// The new CRL's nextUpdate, in days from now.
     #[arg(long, default_value_t = DEFAULT_NEXT_UPDATE_DAYS)]
     next_update_days: u32,
+}
+
+/// Which holder of an id `revoke --kind` means.
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    /// The device of that id.
+    Device,
+    /// The service of that name.
+    Service,
+}
+
+impl From<Kind> for Role {
+    fn from(kind: Kind) -> Self {
+        match kind {
+            Kind::Device => Role::Device,
+            Kind::Service => Role::Service,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -325,7 +345,7 @@ fn broker(args: BrokerArgs) -> Result<()> {
         issued.id,
         issued.serial,
         args.out.display(),
-        args.out.join("broker.toml").display()
+        args.out.join(BROKER_CONFIG).display()
     );
     Ok(())
 }
@@ -402,13 +422,25 @@ fn service(args: ServiceArgs) -> Result<()> {
 fn sign_csr(args: SignCsrArgs) -> Result<()> {
     let overwrite = overwrite(args.force);
     ensure_writable(&args.out, overwrite)?;
+    // The certificate is recorded before it is written: refuse a --out that cannot be written
+    // first, rather than leave a recorded certificate behind.
+    let folder = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !folder.is_dir() {
+        return Err(Error::BadArgument {
+            flag: "--out",
+            reason: format!("{} is not a directory", folder.display()),
+        });
+    }
     let csr = read_csr(&args.csr)?;
     let mut pki = Pki::open(&args.pki.pki)?;
     let minted = sign_device_csr(&pki, csr, args.validity_days)?;
-    pki.registry
-        .record(std::slice::from_ref(&minted.issued), args.rotate, now(), || {
-            write_new(&args.out, minted.cert_pem.as_bytes(), PUBLIC_MODE, overwrite)
-        })?;
+    pki.record_then_write(std::slice::from_ref(&minted.issued), args.rotate, |_| {
+        write_new(&args.out, minted.cert_pem.as_bytes(), PUBLIC_MODE, overwrite)
+    })?;
     println!(
         "device {} (serial {}) certificate written to {}",
         minted.identity.id,
@@ -420,11 +452,18 @@ fn sign_csr(args: SignCsrArgs) -> Result<()> {
 
 fn revoke(args: RevokeArgs) -> Result<()> {
     let target = match (&args.id, &args.serial) {
-        (Some(id), _) => RevokeTarget::Id(parse_id(id, "--id")?.to_string()),
-        (None, Some(serial)) => RevokeTarget::Serial(normalize_hex(serial).ok_or_else(|| Error::BadArgument {
-            flag: "--serial",
-            reason: format!("{serial:?} is not a hexadecimal serial number"),
-        })?),
+        (Some(id), _) => RevokeTarget::Id {
+            id: parse_id(id, "--id")?.to_string(),
+            kind: args.kind.map(Role::from),
+        },
+        (None, Some(serial)) => RevokeTarget::Serial(
+            fleet_identity::Serial::parse(serial)
+                .map(|s| s.to_string())
+                .ok_or_else(|| Error::BadArgument {
+                    flag: "--serial",
+                    reason: format!("{serial:?} is not a hexadecimal serial number"),
+                })?,
+        ),
         (None, None) => {
             return Err(Error::BadArgument {
                 flag: "--id/--serial",
@@ -433,27 +472,17 @@ fn revoke(args: RevokeArgs) -> Result<()> {
         }
     };
     let mut pki = Pki::open(&args.pki.pki)?;
-    let crl_path = pki.crl_path();
-    let Pki {
-        registry, device_ca, ..
-    } = &mut pki;
-    let revoked = registry.revoke(&target, args.reason.as_str(), now(), |number, set| {
-        publish_crl(&crl_path, device_ca, number, set, args.next_update_days)
-    })?;
-    println!("revoked {}; {} rewritten", revoked.join(", "), crl_path.display());
+    let revoked = pki.revoke_and_publish(&target, args.reason, args.next_update_days)?;
+    println!("revoked {}; {} rewritten", revoked.join(", "), pki.crl_path().display());
     Ok(())
 }
 
 fn crl(args: CrlArgs) -> Result<()> {
     let mut pki = Pki::open(&args.pki.pki)?;
-    let crl_path = pki.crl_path();
-    let Pki {
-        registry, device_ca, ..
-    } = &mut pki;
-    registry.reissue_crl(|number, set| publish_crl(&crl_path, device_ca, number, set, args.next_update_days))?;
+    pki.publish_crl(args.next_update_days)?;
     println!(
         "{} re-signed, next update in {} days",
-        crl_path.display(),
+        pki.crl_path().display(),
         args.next_update_days
     );
     Ok(())

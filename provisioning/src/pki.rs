@@ -1,5 +1,6 @@
 //! The PKI directory: two CAs, the CRL and the registry, created once and opened for every
-//! other command.
+//! other command, and the steps that must change them in a fixed order (the registry first, then
+//! the files: see [`crate::registry`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -10,11 +11,12 @@ use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::error::{Error, GenerateContext, IoContext, Result};
-use crate::key_type::KeyType;
+use crate::fault;
+use crate::key_type::{private_key_pem, KeyType};
 use crate::output::{create_private_dir, write_new, Overwrite, KEY_MODE, PUBLIC_MODE};
 use crate::profile::{self, CaKind};
-use crate::registry::Registry;
-use crate::revocation::{publish_crl, DEFAULT_NEXT_UPDATE_DAYS};
+use crate::registry::{Issued, Registry, RevokeTarget};
+use crate::revocation::{validate_next_update_days, write_crl, Reason, DEFAULT_NEXT_UPDATE_DAYS};
 
 /// Device CA certificate: the broker's client trust anchor.
 pub const DEVICE_CA_CERT: &str = "device-ca.crt";
@@ -105,7 +107,7 @@ impl Pki {
         let device_ca = new_ca(dir, CaKind::Device, DEVICE_CA_CERT, DEVICE_CA_KEY, options)?;
         new_ca(dir, CaKind::Broker, BROKER_CA_CERT, BROKER_CA_KEY, options)?;
         Registry::create(&dir.join(REGISTRY), &options.fleet)?;
-        publish_crl(&dir.join(CRL), &device_ca, 1, &[], DEFAULT_NEXT_UPDATE_DAYS)
+        write_crl(&dir.join(CRL), &device_ca, 1, &[], DEFAULT_NEXT_UPDATE_DAYS)
     }
 
     /// Opens the PKI in `dir`, checking every file is there and each CA key matches its
@@ -137,6 +139,66 @@ impl Pki {
     pub fn crl_path(&self) -> PathBuf {
         self.dir.join(CRL)
     }
+
+    /// Records newly issued certificates (see [`Registry::record`]), then writes their files
+    /// with `write`. If writing fails, the error says the certificates are recorded and what to
+    /// do about them.
+    pub fn record_then_write(
+        &mut self,
+        issued: &[Issued],
+        rotate: bool,
+        write: impl FnOnce(&Self) -> Result<()>,
+    ) -> Result<()> {
+        fault::point("issue-minted");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.registry.record(issued, rotate, now)?;
+        fault::point("issue-recorded");
+        write(self).map_err(|source| Error::RecordedNotWritten {
+            pki: self.dir.clone(),
+            serials: issued.iter().map(|cert| cert.serial.clone()).collect(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Revokes what `target` selects and publishes the CRL that lists it, as `provision revoke`
+    /// does. Returns the serials revoked.
+    ///
+    /// The revocation is committed before the CRL is written; if writing fails, the error says
+    /// the revocation stands and that `provision crl` publishes it.
+    pub fn revoke_and_publish(
+        &mut self,
+        target: &RevokeTarget,
+        reason: Reason,
+        next_update_days: u32,
+    ) -> Result<Vec<String>> {
+        validate_next_update_days(next_update_days)?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let serials = self.registry.revoke(target, reason.as_str(), now)?;
+        fault::point("revoke-after-commit");
+        self.write_committed_crl(next_update_days)
+            .map_err(|source| Error::CrlNotPublished {
+                pki: self.dir.clone(),
+                serials: serials.clone(),
+                source: Box::new(source),
+            })?;
+        Ok(serials)
+    }
+
+    /// Re-signs the CRL with the registry's revoked set under a fresh number and a fresh
+    /// nextUpdate, as `provision crl` does (from cron, and after a revocation whose CRL was not
+    /// written).
+    pub fn publish_crl(&mut self, next_update_days: u32) -> Result<()> {
+        validate_next_update_days(next_update_days)?;
+        self.registry.advance_crl_number()?;
+        self.write_committed_crl(next_update_days)
+    }
+
+    fn write_committed_crl(&mut self, next_update_days: u32) -> Result<()> {
+        let path = self.crl_path();
+        let ca = &self.device_ca;
+        self.registry
+            .publish_committed_crl(|number, revoked| write_crl(&path, ca, number, revoked, next_update_days))
+    }
 }
 
 fn validate_fleet(fleet: &str) -> Result<()> {
@@ -161,7 +223,7 @@ fn new_ca(
     let cert = params.self_signed(&key).generating(kind.title())?;
     write_new(
         &dir.join(key_file),
-        key.serialize_pem().as_bytes(),
+        private_key_pem(&key).as_bytes(),
         KEY_MODE,
         Overwrite::Refuse,
     )?;
@@ -207,4 +269,45 @@ fn load_ca(cert_path: &Path, key_path: &Path) -> Result<CertificateAuthority> {
         cert_der,
         issuer,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::ListFilter;
+
+    #[test]
+    fn a_write_that_fails_after_recording_says_the_certificate_is_recorded_and_how_to_revoke_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = InitOptions {
+            fleet: "acme".into(),
+            key_type: KeyType::EcdsaP256,
+            ca_validity_days: 1,
+        };
+        Pki::init(dir.path(), &options).unwrap();
+        let mut pki = Pki::open(dir.path()).unwrap();
+        let issued = Issued {
+            id: "dev-1".into(),
+            role: "device",
+            serial: "1a2b".into(),
+            fingerprint: "00".into(),
+            not_before: 0,
+            not_after: i64::MAX,
+        };
+        let err = pki
+            .record_then_write(&[issued], false, |_| {
+                Err(Error::OutputExists(dir.path().join("out/dev-1")))
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("out/dev-1: already exists")
+                && err.contains("records 1 certificate (serial 1a2b) as active")
+                && err.contains("no file of it was written")
+                && err.contains("provision revoke --pki"),
+            "{err}"
+        );
+        let rows = pki.registry.list(&ListFilter::default(), 0).unwrap();
+        assert_eq!((rows.len(), rows[0].status.as_str()), (1, "active"));
+    }
 }

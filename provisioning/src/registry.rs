@@ -3,14 +3,21 @@
 //! Every change happens in an immediate (write-locked) transaction with a busy timeout, so two
 //! `provision` processes on the same PKI serialise instead of failing or losing rows, and the
 //! "one active certificate per id" rule is checked and enforced in the same transaction.
+//!
+//! The registry is written before anything else: a certificate is committed here before any file
+//! of it exists, and a revocation before any CRL carries it. A crash in between then leaves the
+//! registry knowing more than the disk (a certificate whose files were never written, a
+//! revocation the next `provision crl` publishes), never less.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fleet_identity::Role;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::fault;
 
 /// How long a writer waits for another process's transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -83,8 +90,13 @@ pub struct Record {
 /// What `revoke` selects.
 #[derive(Clone, Debug)]
 pub enum RevokeTarget {
-    /// Every active device or service certificate of this id.
-    Id(String),
+    /// Every active certificate of this id: of the device, or of the service, by that name.
+    Id {
+        /// The device id or service name.
+        id: String,
+        /// Which of the two; `None` is refused when both a device and a service hold the id.
+        kind: Option<Role>,
+    },
     /// The certificate with this (normalised) serial.
     Serial(String),
 }
@@ -147,7 +159,10 @@ impl Registry {
         let conn = Connection::open(path).map_err(fail)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(fail)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(fail)?;
+        // In WAL mode NORMAL syncs only at checkpoints, so a power cut can undo the last commits:
+        // a certificate whose files were then written, or a revocation a CRL then carried. FULL
+        // syncs the log at every commit, which is what "committed before written" relies on.
+        conn.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
         Ok(Self {
             conn,
             path: path.to_owned(),
@@ -184,19 +199,13 @@ impl Registry {
         self.sql(|c| c.query_row("SELECT value FROM meta WHERE key = 'fleet'", [], |r| r.get(0)))
     }
 
-    /// Records newly issued certificates in one transaction.
+    /// Records newly issued certificates in one committed transaction, before any file of them is
+    /// written.
     ///
     /// A device or service id that already has an active, unexpired certificate is refused, unless
     /// `rotate` is set: then the old certificates get the new one as their successor and both stay
-    /// valid. `before_commit` runs inside the transaction (to move files into place), so a failure
-    /// there leaves no row behind.
-    pub fn record(
-        &mut self,
-        issued: &[Issued],
-        rotate: bool,
-        now: i64,
-        before_commit: impl FnOnce() -> Result<()>,
-    ) -> Result<()> {
+    /// valid.
+    pub fn record(&mut self, issued: &[Issued], rotate: bool, now: i64) -> Result<()> {
         let (tx, path) = self.write_transaction()?;
         let fail = sql_error(&path);
         {
@@ -237,7 +246,7 @@ impl Registry {
                 }
             }
         }
-        before_commit()?;
+        fault::point("issue-before-commit");
         tx.commit().map_err(fail)
     }
 
@@ -253,28 +262,31 @@ impl Registry {
         })
     }
 
-    /// Revokes what `target` selects and, in the same transaction, hands the new CRL number and
-    /// the full revoked set to `publish` (which signs and writes the CRL). Returns the serials
+    /// Revokes what `target` selects and takes the next CRL number, in one committed
+    /// transaction; [`Registry::publish_committed_crl`] then publishes it. Returns the serials
     /// revoked.
-    pub fn revoke(
-        &mut self,
-        target: &RevokeTarget,
-        reason: &str,
-        now: i64,
-        publish: impl FnOnce(u64, &[RevokedEntry]) -> Result<()>,
-    ) -> Result<Vec<String>> {
+    pub fn revoke(&mut self, target: &RevokeTarget, reason: &str, now: i64) -> Result<Vec<String>> {
         let (tx, path) = self.write_transaction()?;
         let fail = sql_error(&path);
-        let (serials, broker): (Vec<String>, bool) = match target {
-            RevokeTarget::Id(id) => {
+        let serials = match target {
+            RevokeTarget::Id { id, kind } => {
                 let mut stmt = tx
-                    .prepare("SELECT serial FROM certificates WHERE id = ?1 AND role != 'broker' AND status = 'active'")
+                    .prepare("SELECT serial, role FROM certificates WHERE id = ?1 AND role != 'broker' AND status = 'active' AND (?2 IS NULL OR role = ?2)")
                     .map_err(fail)?;
-                let serials = stmt
-                    .query_map([id], |r| r.get(0))
+                let rows: Vec<(String, String)> = stmt
+                    .query_map(params![id, kind.map(Role::as_str)], |r| Ok((r.get(0)?, r.get(1)?)))
                     .and_then(|rows| rows.collect())
                     .map_err(fail)?;
-                (serials, false)
+                if rows.iter().any(|(_, role)| *role != rows[0].1) {
+                    return Err(Error::AmbiguousId { id: id.clone() });
+                }
+                if rows.is_empty() {
+                    let whose = kind.map_or(String::new(), |kind| format!("{kind} "));
+                    return Err(Error::NotFound(format!(
+                        "no active {whose}certificate for id {id:?} in the registry"
+                    )));
+                }
+                rows.into_iter().map(|(serial, _)| serial).collect()
             }
             RevokeTarget::Serial(serial) => {
                 let row: Option<(String, String)> = tx
@@ -294,24 +306,16 @@ impl Registry {
                     Some((_, status)) if status == "revoked" => {
                         return Err(Error::NotFound(format!("certificate {serial} is already revoked")))
                     }
-                    Some((role, _)) => (vec![serial.clone()], role == "broker"),
+                    Some((role, _)) if role == "broker" => {
+                        return Err(Error::BadArgument {
+                            flag: "--serial",
+                            reason: "that is a broker certificate: devices do not read the device CA's CRL for it; issue a new broker certificate and, if its key leaked, roll the broker CA".into(),
+                        })
+                    }
+                    Some(_) => vec![serial.clone()],
                 }
             }
         };
-        if broker {
-            return Err(Error::BadArgument {
-                flag: "--serial",
-                reason: "that is a broker certificate: devices do not read the device CA's CRL for it; issue a new broker certificate and, if its key leaked, roll the broker CA".into(),
-            });
-        }
-        if serials.is_empty() {
-            let RevokeTarget::Id(id) = target else {
-                unreachable!("a serial target found a row above")
-            };
-            return Err(Error::NotFound(format!(
-                "no active certificate for id {id:?} in the registry"
-            )));
-        }
         for serial in &serials {
             tx.execute(
                 "UPDATE certificates SET status = 'revoked', revoked_at = ?1, reason = ?2 WHERE serial = ?3",
@@ -319,14 +323,29 @@ impl Registry {
             )
             .map_err(fail)?;
         }
-        publish_and_commit(tx, publish).map_err(|e| e.at(&path))?;
+        take_next_crl_number(&tx).map_err(fail)?;
+        fault::point("revoke-before-commit");
+        tx.commit().map_err(fail)?;
         Ok(serials)
     }
 
-    /// Hands a fresh CRL number and the unchanged revoked set to `publish`, in one transaction.
-    pub fn reissue_crl(&mut self, publish: impl FnOnce(u64, &[RevokedEntry]) -> Result<()>) -> Result<()> {
+    /// Takes the next CRL number, committed, for re-signing the unchanged revoked set.
+    pub fn advance_crl_number(&mut self) -> Result<()> {
         let (tx, path) = self.write_transaction()?;
-        publish_and_commit(tx, publish).map_err(|e| e.at(&path))
+        let fail = sql_error(&path);
+        take_next_crl_number(&tx).map_err(fail)?;
+        tx.commit().map_err(fail)
+    }
+
+    /// Hands the committed CRL number and revoked set to `publish` (which signs and writes the
+    /// CRL) while holding the write lock. Publishers therefore take turns, each writes the newest
+    /// committed state, and an older CRL never replaces a newer one.
+    pub fn publish_committed_crl(&mut self, publish: impl FnOnce(u64, &[RevokedEntry]) -> Result<()>) -> Result<()> {
+        let (tx, path) = self.write_transaction()?;
+        let fail = sql_error(&path);
+        let number = crl_number(&tx).map_err(fail)?;
+        let revoked = revoked_set(&tx).map_err(fail)?;
+        publish(number, &revoked)
     }
 
     /// Lists the inventory, oldest issue first.
@@ -378,47 +397,23 @@ fn sql_error(path: &Path) -> impl Fn(rusqlite::Error) -> Error + Copy + '_ {
     }
 }
 
-/// A failure inside [`publish_and_commit`]: SQLite's, or the publisher's own.
-enum PublishFailure {
-    Sql(rusqlite::Error),
-    Publish(Error),
-}
-
-impl PublishFailure {
-    fn at(self, path: &Path) -> Error {
-        match self {
-            PublishFailure::Sql(source) => Error::Registry {
-                path: path.to_owned(),
-                source,
-            },
-            PublishFailure::Publish(e) => e,
-        }
-    }
-}
-
-/// The end of every transaction that changes the CRL: the next CRL number and the full revoked
-/// set go to `publish` (which signs and writes the file); the transaction commits only if that
-/// succeeded, so the registry and `crl.pem` never disagree.
-fn publish_and_commit(
-    tx: rusqlite::Transaction<'_>,
-    publish: impl FnOnce(u64, &[RevokedEntry]) -> Result<()>,
-) -> Result<(), PublishFailure> {
-    let crl_number = next_crl_number(&tx).map_err(PublishFailure::Sql)?;
-    let revoked = revoked_set(&tx).map_err(PublishFailure::Sql)?;
-    publish(crl_number, &revoked).map_err(PublishFailure::Publish)?;
-    tx.commit().map_err(PublishFailure::Sql)
-}
-
-fn next_crl_number(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<u64> {
+/// The number of the newest CRL the registry has committed to.
+fn crl_number(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<u64> {
     let current: String = tx.query_row("SELECT value FROM meta WHERE key = 'crl_number'", [], |r| r.get(0))?;
-    let next = current.parse::<u64>().unwrap_or(0) + 1;
+    Ok(current.parse::<u64>().unwrap_or(0))
+}
+
+/// Takes the next CRL number: every CRL published gets a number of its own.
+fn take_next_crl_number(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let next = crl_number(tx)? + 1;
     tx.execute(
         "UPDATE meta SET value = ?1 WHERE key = 'crl_number'",
         [next.to_string()],
     )?;
-    Ok(next)
+    Ok(())
 }
 
+/// Every revoked certificate, as the CRL lists them.
 fn revoked_set(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Vec<RevokedEntry>> {
     let mut stmt = tx.prepare(
         "SELECT serial, revoked_at, reason FROM certificates WHERE status = 'revoked' ORDER BY revoked_at, serial",

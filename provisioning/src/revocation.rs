@@ -6,6 +6,7 @@ use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevocationReason, Revo
 use time::{Duration, OffsetDateTime};
 
 use crate::error::{Error, GenerateContext, Result};
+use crate::fault;
 use crate::output::{replace_atomically, PUBLIC_MODE};
 use crate::pki::CertificateAuthority;
 use crate::registry::RevokedEntry;
@@ -56,6 +57,18 @@ impl Reason {
     }
 }
 
+/// Refuses a CRL that would be stale the moment it is written. Checked before the registry
+/// commits anything, so a bad flag never leaves a revocation waiting for its CRL.
+pub fn validate_next_update_days(next_update_days: u32) -> Result<()> {
+    if next_update_days == 0 {
+        return Err(Error::BadArgument {
+            flag: "--next-update-days",
+            reason: "must be at least 1".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Signs a CRL listing `revoked` and returns it as PEM.
 pub fn sign_crl(
     ca: &CertificateAuthority,
@@ -63,18 +76,14 @@ pub fn sign_crl(
     revoked: &[RevokedEntry],
     next_update_days: u32,
 ) -> Result<String> {
-    if next_update_days == 0 {
-        return Err(Error::BadArgument {
-            flag: "--next-update-days",
-            reason: "must be at least 1".into(),
-        });
-    }
+    validate_next_update_days(next_update_days)?;
     let now = OffsetDateTime::now_utc();
     let revoked_certs = revoked
         .iter()
         .map(|entry| {
-            let bytes = hex::decode(pad_even(&entry.serial))
-                .map_err(|e| Error::NotFound(format!("registry holds a malformed serial {:?}: {e}", entry.serial)))?;
+            let bytes = fleet_identity::Serial::parse(&entry.serial)
+                .map(|serial| serial.to_be_bytes())
+                .ok_or_else(|| Error::NotFound(format!("registry holds a malformed serial {:?}", entry.serial)))?;
             Ok(RevokedCertParams {
                 serial_number: SerialNumber::from_slice(&bytes),
                 revocation_time: OffsetDateTime::from_unix_timestamp(entry.revoked_at).unwrap_or(now),
@@ -95,8 +104,8 @@ pub fn sign_crl(
     crl.pem().generating("the CRL's PEM encoding")
 }
 
-/// Signs and atomically replaces the CRL file.
-pub fn publish_crl(
+/// Signs the CRL and atomically replaces the file at `path` with it.
+pub fn write_crl(
     path: &Path,
     ca: &CertificateAuthority,
     crl_number: u64,
@@ -104,13 +113,8 @@ pub fn publish_crl(
     next_update_days: u32,
 ) -> Result<()> {
     let pem = sign_crl(ca, crl_number, revoked, next_update_days)?;
-    replace_atomically(path, pem.as_bytes(), PUBLIC_MODE)
-}
-
-fn pad_even(hex: &str) -> String {
-    if hex.len() % 2 == 1 {
-        format!("0{hex}")
-    } else {
-        hex.to_owned()
-    }
+    fault::point("crl-before-write");
+    replace_atomically(path, pem.as_bytes(), PUBLIC_MODE)?;
+    fault::point("crl-after-write");
+    Ok(())
 }

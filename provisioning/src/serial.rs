@@ -17,23 +17,6 @@ pub fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-/// Normalises a serial typed by an operator (`0A:1b:..`, `0x0a1b..`) to the registry's form:
-/// lower-case hex without separators or leading zeros.
-pub fn normalize_hex(input: &str) -> Option<String> {
-    let digits: String = input
-        .trim()
-        .trim_start_matches("0x")
-        .chars()
-        .filter(|c| *c != ':')
-        .collect::<String>()
-        .to_ascii_lowercase();
-    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
-        return None;
-    }
-    let trimmed = digits.trim_start_matches('0');
-    Some(if trimmed.is_empty() { "0".into() } else { trimmed.into() })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,13 +28,5 @@ mod tests {
         assert_eq!(a.len(), 16);
         assert!(a[0] & 0x80 == 0 && a[0] >= 0x10);
         assert_ne!(a, b);
-    }
-
-    #[test]
-    fn operator_serials_are_normalised() {
-        assert_eq!(normalize_hex("0A:1b:FF").as_deref(), Some("a1bff"));
-        assert_eq!(normalize_hex("0x00ab").as_deref(), Some("ab"));
-        assert_eq!(normalize_hex("xyz"), None);
-        assert_eq!(normalize_hex(""), None);
     }
 }

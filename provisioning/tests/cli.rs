@@ -3,63 +3,29 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use e2e::{require_tool, run, run_err, run_ok};
 use fleet_identity::{pem, tls, CertificateSummary, Identity, Role};
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{ServerName, UnixTime};
+use support::{key_matches, provision, Fleet};
 use x509_parser::prelude::*;
 
-fn provision() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_provision"))
-}
+mod support;
 
 fn openssl() -> Command {
     Command::new(require_tool("openssl", "openssl"))
 }
 
-/// A fresh PKI in a temporary directory.
-struct Fleet {
-    dir: tempfile::TempDir,
-}
-
-impl Fleet {
-    fn new() -> Self {
-        let fleet = Self {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        run_ok(
-            provision()
-                .args(["init", "--fleet", "acme"])
-                .arg("--pki")
-                .arg(fleet.pki()),
-        );
-        fleet
-    }
-    fn pki(&self) -> PathBuf {
-        self.dir.path().join("pki")
-    }
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-    fn cmd(&self, sub: &str) -> Command {
-        let mut c = provision();
-        c.arg(sub).arg("--pki").arg(self.pki());
-        c
-    }
-    fn device(&self, id: &str) -> PathBuf {
-        run_ok(self.cmd("device").args(["--id", id, "--out"]).arg(self.path("devices")));
-        self.path("devices").join(id)
-    }
-    fn crl_text(&self) -> String {
-        run_ok(
-            openssl()
-                .args(["crl", "-noout", "-text", "-in"])
-                .arg(self.pki().join("crl.pem")),
-        )
-    }
+/// The PKI's CRL as `openssl crl -text` prints it.
+fn crl_text(fleet: &Fleet) -> String {
+    run_ok(
+        openssl()
+            .args(["crl", "-noout", "-text", "-in"])
+            .arg(fleet.pki().join("crl.pem")),
+    )
 }
 
 fn der(path: &Path) -> Vec<u8> {
@@ -93,7 +59,7 @@ fn init_writes_the_contract_files_with_private_keys_0600() {
         .arg("-CAfile")
         .arg(fleet.pki().join("device-ca.crt")));
     assert!(verified.status.success() && String::from_utf8_lossy(&verified.stderr).contains("verify OK"));
-    assert!(fleet.crl_text().contains("No Revoked Certificates"));
+    assert!(crl_text(&fleet).contains("No Revoked Certificates"));
 }
 
 #[test]
@@ -273,7 +239,7 @@ fn revoke_lists_the_serial_in_a_crl_openssl_accepts() {
             .cmd("revoke")
             .args(["--id", "dev-1", "--reason", "key-compromise"]),
     );
-    let text = fleet.crl_text();
+    let text = crl_text(&fleet);
     assert!(
         text.to_lowercase().contains(&format!("serial number: {serial}")),
         "{text}"
@@ -309,11 +275,133 @@ fn revoke_lists_the_serial_in_a_crl_openssl_accepts() {
 
     // `crl` re-signs the same set under the next number.
     run_ok(fleet.cmd("crl").args(["--next-update-days", "7"]));
-    let text = fleet.crl_text();
-    assert!(text.to_lowercase().contains(&serial), "{text}");
+    let text = crl_text(&fleet);
+    assert!(text.to_lowercase().contains(serial.as_str()), "{text}");
     assert!(
         text.contains("CRL Number: \n                3\n"),
         "numbers go 1 (init), 2 (revoke), 3 (crl): {text}"
+    );
+}
+
+#[test]
+fn revoke_by_id_asks_which_one_when_a_device_and_a_service_share_the_id() {
+    let fleet = Fleet::new();
+    fleet.device("pump-1");
+    run_ok(
+        fleet
+            .cmd("service")
+            .args(["--name", "pump-1", "--out"])
+            .arg(fleet.path("services")),
+    );
+    let crl = fs::read(fleet.pki().join("crl.pem")).unwrap();
+    let err = run_err(fleet.cmd("revoke").args(["--id", "pump-1"]));
+    assert!(
+        err.contains("both an active device and an active service")
+            && err.contains("--kind device")
+            && err.contains("--kind service"),
+        "{err}"
+    );
+    assert_eq!(fs::read(fleet.pki().join("crl.pem")).unwrap(), crl, "nothing published");
+    let revoked = |fleet: &Fleet| -> Vec<String> {
+        let rows: serde_json::Value =
+            serde_json::from_str(&run_ok(fleet.cmd("list").args(["--status", "revoked", "--json"]))).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row["role"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(revoked(&fleet).is_empty(), "nothing revoked");
+
+    run_ok(fleet.cmd("revoke").args(["--id", "pump-1", "--kind", "service"]));
+    assert_eq!(revoked(&fleet), ["service"]);
+    let err = run_err(fleet.cmd("revoke").args(["--id", "pump-1", "--kind", "service"]));
+    assert!(err.contains("no active service certificate for id \"pump-1\""), "{err}");
+    // Only the device holds the id now: --id alone is no longer ambiguous.
+    run_ok(fleet.cmd("revoke").args(["--id", "pump-1"]));
+    assert_eq!(revoked(&fleet), ["device", "service"]);
+    let err = run_err(fleet.cmd("revoke").args(["--serial", "ab", "--kind", "device"]));
+    assert!(
+        err.contains("--kind") && err.contains("--serial"),
+        "--kind goes with --id only: {err}"
+    );
+}
+
+#[test]
+fn a_revocation_whose_crl_cannot_be_written_stands_and_provision_crl_publishes_it() {
+    let fleet = Fleet::new();
+    let bundle = fleet.device("dev-1");
+    let serial = CertificateSummary::from_der(&der(&bundle.join("device.crt")))
+        .unwrap()
+        .serial;
+    // A directory where crl.pem should be: the CRL cannot be renamed into place.
+    let crl = fleet.pki().join("crl.pem");
+    let published = fs::read(&crl).unwrap();
+    fs::remove_file(&crl).unwrap();
+    fs::create_dir(&crl).unwrap();
+    fs::write(crl.join("in-the-way"), "x").unwrap();
+    let err = run_err(fleet.cmd("revoke").args(["--id", "dev-1"]));
+    assert!(
+        err.contains(&format!("revoked {serial} in the registry"))
+            && err.contains("revocation stands")
+            && err.contains("provision crl --pki"),
+        "{err}"
+    );
+    let rows: serde_json::Value =
+        serde_json::from_str(&run_ok(fleet.cmd("list").args(["--status", "revoked", "--json"]))).unwrap();
+    assert_eq!(rows[0]["serial"], serial.as_str(), "the registry keeps the revocation");
+
+    fs::remove_dir_all(&crl).unwrap();
+    fs::write(&crl, published).unwrap();
+    run_ok(&mut fleet.cmd("crl"));
+    let text = crl_text(&fleet);
+    assert!(
+        text.to_lowercase().contains(&format!("serial number: {serial}")),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_failed_broker_force_leaves_the_old_bundle_intact_and_a_forced_one_replaces_it_whole() {
+    let fleet = Fleet::new();
+    let out = fleet.path("broker");
+    let broker = || {
+        let mut command = fleet.cmd("broker");
+        command.args(["--dns", "gw.local", "--out"]).arg(&out);
+        command
+    };
+    run_ok(&mut broker());
+    let bundle = || ["broker.crt", "broker.key", "device-ca.crt"].map(|file| fs::read(out.join(file)).unwrap());
+    let old = bundle();
+    // A directory where broker.toml should go: the old code had replaced the certificate and the
+    // key by the time it failed on it.
+    fs::remove_file(out.join("broker.toml")).unwrap();
+    fs::create_dir(out.join("broker.toml")).unwrap();
+    let err = run_err(broker().arg("--force"));
+    assert!(err.contains("broker.toml") && err.contains("is a directory"), "{err}");
+    assert!(bundle() == old, "the old bundle is intact");
+    let rows: serde_json::Value = serde_json::from_str(&run_ok(fleet.cmd("list").arg("--json"))).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1, "nothing new recorded");
+
+    // The broker's store lives beside the bundle: replacing the bundle leaves it alone.
+    fs::remove_dir(out.join("broker.toml")).unwrap();
+    fs::create_dir(out.join("store")).unwrap();
+    fs::write(out.join("store/broker.sqlite"), "sessions").unwrap();
+    run_ok(broker().arg("--force"));
+    let new = bundle();
+    assert!(new[0] != old[0] && new[1] != old[1] && new[2] == old[2]);
+    assert!(key_matches(&out.join("broker.crt"), &out.join("broker.key")));
+    assert!(out.join("broker.toml").is_file());
+    assert_eq!(fs::read_to_string(out.join("store/broker.sqlite")).unwrap(), "sessions");
+    let mut left: Vec<String> = fs::read_dir(&out)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["broker.crt", "broker.key", "broker.toml", "device-ca.crt", "store"],
+        "no staging folder left"
     );
 }
 

@@ -11,7 +11,7 @@ use provisioning::key_type::KeyType;
 use provisioning::output::Overwrite;
 use provisioning::pki::{InitOptions, Pki};
 use provisioning::registry::RevokeTarget;
-use provisioning::revocation::publish_crl;
+use provisioning::revocation::Reason;
 
 /// A PKI, a broker bundle for `localhost`/`127.0.0.1`, and helpers to issue identities.
 pub struct TestFleet {
@@ -107,15 +107,12 @@ impl TestFleet {
 
     /// Revokes every certificate of `id` and rewrites the CRL, as `provision revoke` does.
     pub fn revoke(&self, id: &str) {
-        let mut pki = self.pki();
-        let crl = pki.crl_path();
-        let Pki {
-            registry, device_ca, ..
-        } = &mut pki;
-        registry
-            .revoke(&RevokeTarget::Id(id.into()), "key-compromise", now(), |number, set| {
-                publish_crl(&crl, device_ca, number, set, 30)
-            })
+        let target = RevokeTarget::Id {
+            id: id.into(),
+            kind: None,
+        };
+        self.pki()
+            .revoke_and_publish(&target, Reason::KeyCompromise, 30)
             .expect("revoke");
     }
 
@@ -143,8 +140,4 @@ impl TestFleet {
         fs::copy(self.pki_dir().join("broker-ca.crt"), dir.join("broker-ca.crt")).expect("copy CA");
         dir
     }
-}
-
-fn now() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
 }

@@ -44,7 +44,8 @@ impl ClientFiles {
 pub fn tls_config(files: &ClientFiles) -> rustls::ClientConfig {
     let provider = tls::hardened_provider(rustls::crypto::aws_lc_rs::default_provider());
     let roots = pem::load_certs(&files.ca).expect("broker CA");
-    let verifier = tls::server_verifier(provider.clone(), &roots).expect("verifier");
+    let verifier =
+        Arc::new(tls::PinnedBrokerVerifier::new(provider.clone(), &roots, None, Vec::new()).expect("verifier"));
     let chain = pem::load_certs(&files.cert).expect("client certificate");
     let key = pem::load_key(&files.key).expect("client key");
     tls::client_config(

@@ -660,3 +660,92 @@ async fn qos_2_state_survives_kill_9_in_both_directions() {
         .await;
     assert!(later.is_none(), "delivered again after PUBCOMP: {later:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos_2_resend_is_acknowledged_only_once_its_first_routing_is_done() {
+    let fleet = TestFleet::new();
+    let device = config_of(&fleet.device("d0"));
+    let service = config(&ClientFiles::service(&fleet.service("backend")));
+    // One message in flight and one queued fill the service's session; its publishers then wait
+    // (for longer than this test runs) instead of finding it slow.
+    let broker = start(
+        &fleet.broker_config(),
+        &[
+            ("BROKER__LIMITS__MAX_INFLIGHT", "1"),
+            ("BROKER__LIMITS__MAX_QUEUED_MESSAGES", "1"),
+            ("BROKER__LIMITS__SLOW_SUBSCRIBER_TIMEOUT_MS", "60000"),
+        ],
+    );
+    let port = broker.port();
+    let persistent = |id: &str| packets::connect(id, false, 60, None);
+    let mut subscriber = RawClient::connect(port, service.clone(), &persistent("s1"))
+        .await
+        .unwrap();
+    subscriber
+        .send(&packets::subscribe(1, &[("devices/+/q", 1)]))
+        .await
+        .unwrap();
+    subscriber.recv_until(WAIT, |p| p.kind() == kind::SUBACK).await.unwrap();
+
+    let mut publisher = RawClient::connect(port, device.clone(), &persistent("d0"))
+        .await
+        .unwrap();
+    for pkid in [1, 2] {
+        publisher
+            .send(&Publish::new("devices/d0/q", b"fill", 1, pkid).bytes())
+            .await
+            .unwrap();
+        publisher
+            .recv_until(WAIT, |p| p.kind() == kind::PUBACK)
+            .await
+            .expect("PUBACK");
+    }
+    let first = subscriber
+        .recv_until(WAIT, |p| p.kind() == kind::PUBLISH)
+        .await
+        .unwrap()
+        .publish()
+        .unwrap();
+    // The QoS 2 message waits for room; the publisher's connection drops meanwhile.
+    publisher
+        .send(&Publish::new("devices/d0/q", b"m", 2, 7).bytes())
+        .await
+        .unwrap();
+    assert!(
+        publisher
+            .recv_until(Duration::from_millis(300), |p| p.kind() == kind::PUBREC)
+            .await
+            .is_none(),
+        "PUBREC before the message was queued"
+    );
+    drop(publisher);
+    // Back on a new connection, the resend must not be acknowledged while the first routing
+    // still waits: a crash then would lose a message the device was told was received.
+    let mut publisher = RawClient::connect(port, device.clone(), &persistent("d0"))
+        .await
+        .unwrap();
+    publisher
+        .send(
+            &Publish {
+                dup: true,
+                ..Publish::new("devices/d0/q", b"m", 2, 7)
+            }
+            .bytes(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        publisher
+            .recv_until(Duration::from_millis(500), |p| p.kind() == kind::PUBREC)
+            .await
+            .is_none(),
+        "the resend was acknowledged before its first routing completed"
+    );
+    // Room at the subscriber: the first routing completes, and the PUBREC comes.
+    subscriber.send(&packets::puback(first.pkid)).await.unwrap();
+    let pubrec = publisher
+        .recv_until(WAIT, |p| p.kind() == kind::PUBREC)
+        .await
+        .expect("PUBREC");
+    assert_eq!(pubrec.pkid(), 7);
+}

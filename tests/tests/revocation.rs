@@ -64,7 +64,7 @@ fn quoted(paths: &[&Path]) -> String {
 }
 
 /// A CRL with the device CA's exact name that revokes `serial`, signed by some other key.
-fn forged_crl(fleet: &TestFleet, serial_hex: &str) -> String {
+fn forged_crl(fleet: &TestFleet, serial: &fleet_identity::Serial) -> String {
     let ca_pem = std::fs::read_to_string(fleet.pki_dir().join("device-ca.crt")).unwrap();
     let impostor = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, impostor).unwrap();
@@ -75,7 +75,7 @@ fn forged_crl(fleet: &TestFleet, serial_hex: &str) -> String {
         crl_number: rcgen::SerialNumber::from(999_999u64),
         issuing_distribution_point: None,
         revoked_certs: vec![rcgen::RevokedCertParams {
-            serial_number: rcgen::SerialNumber::from_slice(&hex_bytes(serial_hex)),
+            serial_number: rcgen::SerialNumber::from_slice(&serial.to_be_bytes()),
             revocation_time: now,
             reason_code: Some(rcgen::RevocationReason::KeyCompromise),
             invalidity_date: None,
@@ -85,19 +85,7 @@ fn forged_crl(fleet: &TestFleet, serial_hex: &str) -> String {
     params.signed_by(&issuer).unwrap().pem().unwrap()
 }
 
-fn hex_bytes(hex: &str) -> Vec<u8> {
-    let hex = if hex.len() % 2 == 1 {
-        format!("0{hex}")
-    } else {
-        hex.to_owned()
-    };
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect()
-}
-
-fn serial_of(bundle: &Path) -> String {
+fn serial_of(bundle: &Path) -> fleet_identity::Serial {
     let der = &fleet_identity::pem::load_certs(&bundle.join("device.crt")).unwrap()[0];
     fleet_identity::CertificateSummary::from_der(der).unwrap().serial
 }

@@ -365,6 +365,8 @@ pub struct Publication {
     waiting: Waiting,
     /// What the publication recorded in the store: its acknowledgement waits for this.
     ticket: Ticket,
+    /// The publisher's session and packet id of a QoS 2 message: told when it is routed.
+    exactly_once: Option<(Arc<Session>, u16)>,
     /// When a waiting subscriber's timeout runs out: poll again then, even if nothing woke us.
     deadline: Option<Instant>,
 }
@@ -391,7 +393,15 @@ impl Publication {
             router: (!waiting.is_empty()).then(|| router.clone()),
             waiting,
             ticket,
+            exactly_once: None,
             deadline: None,
+        }
+    }
+
+    /// Tells the publisher's session once everything is queued (or, abandoned, that it is not).
+    fn settle(&mut self, routed: bool) {
+        if let Some((session, pkid)) = self.exactly_once.take() {
+            session.exactly_once_done(pkid, routed);
         }
     }
 
@@ -445,6 +455,7 @@ impl Publication {
             }
         }
         if self.waiting.is_empty() {
+            self.settle(true);
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -452,7 +463,8 @@ impl Publication {
     }
 
     /// Gives up on what still waits (the broker is shutting down), counted as dropped.
-    pub fn abandon(self) {
+    pub fn abandon(mut self) {
+        self.settle(false);
         let waiting = match &self.waiting {
             Waiting::Routed(waiting) => waiting.len(),
             Waiting::Backlog(_, deliveries) => deliveries.len(),
@@ -613,18 +625,26 @@ impl Attached {
     }
 
     /// A QoS 2 PUBLISH from the client: `Ok(true)` if it must be routed, `Ok(false)` if it is a
-    /// resend of one already routed and not yet released. What it recorded is added to
-    /// `ticket`; a resend's PUBREC waits for everything recorded so far (its original's records
-    /// may be among them).
+    /// resend of one not yet released (whose PUBREC waits for [`Attached::poll_routed`]). What
+    /// it recorded is added to `ticket`.
     pub fn receive_exactly_once(&self, pkid: u16, ticket: &mut Ticket) -> Result<bool, TooManyUnreleased> {
-        let env = self.router.env();
-        let routed = self.session.receive_exactly_once(self.generation, pkid, env, ticket)?;
-        if !routed {
-            if let Some(store) = &env.store {
-                ticket.cover(store.head());
-            }
+        self.session
+            .receive_exactly_once(self.generation, pkid, self.router.env(), ticket)
+    }
+
+    /// Marks `publication` as the routing of the QoS 2 message `pkid` this client sent: a resend
+    /// of it is acknowledged only once it completes ([`Attached::poll_routed`]).
+    pub fn route_exactly_once(&self, publication: &mut Publication, pkid: u16) {
+        if publication.is_complete() {
+            self.session.exactly_once_done(pkid, true);
+        } else {
+            publication.exactly_once = Some((self.session.clone(), pkid));
         }
-        Ok(routed)
+    }
+
+    /// Ready once the QoS 2 message `pkid`, of which the client sent a resend, has been routed.
+    pub fn poll_routed(&self, pkid: u16, cx: &mut Context<'_>) -> Poll<()> {
+        self.session.poll_routed(pkid, cx)
     }
 
     /// PUBREL from the client: the QoS 2 exchange for `pkid` is over. The PUBCOMP waits for the

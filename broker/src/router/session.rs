@@ -24,7 +24,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
@@ -52,6 +52,8 @@ pub(crate) struct Session {
     accepting: AtomicBool,
     /// Deliveries this session lost to the overflow rule, for the per-session metric.
     overflowed: AtomicU64,
+    /// Wakes the owner when a QoS 2 message it received a resend of has been routed.
+    routing: AtomicWaker,
 }
 
 struct State {
@@ -69,7 +71,7 @@ struct State {
     /// Packet ids handed out so far: tells when a new one could collide with a live one.
     pkids_issued: u64,
     /// QoS 2 packet ids received from the client and not yet released by its PUBREL.
-    awaiting_release: Vec<u16>,
+    awaiting_release: Vec<Unreleased>,
     /// Publishers waiting for room in the queue.
     space_waiters: Vec<Waker>,
     /// Since when publishers have been refused for lack of room without the owner taking
@@ -79,6 +81,15 @@ struct State {
     full_since: Option<Instant>,
     qos0_drops: Reporter,
     overflow_drops: Reporter,
+}
+
+/// A QoS 2 message received from the client, awaiting its PUBREL.
+struct Unreleased {
+    pkid: u16,
+    /// Its publication is complete: queued everywhere it goes (and recorded, where that is
+    /// needed). Until then a resend is not acknowledged: the first routing may still be waiting
+    /// for room, on a connection that was taken over.
+    routed: bool,
 }
 
 /// The connection attached to a session.
@@ -181,6 +192,7 @@ impl Session {
             consumer: AtomicWaker::new(),
             accepting: AtomicBool::new(false),
             overflowed: AtomicU64::new(0),
+            routing: AtomicWaker::new(),
         }
     }
 
@@ -192,7 +204,11 @@ impl Session {
         {
             let mut state = session.lock();
             state.subscriptions = stored.subscriptions;
-            state.awaiting_release = stored.awaiting_release;
+            state.awaiting_release = stored
+                .awaiting_release
+                .into_iter()
+                .map(|pkid| Unreleased { pkid, routed: true })
+                .collect();
             // The restored packet ids are not in issue order: every new one is checked against them.
             state.pkids_issued = u64::from(u16::MAX);
             for entry in stored.deliveries {
@@ -626,17 +642,42 @@ impl Session {
             // A connection taken over: its session is someone else's now. Not routed.
             return Ok(false);
         }
-        if state.awaiting_release.contains(&pkid) {
+        if state.awaiting_release.iter().any(|u| u.pkid == pkid) {
             return Ok(false);
         }
         if state.awaiting_release.len() >= env.limits.max_inflight {
             return Err(TooManyUnreleased);
         }
-        state.awaiting_release.push(pkid);
+        state.awaiting_release.push(Unreleased { pkid, routed: false });
         if let (true, Some(store)) = (state.persistent, &env.store) {
             ticket.cover(store.await_release(&self.client, pkid));
         }
         Ok(true)
+    }
+
+    /// The publication of the QoS 2 message `pkid` is complete (`routed`), or was given up
+    /// (then the entry goes: a resend is routed afresh). Whichever connection routed it.
+    pub(crate) fn exactly_once_done(&self, pkid: u16, routed: bool) {
+        let mut state = self.lock();
+        if routed {
+            if let Some(entry) = state.awaiting_release.iter_mut().find(|u| u.pkid == pkid) {
+                entry.routed = true;
+            }
+        } else {
+            state.awaiting_release.retain(|u| u.pkid != pkid);
+        }
+        drop(state);
+        self.routing.wake();
+    }
+
+    /// Ready once the QoS 2 message `pkid` the client resent has been routed (or is unknown).
+    pub(crate) fn poll_routed(&self, pkid: u16, cx: &mut Context<'_>) -> Poll<()> {
+        let state = self.lock();
+        if state.awaiting_release.iter().all(|u| u.pkid != pkid || u.routed) {
+            return Poll::Ready(());
+        }
+        self.routing.register(cx.waker());
+        Poll::Pending
     }
 
     /// PUBREL from the client. The ticket covers recording it: until then the PUBCOMP must wait,
@@ -647,7 +688,7 @@ impl Session {
         let mut ticket = Ticket::default();
         if state.owned_by(generation) {
             let before = state.awaiting_release.len();
-            state.awaiting_release.retain(|p| *p != pkid);
+            state.awaiting_release.retain(|u| u.pkid != pkid);
             if let (true, Some(store)) = (state.persistent, &env.store) {
                 ticket = if before != state.awaiting_release.len() {
                     store.release_received(&self.client, pkid)
