@@ -198,7 +198,7 @@ async fn run(config: &Path, listen_socket: Option<PathBuf>) -> ExitCode {
         Err(e) => return report(&Diagnosis::LocalProblem(e.to_string())),
     };
     let queue = match Queue::open(&agent.config.queue_dir, agent.config.queue_max_messages) {
-        Ok(queue) => queue,
+        Ok(queue) => queue.limit_entries(agent.config.max_packet_bytes as u64),
         Err(e) => {
             return report(&Diagnosis::LocalProblem(format!(
                 "{}: {e}",

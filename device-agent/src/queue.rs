@@ -35,6 +35,25 @@ pub enum EntryError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// The file is larger than any message this agent accepts (left unread).
+    #[error("{}: {bytes} bytes, larger than any message this agent sends (max_packet_bytes)", path.display())]
+    TooLarge {
+        /// The message's file.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+    },
+}
+
+impl EntryError {
+    /// How the entry is set aside: a well-formed message too large to send is refused, any
+    /// other is corrupt.
+    pub fn set_aside(&self) -> SetAside {
+        match self {
+            EntryError::TooLarge { .. } => SetAside::Refused,
+            EntryError::Unreadable { .. } | EntryError::Malformed { .. } => SetAside::Corrupt,
+        }
+    }
 }
 
 /// Why a message leaves the queue without being sent: the extension its file is renamed to.
@@ -66,6 +85,9 @@ pub struct Message {
     pub payload: Vec<u8>,
 }
 
+/// The largest packet MQTT's length field can say: no entry can be a message beyond it.
+const MQTT_MAX_PACKET: u64 = 268_435_455;
+
 /// The queue directory and what it holds.
 pub struct Queue {
     dir: PathBuf,
@@ -73,6 +95,8 @@ pub struct Queue {
     seqs: BTreeSet<u64>,
     next: u64,
     dropped: u64,
+    /// Entries larger than this are set aside unread.
+    max_entry_bytes: u64,
 }
 
 impl Queue {
@@ -80,27 +104,44 @@ impl Queue {
     pub fn open(dir: &Path, max: usize) -> io::Result<Self> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
         let mut seqs = BTreeSet::new();
+        // Numbers of messages set aside count too: a new message never takes a name one had.
+        let mut highest = 0;
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();
+            let seq: Option<u64> = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse().ok());
+            highest = highest.max(seq.unwrap_or(0));
             match path.extension().and_then(|e| e.to_str()) {
                 Some("msg") => {
-                    if let Some(seq) = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse().ok()) {
+                    if let Some(seq) = seq {
                         seqs.insert(seq);
                     }
                 }
-                // A write interrupted before its rename: never accepted, so never promised.
-                Some("tmp") => fs::remove_file(&path)?,
+                // A write interrupted before its rename: never accepted, so never promised. One
+                // that cannot be removed is in the way of nothing.
+                Some("tmp") => {
+                    if let Err(e) = fs::remove_file(&path) {
+                        tracing::warn!(file = %path.display(), error = %e, "cannot remove an interrupted queue write; leaving it");
+                    }
+                }
                 _ => {}
             }
         }
-        let next = seqs.last().map_or(1, |last| last + 1);
+        let next = highest + 1;
         Ok(Self {
             dir: dir.to_owned(),
             max,
             seqs,
             next,
             dropped: 0,
+            max_entry_bytes: MQTT_MAX_PACKET,
         })
+    }
+
+    /// Sets aside, unread, entries larger than `bytes` (the agent's `max_packet_bytes`: no
+    /// message it accepts is larger); by default the largest packet MQTT can frame.
+    pub fn limit_entries(mut self, bytes: u64) -> Self {
+        self.max_entry_bytes = bytes;
+        self
     }
 
     fn path(&self, seq: u64) -> PathBuf {
@@ -141,6 +182,15 @@ impl Queue {
             return Ok(None);
         }
         let path = self.path(seq);
+        // Never read more than a message can be: a file of any size could be in the directory.
+        if let Ok(meta) = fs::metadata(&path) {
+            if meta.is_file() && meta.len() > self.max_entry_bytes {
+                return Err(EntryError::TooLarge {
+                    path,
+                    bytes: meta.len(),
+                });
+            }
+        }
         let mut bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
             Err(source) => return Err(EntryError::Unreadable { path, source }),

@@ -76,6 +76,14 @@ fn incoming_too_large(error: &ConnectionError) -> Option<usize> {
     }
 }
 
+/// What ended one turn of a connection's event loop.
+enum Step {
+    /// The event loop produced an event (or failed).
+    Event(Result<Event, rumqttc::ConnectionError>),
+    /// The agent is stopping.
+    Stop,
+}
+
 /// How a connection ended.
 enum End {
     /// Asked to stop.
@@ -189,64 +197,82 @@ impl Runner {
         tokio::pin!(subscribe_later);
         let mut subscription_waits = false;
         loop {
-            tokio::select! {
-                event = eventloop.poll() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        connected = true;
-                        backoff.reset();
-                        info!(event = "connected", broker = %self.agent.broker, device_id = %self.identity.id, queued = self.queue.len(), "connected to {}", self.agent.broker);
-                        if self.command_too_large.is_some() {
-                            // The longest reconnect delay: a retained command stays until an
-                            // operator replaces it, and meanwhile the queue drains.
-                            subscribe_later.as_mut().reset(tokio::time::Instant::now() + backoff.longest());
-                            subscription_waits = true;
-                        } else {
+            // One poll of the event loop stays alive while input, the heartbeat and timers are
+            // served beside it: dropping it mid-connect would abandon the TLS handshake (the
+            // broker logs a refused handshake, the agent starts over), and input must reach the
+            // on-disk queue at once, connected or not.
+            let step = {
+                let poll = eventloop.poll();
+                tokio::pin!(poll);
+                loop {
+                    tokio::select! {
+                        event = &mut poll => break Step::Event(event),
+                        () = &mut subscribe_later, if subscription_waits => {
+                            subscription_waits = false;
                             subscribed = self.subscribe_to_commands(&client);
                         }
-                        self.fill(&client, &mut flight);
-                    }
-                    Ok(Event::Incoming(Packet::Publish(publish))) => {
-                        let _ = self.commands.send((publish.topic, publish.payload.to_vec()));
-                    }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => flight.sent(pkid),
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(seq) = flight.acked(ack.pkid) {
-                            if let Err(e) = self.queue.ack(seq) {
-                                warn!(error = %e, "cannot remove an acknowledged message from the queue; it may be sent again");
+                        Some(message) = input.recv() => {
+                            self.accept(message);
+                            if connected {
+                                self.fill(&client, &mut flight);
                             }
                         }
-                        self.fill(&client, &mut flight);
+                        _ = heartbeat.tick(), if connected && self.agent.config.heartbeat_s > 0 => self.heartbeat(&client, &mut flight),
+                        () = stop.as_mut() => break Step::Stop,
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if let Some(size) = incoming_too_large(&e) {
-                            return End::CommandTooLarge(size);
-                        }
-                        if subscribed {
-                            // That subscription did not bring the command back.
-                            self.command_too_large = None;
-                        }
-                        return End::Failed(Diagnosis::of(&e));
-                    }
-                },
-                () = &mut subscribe_later, if subscription_waits => {
-                    subscription_waits = false;
-                    subscribed = self.subscribe_to_commands(&client);
                 }
-                // Only once connected: this select drops `eventloop.poll()` whenever another
-                // branch wins, and a poll dropped mid-connect abandons the TLS handshake (the
-                // broker logs a refused handshake, the agent reconnects). Until then a message
-                // waits in the channel; the queue takes it at the CONNACK.
-                Some(message) = input.recv(), if connected => {
-                    self.accept(message);
-                    self.fill(&client, &mut flight);
-                }
-                _ = heartbeat.tick(), if connected && self.agent.config.heartbeat_s > 0 => self.heartbeat(&client, &mut flight),
-                () = stop.as_mut() => {
+            };
+            let event = match step {
+                Step::Event(event) => event,
+                Step::Stop => {
                     let _ = client.try_disconnect();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async { while eventloop.poll().await.is_ok() {} }).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while eventloop.poll().await.is_ok() {}
+                    })
+                    .await;
                     self.log_stopped();
                     return End::Stopped;
+                }
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connected = true;
+                    backoff.reset();
+                    info!(event = "connected", broker = %self.agent.broker, device_id = %self.identity.id, queued = self.queue.len(), "connected to {}", self.agent.broker);
+                    if self.command_too_large.is_some() {
+                        // The longest reconnect delay: a retained command stays until an
+                        // operator replaces it, and meanwhile the queue drains.
+                        subscribe_later
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + backoff.longest());
+                        subscription_waits = true;
+                    } else {
+                        subscribed = self.subscribe_to_commands(&client);
+                    }
+                    self.fill(&client, &mut flight);
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    let _ = self.commands.send((publish.topic, publish.payload.to_vec()));
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => flight.sent(pkid),
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if let Some(seq) = flight.acked(ack.pkid) {
+                        if let Err(e) = self.queue.ack(seq) {
+                            warn!(error = %e, "cannot remove an acknowledged message from the queue; it may be sent again");
+                        }
+                    }
+                    self.fill(&client, &mut flight);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if let Some(size) = incoming_too_large(&e) {
+                        return End::CommandTooLarge(size);
+                    }
+                    if subscribed {
+                        // That subscription did not bring the command back.
+                        self.command_too_large = None;
+                    }
+                    return End::Failed(Diagnosis::of(&e));
                 }
             }
         }
@@ -296,7 +322,7 @@ impl Runner {
                 Ok(Some(message)) => message,
                 Ok(None) => continue,
                 Err(e) => {
-                    self.set_aside(seq, SetAside::Corrupt, &e);
+                    self.set_aside(seq, e.set_aside(), &e);
                     continue;
                 }
             };

@@ -44,6 +44,14 @@ pub struct BrokerRequest {
 /// Issues a broker certificate and writes `broker.crt`, `broker.key`, `device-ca.crt` and
 /// `broker.toml` into `out`.
 pub fn issue_broker(pki: &mut Pki, out: &Path, request: &BrokerRequest) -> Result<Issued> {
+    // The bundle's device-ca.crt would replace the PKI's own, and a swap set it aside.
+    let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
+    if same(out, &pki.dir) {
+        return Err(Error::BadArgument {
+            flag: "--out",
+            reason: "is the PKI directory: write the broker's bundle to a folder of its own".into(),
+        });
+    }
     for file in BROKER_FILES {
         let path = out.join(file);
         ensure_writable(&path, request.overwrite)?;

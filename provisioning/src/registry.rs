@@ -400,7 +400,11 @@ fn sql_error(path: &Path) -> impl Fn(rusqlite::Error) -> Error + Copy + '_ {
 /// The number of the newest CRL the registry has committed to.
 fn crl_number(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<u64> {
     let current: String = tx.query_row("SELECT value FROM meta WHERE key = 'crl_number'", [], |r| r.get(0))?;
-    Ok(current.parse::<u64>().unwrap_or(0))
+    // A damaged number must not restart the CRL numbering (relying parties reject a CRL whose
+    // number went backwards): refuse to go on.
+    current
+        .parse::<u64>()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 /// Takes the next CRL number: every CRL published gets a number of its own.

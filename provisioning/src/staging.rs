@@ -5,9 +5,18 @@
 //! on the same filesystem as the outputs because it is inside their directory. Outputs being
 //! replaced (`--force`) are all set aside into the staging folder before the first new one is
 //! renamed in, so a crash half-way can leave an output missing but never a new certificate
-//! beside an old key; an error half-way puts the old ones back.
+//! beside an old key; an error half-way puts the old ones back. Staged files (the broker's
+//! bundle) and the folders are fsynced before and after the renames, so for them a power cut is
+//! a crash like any other (a rename onto a missing target gets no implicit flush from the
+//! filesystem). Staged folders (device bundles, thousands in a batch) are not flushed file by
+//! file: a power cut seconds after a batch may leave empty files in a bundle whose certificate
+//! the registry knows; revoke and issue it again.
+//!
+//! Each run makes a staging folder of its own (never one a crashed run left behind: process ids
+//! repeat, in containers especially) and removes only that one.
 
 use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -37,9 +46,16 @@ impl Staging {
     /// Creates the staging folder (owner-only), and the output directory if it is missing.
     pub fn new(out: &Path) -> Result<Self> {
         create_private_dir(out)?;
-        let n = NEXT_STAGING.fetch_add(1, Ordering::Relaxed);
-        let dir = out.join(format!(".staging-{}-{n}", std::process::id()));
-        create_private_dir(&dir)?;
+        let dir = loop {
+            let n = NEXT_STAGING.fetch_add(1, Ordering::Relaxed);
+            let dir = out.join(format!(".staging-{}-{n}", std::process::id()));
+            match fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => break dir,
+                // Left by a crashed run with the same process id: its files stay where they are.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).at(&dir),
+            }
+        };
         Ok(Self {
             out: out.to_owned(),
             dir,
@@ -59,6 +75,10 @@ impl Staging {
     /// ones are taken out again and the old ones put back.
     pub fn swap_in(mut self, names: &[&str], overwrite: Overwrite) -> Result<()> {
         fault::point("outputs-staged");
+        for &name in names {
+            sync_path(&self.path(name))?;
+        }
+        sync_path(&self.dir)?;
         let previous = self.dir.join(PREVIOUS);
         let mut set_aside = Vec::new();
         let mut placed = Vec::new();
@@ -84,7 +104,8 @@ impl Staging {
                 placed.push(name);
                 fault::point("output-placed");
             }
-            Ok(())
+            // The renames are on disk before the old outputs go with the staging folder.
+            sync_path(&self.out)
         })();
         let Err(failure) = swapped else {
             return Ok(());
@@ -107,6 +128,11 @@ impl Staging {
             source: Box::new(failure),
         })
     }
+}
+
+/// Flushes a file, or a directory's entries (not the files inside it), to disk.
+fn sync_path(path: &Path) -> Result<()> {
+    fs::File::open(path).and_then(|f| f.sync_all()).at(path)
 }
 
 impl Drop for Staging {

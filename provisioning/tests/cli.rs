@@ -365,11 +365,7 @@ fn a_revocation_whose_crl_cannot_be_written_stands_and_provision_crl_publishes_i
 fn a_failed_broker_force_leaves_the_old_bundle_intact_and_a_forced_one_replaces_it_whole() {
     let fleet = Fleet::new();
     let out = fleet.path("broker");
-    let broker = || {
-        let mut command = fleet.cmd("broker");
-        command.args(["--dns", "gw.local", "--out"]).arg(&out);
-        command
-    };
+    let broker = || fleet.broker_cmd(&out);
     run_ok(&mut broker());
     let bundle = || ["broker.crt", "broker.key", "device-ca.crt"].map(|file| fs::read(out.join(file)).unwrap());
     let old = bundle();

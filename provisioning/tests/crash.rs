@@ -1,3 +1,4 @@
+#![cfg(debug_assertions)]
 //! `provision` stopped dead at each step of issuing and revoking. A debug build aborts where
 //! `PROVISION_FAULT` says, as a power cut or `kill -9` would stop it there. Whatever it leaves
 //! behind: every certificate on disk (staging folders included) is in the registry, a replaced
@@ -210,11 +211,7 @@ fn a_crash_while_forcing_a_new_broker_bundle_never_pairs_the_new_certificate_wit
     for point in points {
         let fleet = Fleet::new();
         let out = fleet.path("broker");
-        let broker = || {
-            let mut command = fleet.cmd("broker");
-            command.args(["--dns", "gw.local", "--out"]).arg(&out);
-            command
-        };
+        let broker = || fleet.broker_cmd(&out);
         run_ok(&mut broker());
         let bundle = || ["broker.crt", "broker.key"].map(|file| fs::read(out.join(file)).ok());
         let old = bundle();

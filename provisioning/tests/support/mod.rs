@@ -52,6 +52,13 @@ impl Fleet {
     }
 
     /// Issues device `id` into `devices/`; returns its bundle directory.
+    /// `provision broker` for `gw.local` into `out`.
+    pub fn broker_cmd(&self, out: &Path) -> Command {
+        let mut command = self.cmd("broker");
+        command.args(["--dns", "gw.local", "--out"]).arg(out);
+        command
+    }
+
     pub fn device(&self, id: &str) -> PathBuf {
         run_ok(self.cmd("device").args(["--id", id, "--out"]).arg(self.path("devices")));
         self.path("devices").join(id)
