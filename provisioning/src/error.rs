@@ -89,7 +89,7 @@ pub enum Error {
         id: String,
     },
     /// Certificates were recorded in the registry, but writing their files failed.
-    #[error("{source}\nThe registry already records {} as active, but no file of {them} was written: revoke {them} (`provision revoke --pki {} --serial SERIAL`) before issuing again.", count(serials), pki.display(), them = if serials.len() == 1 { "it" } else { "them" })]
+    #[error("{source}\nThe registry already records {} as active, but {they} did not reach the output folder in full. Device or service certificates: revoke {them} (`provision revoke --pki {} --serial SERIAL`) before issuing again. A broker certificate: run `provision broker` again (with --force).", count(serials), pki.display(), they = if serials.len() == 1 { "it" } else { "they" }, them = if serials.len() == 1 { "it" } else { "them" })]
     RecordedNotWritten {
         /// The PKI directory.
         pki: PathBuf,

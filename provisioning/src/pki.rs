@@ -303,7 +303,7 @@ mod tests {
         assert!(
             err.contains("out/dev-1: already exists")
                 && err.contains("records 1 certificate (serial 1a2b) as active")
-                && err.contains("no file of it was written")
+                && err.contains("it did not reach the output folder in full")
                 && err.contains("provision revoke --pki"),
             "{err}"
         );

@@ -283,7 +283,7 @@ impl Registry {
                 if rows.is_empty() {
                     let whose = kind.map_or(String::new(), |kind| format!("{kind} "));
                     return Err(Error::NotFound(format!(
-                        "no active {whose}certificate for id {id:?} in the registry"
+                        "no active {whose}certificate for id {id:?} in the registry (if a revoke of it was interrupted, it is recorded: run `provision crl` to publish it)"
                     )));
                 }
                 rows.into_iter().map(|(serial, _)| serial).collect()
@@ -304,7 +304,9 @@ impl Registry {
                         )))
                     }
                     Some((_, status)) if status == "revoked" => {
-                        return Err(Error::NotFound(format!("certificate {serial} is already revoked")))
+                        return Err(Error::NotFound(format!(
+                            "certificate {serial} is already revoked (if that revoke was interrupted, run `provision crl` to publish it)"
+                        )))
                     }
                     Some((role, _)) if role == "broker" => {
                         return Err(Error::BadArgument {
