@@ -352,6 +352,15 @@ async fn kill_9_at_random_moments_loses_nothing_that_was_acknowledged() {
     drop(broker);
 }
 
+/// Sends again, with DUP, a QoS 2 PUBLISH not yet released (what a reconnected client does).
+async fn resend_qos2(client: &mut RawClient, topic: &str, payload: &[u8], pkid: u16) {
+    let publish = Publish {
+        dup: true,
+        ..Publish::new(topic, payload, 2, pkid)
+    };
+    client.send(&publish.bytes()).await.unwrap();
+}
+
 fn config_of(bundle: &Path) -> Arc<rustls::ClientConfig> {
     config(&ClientFiles::device(bundle))
 }
@@ -600,16 +609,7 @@ async fn qos_2_state_survives_kill_9_in_both_directions() {
     let mut publisher = RawClient::connect(port, device.clone(), &persistent("d0"))
         .await
         .unwrap();
-    publisher
-        .send(
-            &Publish {
-                dup: true,
-                ..Publish::new("devices/d0/q2", b"m1", 2, 9)
-            }
-            .bytes(),
-        )
-        .await
-        .unwrap();
+    resend_qos2(&mut publisher, "devices/d0/q2", b"m1", 9).await;
     let pubrec = publisher.recv_until(WAIT, |p| p.kind() == kind::PUBREC).await.unwrap();
     assert_eq!(pubrec.pkid(), 9);
     publisher.send(&packets::pubrel(9)).await.unwrap();
@@ -724,16 +724,7 @@ async fn a_qos_2_resend_is_acknowledged_only_once_its_first_routing_is_done() {
     let mut publisher = RawClient::connect(port, device.clone(), &persistent("d0"))
         .await
         .unwrap();
-    publisher
-        .send(
-            &Publish {
-                dup: true,
-                ..Publish::new("devices/d0/q", b"m", 2, 7)
-            }
-            .bytes(),
-        )
-        .await
-        .unwrap();
+    resend_qos2(&mut publisher, "devices/d0/q", b"m", 7).await;
     assert!(
         publisher
             .recv_until(Duration::from_millis(500), |p| p.kind() == kind::PUBREC)
