@@ -228,28 +228,53 @@ async fn run(config: &Path, listen_socket: Option<PathBuf>) -> ExitCode {
             tokio::spawn(read_messages(BufReader::new(tokio::io::stdin()), tx, max_line_bytes));
         }
     }
-    let (commands_tx, mut commands) = mpsc::unbounded_channel::<device_agent::session::Command>();
-    tokio::spawn(async move {
-        while let Some((topic, payload)) = commands.recv().await {
-            print_command(&topic, &payload);
-        }
-    });
+    let (commands_tx, commands) = mpsc::unbounded_channel::<device_agent::session::Command>();
+    tokio::spawn(print_commands(commands));
     Runner::new(agent, identity, tls, queue, commands_tx)
         .run(rx, stop_signal())
         .await;
     ExitCode::SUCCESS
 }
 
-/// Prints a received command as one JSON line: topic, and payload as UTF-8 or base64.
-fn print_command(topic: &str, payload: &[u8]) {
+/// Commands held for stdout at most: beyond, while nothing reads stdout, the oldest go.
+const COMMANDS_HELD: usize = 1024;
+
+/// Prints each received command as one JSON line: topic, and payload as UTF-8 or base64.
+/// Writes asynchronously, so an application that stops reading stdout holds up only this task
+/// (a blocking print would stop the agent's single thread: telemetry, keepalive and all), and
+/// keeps at most [`COMMANDS_HELD`] waiting, counting and logging what it drops.
+async fn print_commands(mut commands: mpsc::UnboundedReceiver<device_agent::session::Command>) {
     use base64::Engine as _;
-    let line = match std::str::from_utf8(payload) {
-        Ok(text) => serde_json::json!({ "topic": topic, "payload": text }),
-        Err(_) => {
-            serde_json::json!({ "topic": topic, "payload_base64": base64::engine::general_purpose::STANDARD.encode(payload) })
+    use tokio::io::AsyncWriteExt as _;
+    let mut stdout = tokio::io::stdout();
+    let mut dropped = 0u64;
+    while let Some((topic, payload)) = commands.recv().await {
+        let before = dropped;
+        while commands.len() > COMMANDS_HELD && commands.try_recv().is_ok() {
+            dropped += 1;
         }
-    };
-    println!("{line}");
+        if dropped > before {
+            warn!(
+                event = "commands_dropped",
+                dropped_total = dropped,
+                "stdout is not being read: dropped the oldest commands ({dropped} so far)"
+            );
+        }
+        let line = match std::str::from_utf8(&payload) {
+            Ok(text) => serde_json::json!({ "topic": topic, "payload": text }),
+            Err(_) => {
+                serde_json::json!({ "topic": topic, "payload_base64": base64::engine::general_purpose::STANDARD.encode(&payload) })
+            }
+        };
+        let written = async {
+            stdout.write_all(format!("{line}\n").as_bytes()).await?;
+            stdout.flush().await
+        };
+        if written.await.is_err() {
+            // Nobody will read them: stdout is gone.
+            return;
+        }
+    }
 }
 
 /// Warns once a day from 30 days before the device certificate expires.

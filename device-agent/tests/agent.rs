@@ -758,3 +758,60 @@ async fn input_during_the_connect_does_not_abort_the_handshake() {
         .count();
     assert_eq!(accepted, 1, "the agent connected more than once");
 }
+
+// An application that stops reading the agent's stdout must not stop the agent: commands wait
+// (at most a bounded number, the oldest dropped and logged) and telemetry keeps flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_that_stops_reading_commands_does_not_stop_the_agent() {
+    let fleet = TestFleet::new();
+    let bundle = fleet.device("dev-1");
+    let broker = start_broker(&fleet, &[]);
+    let (svc, mut svc_loop) = subscribed_service(&fleet, broker.port(), "devices/dev-1/telemetry").await;
+    let mut command = agent_cmd("run", &bundle, broker.port());
+    // stdout is a pipe nobody reads: it fills after 64 KiB.
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let connected = Instant::now() + Duration::from_secs(10);
+    while !lines
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .contains("connected to")
+    {
+        assert!(Instant::now() < connected, "the agent never connected");
+    }
+    let (telemetry_tx, mut telemetry) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = svc_loop.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish)) = event {
+                let _ = telemetry_tx.send(publish);
+            }
+        }
+    });
+    let payload = "c".repeat(1024);
+    for _ in 0..3000 {
+        svc.publish("devices/dev-1/cmd/fill", QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+    }
+    let stdin = child.stdin.as_mut().unwrap();
+    stdin.write_all(b"telemetry still-alive\n").unwrap();
+    stdin.flush().unwrap();
+    let telemetry = tokio::time::timeout(Duration::from_secs(20), telemetry.recv())
+        .await
+        .expect("telemetry still arrives")
+        .unwrap();
+    assert_eq!(&telemetry.payload[..], b"still-alive");
+    let _ = child.kill();
+    let _ = child.wait();
+}
