@@ -740,3 +740,65 @@ async fn a_qos_2_resend_is_acknowledged_only_once_its_first_routing_is_done() {
         .expect("PUBREC");
     assert_eq!(pubrec.pkid(), 7);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos_1_delivery_in_flight_at_a_kill_is_resent_with_dup_under_its_packet_id() {
+    let fleet = TestFleet::new();
+    let device = config_of(&fleet.device("d0"));
+    let service = config(&ClientFiles::service(&fleet.service("backend")));
+    let config = fleet.broker_config();
+    let mut broker = start(&config, &[]);
+    let port = broker.port();
+    let persistent = |id: &str| packets::connect(id, false, 60, None);
+    let mut subscriber = RawClient::connect(port, service.clone(), &persistent("s1"))
+        .await
+        .unwrap();
+    subscriber
+        .send(&packets::subscribe(1, &[("devices/+/q1", 1)]))
+        .await
+        .unwrap();
+    subscriber.recv_until(WAIT, |p| p.kind() == kind::SUBACK).await.unwrap();
+    let mut publisher = RawClient::connect(port, device.clone(), &packets::connect("d0", true, 60, None))
+        .await
+        .unwrap();
+    publisher
+        .send(&Publish::new("devices/d0/q1", b"once", 1, 1).bytes())
+        .await
+        .unwrap();
+    publisher
+        .recv_until(WAIT, |p| p.kind() == kind::PUBACK)
+        .await
+        .expect("PUBACK");
+    let first = subscriber
+        .recv_until(WAIT, |p| p.kind() == kind::PUBLISH)
+        .await
+        .unwrap()
+        .publish()
+        .unwrap();
+    // A retained QoS 1 publish's PUBACK waits for the store, which by then has everything
+    // recorded before it: the delivery's packet id too.
+    let sync = Publish {
+        retain: true,
+        ..Publish::new("devices/d0/sync", b"s", 1, 2)
+    };
+    publisher.send(&sync.bytes()).await.unwrap();
+    publisher
+        .recv_until(WAIT, |p| p.kind() == kind::PUBACK && p.pkid() == 2)
+        .await
+        .expect("PUBACK");
+    broker.kill();
+    let listen = format!("127.0.0.1:{port}");
+    let _broker = start(&config, &[("BROKER__LISTEN", &listen)]);
+    let mut subscriber = RawClient::connect(port, service, &persistent("s1")).await.unwrap();
+    let again = subscriber
+        .recv_until(WAIT, |p| p.kind() == kind::PUBLISH)
+        .await
+        .unwrap()
+        .publish()
+        .unwrap();
+    assert_eq!(
+        (again.payload.as_slice(), again.pkid, again.dup),
+        (&b"once"[..], first.pkid, true),
+        "resent as the same message"
+    );
+}

@@ -213,7 +213,7 @@ impl Session {
             state.pkids_issued = u64::from(u16::MAX);
             for entry in stored.deliveries {
                 match entry.pkid {
-                    Some(pkid) if entry.delivery.qos == QoS::ExactlyOnce => state.inflight.push_back(Inflight {
+                    Some(pkid) => state.inflight.push_back(Inflight {
                         pkid,
                         issued: 0,
                         delivery: entry.delivery,
@@ -538,8 +538,16 @@ impl Session {
                 continue;
             }
             let (pkid, issued) = state.issue_pkid();
+            // A stored delivery's packet id is recorded, so that after a restart it is resent
+            // with DUP under the id the client saw (MQTT-4.4.0-1). A QoS 2 one goes out only
+            // once that is on disk: under another id the client would take it for a new message.
+            // A QoS 1 one need not wait: the worst a lost record costs is a duplicate.
             let after = match (delivery.qos, delivery.stored, &env.store) {
                 (QoS::ExactlyOnce, Some(id), Some(store)) => store.sent(id, pkid),
+                (QoS::AtLeastOnce, Some(id), Some(store)) => {
+                    store.sent(id, pkid);
+                    Ticket::default()
+                }
                 _ => Ticket::default(),
             };
             let ready = durable(after);

@@ -93,7 +93,7 @@ enum Record {
         client: Arc<str>,
         delivery: Delivery,
     },
-    /// A QoS 2 delivery was sent with this packet id (resent with it after a restart).
+    /// A QoS 1/2 delivery was sent with this packet id (resent with it, DUP, after a restart).
     Sent {
         id: u64,
         pkid: u16,
@@ -338,7 +338,7 @@ impl Store {
         (id, ticket)
     }
 
-    /// A QoS 2 delivery went out with `pkid`.
+    /// A QoS 1/2 delivery went out with `pkid`.
     pub fn sent(&self, id: u64, pkid: u16) -> Ticket {
         self.record(Record::Sent { id, pkid })
     }

@@ -46,7 +46,7 @@ pub struct StoredSession {
 pub struct StoredDelivery {
     /// The delivery, with its store id.
     pub delivery: Delivery,
-    /// The packet id a QoS 2 delivery went out with (resent with it).
+    /// The packet id it went out with, if it did (resent with it, DUP).
     pub pkid: Option<u16>,
     /// Its PUBREC came: only the PUBREL is owed.
     pub released: bool,
