@@ -17,7 +17,8 @@
 //! Module map. The front: [`listener`] (accept loop, limits, shutdown) → [`session`] (one
 //! connection's life) → [`handshake`] → [`connect`] (CONNECT, identity binding, the router
 //! session) → [`pump`] (packets both ways), over [`connection`] (framing, buffers) and
-//! [`codec`]. Beside it: [`tls`] / [`reload`] (TLS material and its hot swap), [`live`]
+//! [`codec`]. Beside it: [`tls`] / [`crl`] / [`reload`] (TLS material, the CRLs believed, and
+//! their hot swap), [`live`]
 //! (revocation and shutdown reach connected sessions through a [`kick`]), [`acl`] over
 //! [`topic`]. The [`router`] is behind a small typed API and knows nothing of certificates; it
 //! carries [`message`]s and records what must survive a restart in the [`store`], whose

@@ -4,7 +4,7 @@
 //!
 //! Flow control lives here as much as in the router. A publication that waits for a full
 //! subscriber ([`Publication`]) holds back the packets behind it, in order; acknowledgements
-//! and PINGREQ still pass, read ahead of what is held up to [`HELD_BYTES`]: a client's whole
+//! and PINGREQ still pass, read ahead of what is held up to `HELD_BYTES`: a client's whole
 //! window of publishes, so two clients publishing to each other, or a client reading its own
 //! retained messages, keep acknowledging. Beyond that budget reading stops, so TCP slows the
 //! client down; two clients that pipeline more than that to each other while both their queues

@@ -6,7 +6,7 @@
 //! # Design
 //!
 //! There is no router thread. A publisher's own connection task matches the topic against the
-//! [subscription tree](subscriptions) (a read lock) and puts a [`Delivery`] into each matching
+//! subscription tree (`subscriptions`) (a read lock) and puts a [`Delivery`] into each matching
 //! session's queue (that session's own lock); the subscriber's connection task drains its
 //! queue into its socket. So fan-out runs on whichever worker thread runs the publisher, and
 //! many publishers route at once on every core the runtime has.
