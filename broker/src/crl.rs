@@ -23,6 +23,9 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
+/// The issuing distribution point extension (RFC 5280, 5.2.5).
+const OID_ISSUING_DISTRIBUTION_POINT: &str = "2.5.29.28";
+
 /// A client CA as the CRL checks need it.
 #[derive(Clone, Debug)]
 pub struct ClientCa {
@@ -37,6 +40,11 @@ pub struct ClientCa {
 }
 
 impl ClientCa {
+    /// Whether both certificates carry the same key (a CA re-issued with its old key is one CA).
+    pub fn same_key(&self, other: &ClientCa) -> bool {
+        self.spki == other.spki
+    }
+
     /// Reads what the checks need from a CA certificate.
     pub fn from_der(der: &CertificateDer<'_>) -> Result<Self, String> {
         let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
@@ -60,6 +68,8 @@ pub struct CrlInfo {
     pub next_update: Option<i64>,
     /// The first CRL's number, if present.
     pub number: Option<String>,
+    /// Subjects (DER) of the client CAs a CRL covers.
+    covered: Vec<Vec<u8>>,
     /// Client CAs no CRL covers and `crl_exempt_cas` does not name: their certificates are
     /// refused.
     pub uncovered: Vec<ClientCa>,
@@ -73,10 +83,13 @@ impl CrlInfo {
         self.next_update.is_some_and(|t| t < now)
     }
 
-    /// Whether certificates issued by the CA with this subject (DER) must be refused because no
-    /// CRL covers it.
+    /// Whether a certificate issued by the CA with this subject (DER) must be refused because no
+    /// CRL covers that CA. An allow-list: an issuer that is neither covered nor exempt (an
+    /// intermediate CA, say, whose CRL the broker cannot hold) is refused too, never accepted
+    /// without a revocation check.
     pub fn refuses_issuer(&self, issuer_der: &[u8]) -> bool {
-        self.uncovered.iter().any(|ca| ca.subject_der == issuer_der)
+        !self.covered.iter().any(|subject| subject == issuer_der)
+            && !self.exempt.iter().any(|ca| ca.subject_der == issuer_der)
     }
 }
 
@@ -124,6 +137,14 @@ pub enum CrlProblem {
         /// What failed.
         why: &'static str,
     },
+    /// A CRL of a kind the broker cannot apply completely.
+    #[error("CRL #{index}: {what}; refusing it (publish one complete CRL per CA, as `provision crl` does)")]
+    Unsupported {
+        /// Its position in the file.
+        index: usize,
+        /// What it carries.
+        what: &'static str,
+    },
     /// A second CRL for a CA that already has one.
     #[error("CRL #{index}: a second CRL for the client CA {ca} (the other is in {}): keep one CRL per CA, each PKI writing its own file", other.display())]
     Duplicate {
@@ -148,11 +169,13 @@ pub fn load(
         this_update: i64::MAX,
         next_update: None,
         number: None,
+        covered: Vec::new(),
         uncovered: Vec::new(),
         exempt: Vec::new(),
     };
     let mut all = Vec::new();
-    let mut covered: Vec<(usize, &Path)> = Vec::new();
+    // Which file covers each CA subject (CAs listed twice in the bundle are one CA).
+    let mut covered: Vec<(&[u8], &Path)> = Vec::new();
     for path in files {
         let refused = |problem: CrlProblem| CrlRefused {
             path: path.clone(),
@@ -166,21 +189,26 @@ pub fn load(
                     reason: e.to_string(),
                 })
             })?;
-            let ca = check(index, der, &crl, client_cas, provider).map_err(refused)?;
-            if let Some((_, other)) = covered.iter().find(|(c, _)| *c == ca) {
+            let ca = &client_cas[check(index, der, &crl, client_cas, provider).map_err(refused)?];
+            if let Some((_, other)) = covered
+                .iter()
+                .find(|(subject, _)| *subject == ca.subject_der.as_slice())
+            {
                 return Err(refused(CrlProblem::Duplicate {
                     index,
-                    ca: client_cas[ca].subject.clone(),
+                    ca: ca.subject.clone(),
                     other: other.to_path_buf(),
                 }));
             }
-            covered.push((ca, path));
+            covered.push((&ca.subject_der, path));
             add(&mut info, &crl);
         }
         all.extend(crls);
     }
-    for (index, ca) in client_cas.iter().enumerate() {
-        if covered.iter().any(|(c, _)| *c == index) {
+    info.covered = covered.iter().map(|(subject, _)| subject.to_vec()).collect();
+    for ca in client_cas {
+        let listed = |list: &[ClientCa]| list.iter().any(|c| c.subject_der == ca.subject_der);
+        if info.covered.contains(&ca.subject_der) || listed(&info.exempt) || listed(&info.uncovered) {
             continue;
         }
         if exempt_fingerprints.iter().any(|f| f.eq_ignore_ascii_case(&ca.sha256)) {
@@ -207,6 +235,19 @@ fn check(
             issuer: crl.issuer().to_string(),
         });
     };
+    // An issuing distribution point makes a CRL partial (some certificates, some reasons): the
+    // verifier would treat it as not authoritative and let a revoked certificate through.
+    if crl
+        .tbs_cert_list
+        .extensions()
+        .iter()
+        .any(|ext| ext.oid.to_id_string() == OID_ISSUING_DISTRIBUTION_POINT)
+    {
+        return Err(CrlProblem::Unsupported {
+            index,
+            what: "it has an issuing distribution point (a partial CRL)",
+        });
+    }
     let ca = &client_cas[at];
     verify_signature(
         der,

@@ -71,8 +71,6 @@ enum Ack {
     Received(u16),
     /// PUBCOMP: a QoS 2 exchange is complete.
     Complete(u16),
-    /// PUBREL: the client's PUBREC for our QoS 2 delivery came.
-    Release(u16),
 }
 
 impl Ack {
@@ -99,7 +97,6 @@ impl Ack {
                 },
                 None,
             ),
-            Ack::Release(pkid) => pubrel(pkid),
         }
     }
 }
@@ -111,6 +108,10 @@ struct Pump<'a> {
     waiting: Option<Waiting>,
     /// Acknowledgements waiting, in the order owed (MQTT-4.6.0-2, -3).
     unsynced: VecDeque<(Wait, Ack)>,
+    /// PUBRELs for our QoS 2 deliveries waiting for their release to be on disk. Apart from
+    /// `unsynced`: nothing orders them against the client's own publishes, and one held behind a
+    /// resend waiting for its routing could hold up the very queue that routing waits for.
+    releases: VecDeque<(Ticket, u16)>,
     /// This connection's registration for the store's watermark.
     durable: Arc<DurableWaiter>,
     /// Packets read while `waiting` that may not overtake it, in order, handled once it
@@ -147,6 +148,7 @@ pub(crate) async fn pump(
         conn,
         waiting: None,
         unsynced: VecDeque::new(),
+        releases: VecDeque::new(),
         durable: Arc::default(),
         held: VecDeque::new(),
         held_bytes: 0,
@@ -226,7 +228,10 @@ impl Pump<'_> {
     /// Reading waits while too much is held behind a waiting publication, and while output
     /// piles up.
     fn may_read(&self) -> bool {
-        !self.held_full() && self.conn.pending_output() < OUTPUT_HIGH && self.unsynced.len() < UNSYNCED_ACKS
+        !self.held_full()
+            && self.conn.pending_output() < OUTPUT_HIGH
+            && self.unsynced.len() < UNSYNCED_ACKS
+            && self.releases.len() < UNSYNCED_ACKS
     }
 
     /// Owes the client `ack` once `ticket` is durable, after every acknowledgement owed before.
@@ -239,12 +244,20 @@ impl Pump<'_> {
         }
     }
 
-    /// Sends the acknowledgements that no longer wait; true if any went out.
+    /// Sends the acknowledgements and PUBRELs that no longer wait; true if any went out.
     fn release_acknowledgements(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(store) = self.ctx.router.store() else {
             return false;
         };
         let mut released = false;
+        while let Some(&(ticket, pkid)) = self.releases.front() {
+            if store.poll_durable(ticket, &self.durable, cx).is_pending() {
+                break;
+            }
+            self.releases.pop_front();
+            self.reply(pubrel(pkid));
+            released = true;
+        }
         while let Some(&(wait, ack)) = self.unsynced.front() {
             let ticket = match wait {
                 Wait::Durable(ticket) => ticket,
@@ -304,6 +317,7 @@ impl Pump<'_> {
                 // client still reads what we write.
                 let ours = self.held_full()
                     || self.unsynced.len() >= UNSYNCED_ACKS
+                    || self.releases.len() >= UNSYNCED_ACKS
                     || (self.conn.pending_output() >= OUTPUT_HIGH
                         && self
                             .session
@@ -433,7 +447,12 @@ impl Pump<'_> {
             }
             Inbound::PubRec(pkid) => {
                 if let Some(ticket) = attached.pubrec(pkid) {
-                    self.acknowledge(ticket, Ack::Release(pkid));
+                    let durable = self.ctx.router.store().is_none_or(|store| store.is_durable(ticket));
+                    if self.releases.is_empty() && durable {
+                        self.reply(pubrel(pkid));
+                    } else {
+                        self.releases.push_back((ticket, pkid));
+                    }
                 }
             }
             Inbound::PubComp(pkid) => {

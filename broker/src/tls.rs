@@ -135,6 +135,22 @@ impl TlsMaterial {
             .map(ClientCa::from_der)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| fail(&files.client_ca, TlsProblem::Certificate(e)))?;
+        // A CRL names its CA by subject: two CAs of one name but different keys cannot both be
+        // covered, nor told apart by a certificate's issuer.
+        for (at, ca) in cas.iter().enumerate() {
+            if let Some(other) = cas[..at]
+                .iter()
+                .find(|o| o.subject_der == ca.subject_der && !o.same_key(ca))
+            {
+                return Err(fail(
+                    &files.client_ca,
+                    TlsProblem::Certificate(format!(
+                        "two CAs are named {} but have different keys (sha256 {} and {}): give each CA its own name, as `provision init --fleet` does",
+                        ca.subject, other.sha256, ca.sha256
+                    )),
+                ));
+            }
+        }
         let (crls, crl) = if files.crl.is_empty() {
             (Vec::new(), None)
         } else {

@@ -310,3 +310,48 @@ async fn the_crl_reaches_an_unprivileged_broker_whatever_the_umask() {
     set_mode(&crl, 0o644);
     broker.wait_for_count("the CRL read again", WAIT, 2, |e| e["event"] == "reload");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_listed_twice_is_one_ca_and_a_partial_crl_is_refused() {
+    let fleet = TestFleet::new();
+    let device = fleet.device("d1");
+    // The same CA appended twice (a rollover step done twice): still covered by its one CRL.
+    let bundle = fleet.broker_dir().join("device-ca.crt");
+    let ca = std::fs::read_to_string(&bundle).unwrap();
+    std::fs::write(&bundle, format!("{ca}{ca}")).unwrap();
+    let broker = start(&fleet.broker_config());
+    assert!(
+        connect(&broker, &device, "d1").await.is_ok(),
+        "refused for a CA listed twice"
+    );
+    assert!(!broker.events().iter().any(|e| e["event"] == "crl_missing"));
+
+    // A CRL with an issuing distribution point covers only part of what the CA issued: the
+    // handshake verifier would let a certificate outside that part through unchecked.
+    let pki = fleet.pki();
+    let now = time::OffsetDateTime::now_utc();
+    let partial = rcgen::CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + time::Duration::days(30),
+        crl_number: rcgen::SerialNumber::from(999_999u64),
+        issuing_distribution_point: Some(rcgen::CrlIssuingDistributionPoint {
+            distribution_point: rcgen::CrlDistributionPoint {
+                uris: vec!["http://crl.example/part-1.crl".into()],
+            },
+            scope: Some(rcgen::CrlScope::UserCertsOnly),
+        }),
+        revoked_certs: Vec::new(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    deliver(
+        &fleet.crl(),
+        &partial.signed_by(&pki.device_ca.issuer).unwrap().pem().unwrap(),
+    );
+    let failed = broker.wait_for("the partial CRL refused", WAIT, |e| e["event"] == "reload_failed");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("issuing distribution point")),
+        "{failed}"
+    );
+}

@@ -626,7 +626,8 @@ impl Session {
         let entry = state
             .inflight
             .iter_mut()
-            .find(|e| e.pkid == pkid && e.delivery.qos == QoS::ExactlyOnce)?;
+            // Only one that went out: a PUBREC for a delivery still held back is not for it.
+            .find(|e| e.pkid == pkid && e.delivery.qos == QoS::ExactlyOnce && (e.sent || e.resend))?;
         if let (false, Some(id), Some(store)) = (entry.released, entry.delivery.stored, &env.store) {
             entry.after = store.released(id);
         }

@@ -96,6 +96,21 @@ impl Database {
         Ok((version != SCHEMA_VERSION).then_some(version))
     }
 
+    /// Moves everything from the WAL into the main file and empties the WAL; fails unless all
+    /// of it moved (so that the main file alone holds the database, e.g. before it is renamed).
+    pub(super) fn checkpoint(&self) -> rusqlite::Result<()> {
+        let (busy, _, _): (i64, i64, i64) = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })?;
+        if busy != 0 {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                Some("the WAL could not be checkpointed completely".into()),
+            ));
+        }
+        Ok(())
+    }
+
     /// The connection, for recovery's reads.
     pub(super) fn conn(&self) -> &Connection {
         &self.conn

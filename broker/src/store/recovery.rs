@@ -159,7 +159,10 @@ pub(super) fn open(dir: &Path, path: &Path) -> Result<(Database, Recovered, std:
             })
         }
         Ok((mut database, None)) => {
-            let (recovered, damage) = read(&mut database);
+            let (recovered, damage) = read(&mut database).map_err(|e| StoreError::Database {
+                path: path.to_owned(),
+                reason: format!("cannot read: {e}"),
+            })?;
             (Some(database), recovered, damage)
         }
         Err(e) if is_damage(&e) => {
@@ -260,6 +263,10 @@ fn rebuild(path: &Path, recovered: &Recovered) -> Result<Database, StoreError> {
         fresh
             .write(&recovered.records(), true)
             .map_err(|e| failed("the recovered state cannot be written", &e))?;
+        // The main file alone must hold it: only that file is renamed into place.
+        fresh
+            .checkpoint()
+            .map_err(|e| failed("the rebuilt database cannot be completed", &e))?;
     }
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -298,9 +305,12 @@ fn rebuild(path: &Path, recovered: &Recovered) -> Result<Database, StoreError> {
         .map_err(|e| failed("the rebuilt database cannot be opened", &e))
 }
 
-/// Reads every table, keeping what is usable; what is not is reported as damage.
-fn read(database: &mut Database) -> (Recovered, Vec<Damage>) {
+/// Reads every table, keeping what is usable; what is not is reported as damage. An error
+/// that says nothing about the file (I/O, memory) is returned instead: the start stops, and the
+/// store is left as it is.
+fn read(database: &mut Database) -> Result<(Recovered, Vec<Damage>), rusqlite::Error> {
     let mut damage = Vec::new();
+    let mut failed = None;
     let check: Result<Vec<String>, _> = database
         .conn()
         .prepare("PRAGMA quick_check")
@@ -312,11 +322,12 @@ fn read(database: &mut Database) -> (Recovered, Vec<Damage>) {
             read: 0,
             reason: lines.join("; "),
         }),
-        Err(e) => damage.push(Damage {
+        Err(e) if is_damage(&e) => damage.push(Damage {
             table: "(integrity check)",
             read: 0,
             reason: e.to_string(),
         }),
+        Err(e) => return Err(e),
     }
     let conn = database.conn();
     let mut sessions = Vec::new();
@@ -325,7 +336,7 @@ fn read(database: &mut Database) -> (Recovered, Vec<Damage>) {
         conn,
         "sessions",
         "SELECT id, client, share_scope FROM sessions",
-        &mut damage,
+        (&mut damage, &mut failed),
         |row| {
             let id: i64 = row.get(0)?;
             let client: String = row.get(1)?;
@@ -355,7 +366,7 @@ fn read(database: &mut Database) -> (Recovered, Vec<Damage>) {
         conn,
         "subscriptions",
         "SELECT session, filter, qos FROM subscriptions",
-        &mut damage,
+        (&mut damage, &mut failed),
         |row| {
             let (session, filter, qos): (i64, String, u8) = (row.get(0)?, row.get(1)?, row.get(2)?);
             Ok((|| {
@@ -371,7 +382,7 @@ fn read(database: &mut Database) -> (Recovered, Vec<Damage>) {
         conn,
         "awaiting_release",
         "SELECT session, pkid FROM awaiting_release",
-        &mut damage,
+        (&mut damage, &mut failed),
         |row| {
             let (session, pkid): (i64, i64) = (row.get(0)?, row.get(1)?);
             Ok((|| {
@@ -386,7 +397,7 @@ fn read(database: &mut Database) -> (Recovered, Vec<Damage>) {
         conn,
         "deliveries",
         "SELECT id, session, topic, payload, qos, retain, pkid, released FROM deliveries ORDER BY id",
-        &mut damage,
+        (&mut damage, &mut failed),
         |row| {
             let id: i64 = row.get(0)?;
             let session: i64 = row.get(1)?;
@@ -434,7 +445,7 @@ fn read(database: &mut Database) -> (Recovered, Vec<Damage>) {
         conn,
         "retained",
         "SELECT topic, payload, qos FROM retained",
-        &mut damage,
+        (&mut damage, &mut failed),
         |row| {
             let (topic, payload, qos): (String, Vec<u8>, u8) = (row.get(0)?, row.get(1)?, row.get(2)?);
             Ok((|| {
@@ -453,11 +464,14 @@ fn read(database: &mut Database) -> (Recovered, Vec<Damage>) {
     for (id, session) in &sessions {
         database.know_session(session.client.clone(), *id);
     }
+    if let Some(e) = failed {
+        return Err(e);
+    }
     let recovered = Recovered {
         sessions: sessions.into_iter().map(|(_, s)| s).collect(),
         retained,
     };
-    (recovered, damage)
+    Ok((recovered, damage))
 }
 
 /// A stored topic can be sent: MQTT frames a topic with a 16-bit length.
@@ -480,12 +494,13 @@ fn packet_id(value: i64) -> Result<u16, String> {
 }
 
 /// Runs `sql` and hands each row to `each`: an SQLite error ends the table (damage, with how
-/// many rows were read); a row `each` refuses (`Ok(Err(why))`) is left out and reported.
+/// many rows were read, or, when it is not about the file, the first such error in `failed`); a
+/// row `each` refuses (`Ok(Err(why))`) is left out and reported.
 fn scan(
     conn: &rusqlite::Connection,
     table: &'static str,
     sql: &str,
-    damage: &mut Vec<Damage>,
+    (damage, failed): (&mut Vec<Damage>, &mut Option<rusqlite::Error>),
     mut each: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<Result<(), String>>,
 ) {
     let mut read = 0;
@@ -514,12 +529,16 @@ fn scan(
         }
         Ok(())
     })();
-    if let Err(e) = result {
-        damage.push(Damage {
+    match result {
+        Ok(()) => {}
+        Err(e) if is_damage(&e) => damage.push(Damage {
             table,
             read,
             reason: e.to_string(),
-        });
+        }),
+        Err(e) => {
+            failed.get_or_insert(e);
+        }
     }
     if let Some(first) = first_refusal {
         damage.push(Damage {
