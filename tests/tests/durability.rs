@@ -352,6 +352,15 @@ async fn kill_9_at_random_moments_loses_nothing_that_was_acknowledged() {
     drop(broker);
 }
 
+/// The next PUBLISH `client` receives (within [`WAIT`]).
+async fn next_publish(client: &mut RawClient) -> e2e::raw::ReceivedPublish {
+    client
+        .recv_until(WAIT, |p| p.kind() == kind::PUBLISH)
+        .await
+        .and_then(|p| p.publish())
+        .expect("a PUBLISH")
+}
+
 /// Sends again, with DUP, a QoS 2 PUBLISH not yet released (what a reconnected client does).
 async fn resend_qos2(client: &mut RawClient, topic: &str, payload: &[u8], pkid: u16) {
     let publish = Publish {
@@ -621,24 +630,14 @@ async fn qos_2_state_survives_kill_9_in_both_directions() {
     let mut subscriber = RawClient::connect(port, service.clone(), &persistent("q2"))
         .await
         .unwrap();
-    let first = subscriber
-        .recv_until(WAIT, |p| p.kind() == kind::PUBLISH)
-        .await
-        .unwrap()
-        .publish()
-        .unwrap();
+    let first = next_publish(&mut subscriber).await;
     assert_eq!((first.payload.as_slice(), first.qos), (&b"m1"[..], 2));
     restart(&mut broker);
     // Resent with DUP under the same packet id, so the subscriber can tell it is the same.
     let mut subscriber = RawClient::connect(port, service.clone(), &persistent("q2"))
         .await
         .unwrap();
-    let again = subscriber
-        .recv_until(WAIT, |p| p.kind() == kind::PUBLISH)
-        .await
-        .unwrap()
-        .publish()
-        .unwrap();
+    let again = next_publish(&mut subscriber).await;
     assert_eq!(
         (again.payload.as_slice(), again.pkid, again.dup),
         (&b"m1"[..], first.pkid, true)
@@ -700,12 +699,7 @@ async fn a_qos_2_resend_is_acknowledged_only_once_its_first_routing_is_done() {
             .await
             .expect("PUBACK");
     }
-    let first = subscriber
-        .recv_until(WAIT, |p| p.kind() == kind::PUBLISH)
-        .await
-        .unwrap()
-        .publish()
-        .unwrap();
+    let first = next_publish(&mut subscriber).await;
     // The QoS 2 message waits for room; the publisher's connection drops meanwhile.
     publisher
         .send(&Publish::new("devices/d0/q", b"m", 2, 7).bytes())
@@ -769,12 +763,7 @@ async fn a_qos_1_delivery_in_flight_at_a_kill_is_resent_with_dup_under_its_packe
         .recv_until(WAIT, |p| p.kind() == kind::PUBACK)
         .await
         .expect("PUBACK");
-    let first = subscriber
-        .recv_until(WAIT, |p| p.kind() == kind::PUBLISH)
-        .await
-        .unwrap()
-        .publish()
-        .unwrap();
+    let first = next_publish(&mut subscriber).await;
     // A retained QoS 1 publish's PUBACK waits for the store, which by then has everything
     // recorded before it: the delivery's packet id too.
     let sync = Publish {
@@ -790,12 +779,7 @@ async fn a_qos_1_delivery_in_flight_at_a_kill_is_resent_with_dup_under_its_packe
     let listen = format!("127.0.0.1:{port}");
     let _broker = start(&config, &[("BROKER__LISTEN", &listen)]);
     let mut subscriber = RawClient::connect(port, service, &persistent("s1")).await.unwrap();
-    let again = subscriber
-        .recv_until(WAIT, |p| p.kind() == kind::PUBLISH)
-        .await
-        .unwrap()
-        .publish()
-        .unwrap();
+    let again = next_publish(&mut subscriber).await;
     assert_eq!(
         (again.payload.as_slice(), again.pkid, again.dup),
         (&b"once"[..], first.pkid, true),
