@@ -41,7 +41,7 @@ impl Audit {
             event = "accept",
             device_id = %identity.id,
             role = %identity.role,
-            serial = cert.serial.as_ref().map_or("-", Serial::as_str),
+            serial = cert.revocation.as_ref().map_or("-", |key| key.serial.as_str()),
             sha256 = %cert.sha256,
             %peer,
             tls_version,
@@ -55,7 +55,9 @@ impl Audit {
     pub fn reject(&self, peer: SocketAddr, reason: RejectReason, detail: &str, cert: Option<&PresentedCert>) {
         self.metrics.handshake_rejected(reason);
         let id = cert.and_then(|c| c.id.as_deref()).unwrap_or("-");
-        let serial = cert.and_then(|c| c.serial.as_ref()).map_or("-", Serial::as_str);
+        let serial = cert
+            .and_then(|c| c.revocation.as_ref())
+            .map_or("-", |key| key.serial.as_str());
         warn!(event = "reject", reason = reason.as_str(), %peer, device_id = id, serial, detail, "rejected {peer}: {}", reason.as_str());
     }
 

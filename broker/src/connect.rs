@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_identity::{Identity, Role, Serial};
+use fleet_identity::{Identity, Role};
 use rumqttd::protocol::{Connect, ConnectReturnCode, LastWill};
 use tokio::time::timeout;
 
@@ -14,6 +14,7 @@ use crate::acl::{TopicRules, Verdict};
 use crate::codec::{self, FrameError, Inbound};
 use crate::connection::{Connection, ReadError};
 use crate::context::SessionContext;
+use crate::crl::RevocationKey;
 use crate::handshake::Authenticated;
 use crate::kick::Kick;
 use crate::live::Registration;
@@ -24,8 +25,8 @@ use crate::tls::PresentedCert;
 /// A session past its CONNACK: what the pump and the close need.
 pub(crate) struct Established {
     pub(crate) identity: Identity,
-    /// The certificate's serial (what revocation and the audit need of it from now on).
-    pub(crate) serial: Serial,
+    /// The certificate's issuer and serial (what revocation and the audit need of it from now on).
+    pub(crate) revocation: RevocationKey,
     /// The client id as the client knows it (assigned if it sent none).
     pub(crate) client_id: String,
     pub(crate) rules: TopicRules,
@@ -63,7 +64,7 @@ pub(crate) async fn establish(
         ctx.audit.reject(peer, reason, &detail, Some(&cert));
         return None;
     }
-    let Some(serial) = cert.serial.clone() else {
+    let Some(revocation) = cert.revocation.clone() else {
         // The verifier accepted a certificate it could read: never without a serial.
         ctx.audit.reject(
             peer,
@@ -75,9 +76,11 @@ pub(crate) async fn establish(
     };
     let (key, client_id) = session_key(&identity, &connect.client_id);
     let kick = Arc::new(Kick::default());
-    let registration = ctx.sessions.register(identity.clone(), serial.clone(), kick.clone());
+    let registration = ctx
+        .sessions
+        .register(identity.clone(), revocation.clone(), kick.clone());
     // A CRL swapped in between this handshake and the registration above would miss us.
-    if ctx.tls.is_revoked(&serial) {
+    if ctx.tls.is_revoked(&revocation) {
         ctx.audit
             .reject(peer, RejectReason::Revoked, "revoked while connecting", Some(&cert));
         return None;
@@ -98,7 +101,7 @@ pub(crate) async fn establish(
     let keepalive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     Some(Established {
         identity,
-        serial,
+        revocation,
         client_id,
         rules,
         kick,

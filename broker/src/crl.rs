@@ -57,11 +57,21 @@ impl ClientCa {
     }
 }
 
+/// A certificate as a CRL names it: its issuer's name (DER) and its serial. Serials are unique
+/// only per CA: a serial revoked by one CA says nothing of another CA's certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RevocationKey {
+    /// The issuer's name, DER.
+    pub issuer: Vec<u8>,
+    /// The serial.
+    pub serial: Serial,
+}
+
 /// What the CRLs in force say together.
 #[derive(Clone, Debug)]
 pub struct CrlInfo {
-    /// Revoked serials.
-    pub revoked: HashSet<Serial>,
+    /// Revoked certificates.
+    pub revoked: HashSet<RevocationKey>,
     /// The earliest thisUpdate, Unix seconds (the set is as old as its oldest CRL).
     pub this_update: i64,
     /// The earliest nextUpdate, Unix seconds, if any CRL has one.
@@ -266,10 +276,12 @@ fn check(
 }
 
 fn add(info: &mut CrlInfo, crl: &CertificateRevocationList<'_>) {
-    info.revoked.extend(
-        crl.iter_revoked_certificates()
-            .map(|r| Serial::from_be_bytes(r.raw_serial())),
-    );
+    let issuer = crl.issuer().as_raw();
+    info.revoked
+        .extend(crl.iter_revoked_certificates().map(|r| RevocationKey {
+            issuer: issuer.to_vec(),
+            serial: Serial::from_be_bytes(r.raw_serial()),
+        }));
     info.this_update = info.this_update.min(crl.last_update().timestamp());
     if let Some(next) = crl.next_update().map(|t| t.timestamp()) {
         info.next_update = Some(info.next_update.map_or(next, |n| n.min(next)));

@@ -10,13 +10,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use fleet_identity::{Identity, Serial};
 
+use crate::crl::RevocationKey;
 use crate::kick::Kick;
 use crate::reason::KickReason;
 
 /// One registered connection.
 struct Entry {
     identity: Identity,
-    serial: Serial,
+    revocation: RevocationKey,
     kick: Arc<Kick>,
 }
 
@@ -54,13 +55,20 @@ impl LiveSessions {
 
     /// Registers a connection authenticated by the certificate with `serial`, closed through
     /// `kick`.
-    pub fn register(self: &Arc<Self>, identity: Identity, serial: Serial, kick: Arc<Kick>) -> Registration {
+    pub fn register(self: &Arc<Self>, identity: Identity, revocation: RevocationKey, kick: Arc<Kick>) -> Registration {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let mut table = self.lock();
         if table.closing {
             kick.give(KickReason::Shutdown);
         }
-        table.entries.insert(key, Entry { identity, serial, kick });
+        table.entries.insert(
+            key,
+            Entry {
+                identity,
+                revocation,
+                kick,
+            },
+        );
         Registration {
             table: self.clone(),
             key,
@@ -68,14 +76,14 @@ impl LiveSessions {
     }
 
     /// Tells every connection whose certificate serial is in `revoked` to close; returns who.
-    pub fn kick_revoked(&self, revoked: &HashSet<Serial>) -> Vec<(Identity, Serial)> {
+    pub fn kick_revoked(&self, revoked: &HashSet<RevocationKey>) -> Vec<(Identity, Serial)> {
         self.lock()
             .entries
             .values()
-            .filter(|e| revoked.contains(&e.serial))
+            .filter(|e| revoked.contains(&e.revocation))
             .map(|e| {
                 e.kick.give(KickReason::Revoked);
-                (e.identity.clone(), e.serial.clone())
+                (e.identity.clone(), e.revocation.serial.clone())
             })
             .collect()
     }
@@ -106,36 +114,45 @@ mod tests {
 
     use super::*;
 
-    fn device(table: &Arc<LiveSessions>, id: &str, serial: &str) -> (Registration, Arc<Kick>) {
+    fn device(table: &Arc<LiveSessions>, id: &str, issuer: &str, serial: &str) -> (Registration, Arc<Kick>) {
         let identity = Identity {
             role: Role::Device,
             id: DeviceId::parse(id).unwrap(),
         };
         let kick = Arc::new(Kick::default());
-        let serial = Serial::parse(serial).unwrap();
-        (table.register(identity, serial, kick.clone()), kick)
+        let key = RevocationKey {
+            issuer: issuer.as_bytes().to_vec(),
+            serial: Serial::parse(serial).unwrap(),
+        };
+        (table.register(identity, key, kick.clone()), kick)
     }
 
     #[test]
-    fn revocation_kicks_by_serial_and_registrations_leave_when_dropped() {
+    fn revocation_kicks_by_issuer_and_serial_and_registrations_leave_when_dropped() {
         let table = Arc::new(LiveSessions::default());
-        let (revoked, revoked_kick) = device(&table, "dev-1", "0a");
-        let (_kept, kept_kick) = device(&table, "dev-2", "0b");
+        let (revoked, revoked_kick) = device(&table, "dev-1", "CA A", "0a");
+        let (_kept, kept_kick) = device(&table, "dev-2", "CA A", "0b");
+        // The same serial from another CA is another certificate.
+        let (_other, other_kick) = device(&table, "dev-3", "CA B", "0a");
         // Written as a CRL entry's bytes would give it, and as the session registered it.
-        let kicked = table.kick_revoked(&HashSet::from([Serial::from_be_bytes(&[0x0a])]));
+        let kicked = table.kick_revoked(&HashSet::from([RevocationKey {
+            issuer: b"CA A".to_vec(),
+            serial: Serial::from_be_bytes(&[0x0a]),
+        }]));
         assert_eq!(kicked.len(), 1);
         assert_eq!(revoked_kick.reason(), Some(KickReason::Revoked));
         assert_eq!(kept_kick.reason(), None);
+        assert_eq!(other_kick.reason(), None);
         drop(revoked);
-        assert_eq!(table.len(), 1);
+        assert_eq!(table.len(), 2);
     }
 
     #[test]
     fn shutdown_reaches_connections_registered_after_it() {
         let table = Arc::new(LiveSessions::default());
-        let (_before, before) = device(&table, "dev-1", "01");
+        let (_before, before) = device(&table, "dev-1", "CA", "01");
         table.close_all();
-        let (_after, after) = device(&table, "dev-2", "02");
+        let (_after, after) = device(&table, "dev-2", "CA", "02");
         assert_eq!(before.reason(), Some(KickReason::Shutdown));
         assert_eq!(after.reason(), Some(KickReason::Shutdown));
     }

@@ -13,9 +13,8 @@ use rustls::crypto::CryptoProvider;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-use fleet_identity::Serial;
-
 use crate::audit::Audit;
+use crate::crl::RevocationKey;
 use crate::live::LiveSessions;
 use crate::tls::{TlsFiles, TlsMaterial};
 
@@ -67,11 +66,11 @@ impl TlsState {
     }
 
     /// Whether the certificate with `serial` is revoked by the CRL in force.
-    pub fn is_revoked(&self, serial: &Serial) -> bool {
+    pub fn is_revoked(&self, certificate: &RevocationKey) -> bool {
         self.current()
             .crl
             .as_ref()
-            .is_some_and(|crl| crl.revoked.contains(serial))
+            .is_some_and(|crl| crl.revoked.contains(certificate))
     }
 }
 

@@ -56,7 +56,7 @@ async fn finish(
 ) {
     let Established {
         identity,
-        serial,
+        revocation,
         client_id,
         kick,
         attached,
@@ -106,11 +106,11 @@ async fn finish(
     drop(registration);
     ctx.audit.metrics().session_closed(identity.role);
     match &end {
-        SessionEnd::Kicked(KickReason::Revoked) => ctx.audit.revoked_kick(&identity, &serial),
+        SessionEnd::Kicked(KickReason::Revoked) => ctx.audit.revoked_kick(&identity, &revocation.serial),
         SessionEnd::Protocol(detail) => {
             let cert = PresentedCert {
                 id: Some(identity.id.to_string()),
-                serial: Some(serial),
+                revocation: Some(revocation),
                 sha256: String::new(),
             };
             ctx.audit.reject(peer, RejectReason::ProtocolError, detail, Some(&cert))

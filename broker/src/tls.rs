@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fleet_identity::pem::{load_certs, load_key, PemProblem};
-use fleet_identity::{sha256_hex, CertificateSummary, Identity, Serial};
+use fleet_identity::{sha256_hex, CertificateSummary, Identity};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -15,7 +15,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, ServerConfig, SignatureScheme};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::crl::{ClientCa, CrlInfo, CrlProblem};
+use crate::crl::{ClientCa, CrlInfo, CrlProblem, RevocationKey};
 use crate::reason::RejectReason;
 
 /// The files the TLS configuration is built from.
@@ -96,8 +96,8 @@ fn fail(path: &Path, problem: impl Into<TlsProblem>) -> TlsLoadError {
 pub struct PresentedCert {
     /// The identity id, if one could be read.
     pub id: Option<String>,
-    /// Serial, if the certificate could be read.
-    pub serial: Option<Serial>,
+    /// Issuer and serial, if the certificate could be read.
+    pub revocation: Option<RevocationKey>,
     /// SHA-256 fingerprint, lower-case hex.
     pub sha256: String,
 }
@@ -269,7 +269,10 @@ impl AuditingVerifier {
                 .ok()
                 .map(|i| i.id.to_string())
                 .or_else(|| summary.as_ref().and_then(|s| s.common_name.clone())),
-            serial: summary.as_ref().map(|s| s.serial.clone()),
+            revocation: summary.as_ref().map(|s| RevocationKey {
+                issuer: s.issuer.clone(),
+                serial: s.serial.clone(),
+            }),
             sha256: summary
                 .as_ref()
                 .map(|s| s.sha256.clone())
@@ -281,9 +284,10 @@ impl AuditingVerifier {
         };
         let is_ca = summary.as_ref().is_some_and(|s| s.is_ca);
         let verdict = self.inner.verify_client_cert(end_entity, intermediates, now);
-        let uncovered = self.crl.as_ref().is_some_and(|crl| {
-            X509Certificate::from_der(end_entity).is_ok_and(|(_, cert)| crl.refuses_issuer(cert.issuer().as_raw()))
-        });
+        let uncovered = match (&self.crl, &summary) {
+            (Some(crl), Some(summary)) => crl.refuses_issuer(&summary.issuer),
+            _ => false,
+        };
         let refusal = match (&verdict, identity) {
             _ if is_ca => Some((
                 RejectReason::CaCertAsLeaf,

@@ -137,6 +137,8 @@ impl fmt::Display for Identity {
 pub struct CertificateSummary {
     /// Serial number.
     pub serial: crate::Serial,
+    /// The issuer's name, DER: with the serial, what a CRL names a certificate by.
+    pub issuer: Vec<u8>,
     /// SHA-256 of the DER encoding, lower-case hex.
     pub sha256: String,
     /// Start of validity, Unix seconds.
@@ -165,6 +167,7 @@ impl CertificateSummary {
     fn of(cert: &X509Certificate<'_>, der: &[u8]) -> Self {
         Self {
             serial: crate::Serial::from_be_bytes(cert.raw_serial()),
+            issuer: cert.issuer().as_raw().to_vec(),
             sha256: sha256_hex(der),
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
