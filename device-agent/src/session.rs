@@ -252,6 +252,8 @@ impl Runner {
                     self.fill(&client, &mut flight);
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    // A command got through: whatever was too large is gone (or was not one).
+                    self.command_too_large = None;
                     let _ = self.commands.send((publish.topic, publish.payload.to_vec()));
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => flight.sent(pkid),
