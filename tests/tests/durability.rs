@@ -46,24 +46,30 @@ fn payload(seq: u32) -> Vec<u8> {
 
 /// The service's persistent session: subscribes to every device's telemetry, then goes away.
 async fn create_service_session(port: u16, service: &ClientFiles) {
-    let mut client = RawClient::connect(
-        port,
-        config(service),
-        &packets::connect(SERVICE_CLIENT, false, 60, None),
-    )
-    .await
-    .expect("the service connects");
-    client
-        .send(&packets::subscribe(1, &[("devices/+/telemetry", 1)]))
+    let mut client = persistent_subscriber(port, config(service), SERVICE_CLIENT, "devices/+/telemetry", 1).await;
+    client.send(&packets::DISCONNECT).await.unwrap();
+    assert!(client.closed_within(WAIT).await);
+}
+
+/// A persistent session (`clean_session = false`) as `client_id`, subscribed to `filter` at
+/// `qos` (granted as asked).
+async fn persistent_subscriber(
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    client_id: &str,
+    filter: &str,
+    qos: u8,
+) -> RawClient {
+    let mut client = RawClient::connect(port, tls, &packets::connect(client_id, false, 60, None))
         .await
-        .unwrap();
+        .expect("the subscriber connects");
+    client.send(&packets::subscribe(1, &[(filter, qos)])).await.unwrap();
     let suback = client
         .recv_until(WAIT, |p| p.kind() == kind::SUBACK)
         .await
         .expect("SUBACK");
-    assert_eq!(suback.body[2], 1, "subscription granted at QoS 1");
-    client.send(&packets::DISCONNECT).await.unwrap();
-    assert!(client.closed_within(WAIT).await);
+    assert_eq!(suback.body[2], qos, "subscription to {filter} granted at QoS {qos}");
+    client
 }
 
 /// What the service's session holds: it reconnects (persistent, without subscribing again) and
@@ -593,14 +599,7 @@ async fn qos_2_state_survives_kill_9_in_both_directions() {
     };
     let persistent = |id: &str| packets::connect(id, false, 60, None);
 
-    let mut subscriber = RawClient::connect(port, service.clone(), &persistent("q2"))
-        .await
-        .unwrap();
-    subscriber
-        .send(&packets::subscribe(1, &[("devices/+/q2", 2)]))
-        .await
-        .unwrap();
-    subscriber.recv_until(WAIT, |p| p.kind() == kind::SUBACK).await.unwrap();
+    let mut subscriber = persistent_subscriber(port, service.clone(), "q2", "devices/+/q2", 2).await;
     subscriber.send(&packets::DISCONNECT).await.unwrap();
 
     // Inbound: PUBREC came (so the message is on disk), PUBREL not yet sent, broker killed.
@@ -677,14 +676,7 @@ async fn a_qos_2_resend_is_acknowledged_only_once_its_first_routing_is_done() {
     );
     let port = broker.port();
     let persistent = |id: &str| packets::connect(id, false, 60, None);
-    let mut subscriber = RawClient::connect(port, service.clone(), &persistent("s1"))
-        .await
-        .unwrap();
-    subscriber
-        .send(&packets::subscribe(1, &[("devices/+/q", 1)]))
-        .await
-        .unwrap();
-    subscriber.recv_until(WAIT, |p| p.kind() == kind::SUBACK).await.unwrap();
+    let mut subscriber = persistent_subscriber(port, service.clone(), "s1", "devices/+/q", 1).await;
 
     let mut publisher = RawClient::connect(port, device.clone(), &persistent("d0"))
         .await
@@ -744,14 +736,7 @@ async fn a_qos_1_delivery_in_flight_at_a_kill_is_resent_with_dup_under_its_packe
     let mut broker = start(&config, &[]);
     let port = broker.port();
     let persistent = |id: &str| packets::connect(id, false, 60, None);
-    let mut subscriber = RawClient::connect(port, service.clone(), &persistent("s1"))
-        .await
-        .unwrap();
-    subscriber
-        .send(&packets::subscribe(1, &[("devices/+/q1", 1)]))
-        .await
-        .unwrap();
-    subscriber.recv_until(WAIT, |p| p.kind() == kind::SUBACK).await.unwrap();
+    let mut subscriber = persistent_subscriber(port, service.clone(), "s1", "devices/+/q1", 1).await;
     let mut publisher = RawClient::connect(port, device.clone(), &packets::connect("d0", true, 60, None))
         .await
         .unwrap();
