@@ -136,6 +136,13 @@ impl RunningAgent {
         Self { child, stdout, stderr }
     }
 
+    /// `device-agent run` for `bundle` against the broker on `port`, once it says it connected.
+    fn connected(bundle: &Path, port: u16) -> Self {
+        let agent = Self::start(agent_cmd("run", bundle, port));
+        agent.wait_stderr("connected to", Duration::from_secs(10));
+        agent
+    }
+
     fn send(&mut self, line: &str) {
         self.send_bytes(line.as_bytes());
     }
@@ -203,8 +210,7 @@ async fn run_carries_commands_to_the_device_and_telemetry_to_a_service() {
     let bundle = fleet.device("dev-1");
     let broker = start_broker(&fleet, &[]);
     let (svc, mut svc_loop) = subscribed_service(&fleet, broker.port(), "devices/dev-1/telemetry").await;
-    let mut agent = RunningAgent::start(agent_cmd("run", &bundle, broker.port()));
-    agent.wait_stderr("connected to", Duration::from_secs(10));
+    let mut agent = RunningAgent::connected(&bundle, broker.port());
     broker.wait_for("the agent's subscription", Duration::from_secs(5), |e| {
         e["event"] == "accept" && e["device_id"] == "dev-1"
     });
@@ -558,8 +564,7 @@ async fn messages_up_to_the_brokers_packet_limit_go_both_ways() {
     let bundle = fleet.device("dev-1");
     let broker = start_broker(&fleet, &[]);
     let (svc, mut svc_loop) = subscribed_service(&fleet, broker.port(), "devices/dev-1/telemetry").await;
-    let mut agent = RunningAgent::start(agent_cmd("run", &bundle, broker.port()));
-    agent.wait_stderr("connected to", Duration::from_secs(10));
+    let mut agent = RunningAgent::connected(&bundle, broker.port());
 
     let largest = telemetry_payload(BROKER_MAX_PACKET);
     agent.send(&format!("telemetry {largest}"));
@@ -587,8 +592,7 @@ async fn oversized_and_non_utf8_lines_are_refused_and_the_next_message_still_goe
     let bundle = fleet.device("dev-1");
     let broker = start_broker(&fleet, &[]);
     let (_svc, mut svc_loop) = subscribed_service(&fleet, broker.port(), "devices/dev-1/telemetry").await;
-    let mut agent = RunningAgent::start(agent_cmd("run", &bundle, broker.port()));
-    agent.wait_stderr("connected to", Duration::from_secs(10));
+    let mut agent = RunningAgent::connected(&bundle, broker.port());
 
     // Longer than any message could be: discarded while it is read.
     agent.send(&format!("telemetry {}", "x".repeat(300 * 1024)));
