@@ -165,13 +165,17 @@ fn session_key(identity: &Identity, requested: &str) -> (SessionKey, String) {
     let id = identity.id.as_str();
     let (client, scope, client_id) = match identity.role {
         Role::Device => (format!("device:{id}"), format!("device:{id}"), id.to_owned()),
-        Role::Service => {
+        Role::Service | Role::Gateway => {
             let client_id = if requested.is_empty() {
                 format!("{id}-auto-{}", ASSIGNED.fetch_add(1, Ordering::Relaxed))
             } else {
                 requested.to_owned()
             };
-            (format!("service:{id}:{client_id}"), "services".to_owned(), client_id)
+            (
+                format!("{}:{id}:{client_id}", identity.role),
+                "services".to_owned(),
+                client_id,
+            )
         }
     };
     let key = SessionKey {
@@ -197,14 +201,14 @@ fn check_connect(
             );
             return Err((ConnectReturnCode::NotAuthorized, RejectReason::ClientIdMismatch, detail));
         }
-        Role::Service if requested.is_empty() && !connect.clean_session => {
+        Role::Service | Role::Gateway if requested.is_empty() && !connect.clean_session => {
             return Err((
                 ConnectReturnCode::ClientIdentifierNotValid,
                 RejectReason::ClientIdRequired,
                 "a persistent session (clean_session = false) needs a client id".into(),
             ));
         }
-        Role::Service if requested.chars().any(|c| "+$#/".contains(c) || c.is_control()) => {
+        Role::Service | Role::Gateway if requested.chars().any(|c| "+$#/".contains(c) || c.is_control()) => {
             let detail = format!("client id {requested:?} contains '+', '$', '#', '/' or a control character");
             return Err((
                 ConnectReturnCode::ClientIdentifierNotValid,

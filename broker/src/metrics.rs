@@ -44,16 +44,24 @@ pub enum DropReason {
     /// A retained message that the retained store's bounds did not let it keep (the message
     /// itself was still delivered).
     RetainRefused,
+    /// The bridge's outbox was over `bridge.outbox_max_messages`/`outbox_max_bytes`: its
+    /// oldest message, not yet forwarded upstream, went.
+    OutboxOverflow,
+    /// A message from the upstream the bridge does not deliver: its topic maps to no device, or
+    /// to a topic that device may not subscribe to.
+    DownstreamRefused,
 }
 
 impl DropReason {
     /// Every reason, in metric order.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::QueueOverflow,
         DropReason::Qos0SubscriberFull,
         DropReason::OfflineQos0,
         DropReason::SessionEnded,
         DropReason::RetainRefused,
+        DropReason::OutboxOverflow,
+        DropReason::DownstreamRefused,
     ];
 
     /// The stable word (metric label and audit event).
@@ -64,6 +72,8 @@ impl DropReason {
             DropReason::OfflineQos0 => "offline_qos0",
             DropReason::SessionEnded => "session_ended",
             DropReason::RetainRefused => "retain_refused",
+            DropReason::OutboxOverflow => "outbox_overflow",
+            DropReason::DownstreamRefused => "downstream_refused",
         }
     }
 }
@@ -84,7 +94,8 @@ impl Metrics {
     fn sessions(&self, role: Role) -> &AtomicI64 {
         match role {
             Role::Device => &self.devices,
-            Role::Service => &self.services,
+            // Gateways are refused at the handshake; a session of one would count as a service.
+            Role::Service | Role::Gateway => &self.services,
         }
     }
 

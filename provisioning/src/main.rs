@@ -10,7 +10,7 @@ use fleet_identity::{BrokerUrl, DeviceId, Role};
 use provisioning::batch::{issue_devices, manifest_ids, numbered_ids, write_manifest, IssueOptions, MANIFEST};
 use provisioning::broker_bundle::{issue_broker, BrokerRequest, BROKER_CONFIG, DEFAULT_BROKER_VALIDITY_DAYS};
 use provisioning::csr::{read_csr, sign_device_csr};
-use provisioning::issue::{issue_service, DEFAULT_LEAF_VALIDITY_DAYS};
+use provisioning::issue::{issue_named, DEFAULT_LEAF_VALIDITY_DAYS};
 use provisioning::key_type::KeyType;
 use provisioning::output::{ensure_writable, write_new, Overwrite, PUBLIC_MODE};
 use provisioning::pki::{InitOptions, Pki};
@@ -53,6 +53,10 @@ enum Command {
     /// Issue a backend service identity (may use all topics by default): writes
     /// OUT/<name>/service.crt, service.key and broker-ca.crt.
     Service(ServiceArgs),
+    /// Issue a gateway's bridge identity (SAN URI urn:gateway:<name>, signed by the device CA):
+    /// the client certificate a gateway broker presents to its upstream. Writes
+    /// OUT/<name>/gateway.crt, gateway.key and broker-ca.crt.
+    Gateway(ServiceArgs),
     /// Sign a device's CSR (the key never leaves the device): checks the signature, takes the id
     /// from the CN, writes the certificate to --out.
     SignCsr(SignCsrArgs),
@@ -165,7 +169,7 @@ struct BatchArgs {
 struct ServiceArgs {
     #[command(flatten)]
     pki: PkiArg,
-    /// Service name (same rules as a device id).
+    /// Service (or gateway) name (same rules as a device id).
     #[arg(long)]
     name: String,
     /// Output directory; the bundle goes into OUT/<name>/.
@@ -230,6 +234,8 @@ enum Kind {
     Device,
     /// The service of that name.
     Service,
+    /// The gateway of that name.
+    Gateway,
 }
 
 impl From<Kind> for Role {
@@ -237,6 +243,7 @@ impl From<Kind> for Role {
         match kind {
             Kind::Device => Role::Device,
             Kind::Service => Role::Service,
+            Kind::Gateway => Role::Gateway,
         }
     }
 }
@@ -288,7 +295,8 @@ fn run(command: Command) -> Result<()> {
         Command::Broker(args) => broker(args),
         Command::Device(args) => device(args),
         Command::Batch(args) => batch(args),
-        Command::Service(args) => service(args),
+        Command::Service(args) => named(Role::Service, args),
+        Command::Gateway(args) => named(Role::Gateway, args),
         Command::SignCsr(args) => sign_csr(args),
         Command::Revoke(args) => revoke(args),
         Command::Crl(args) => crl(args),
@@ -407,12 +415,20 @@ fn batch(args: BatchArgs) -> Result<()> {
     Ok(())
 }
 
-fn service(args: ServiceArgs) -> Result<()> {
+/// `provision service` and `provision gateway`: a named identity of `role`.
+fn named(role: Role, args: ServiceArgs) -> Result<()> {
     let id = parse_id(&args.name, "--name")?;
     let mut pki = Pki::open(&args.pki.pki)?;
-    let minted = issue_service(&mut pki, &id, &args.out, args.validity_days, overwrite(args.force))?;
+    let minted = issue_named(
+        &mut pki,
+        role,
+        &id,
+        &args.out,
+        args.validity_days,
+        overwrite(args.force),
+    )?;
     println!(
-        "service {id} (serial {}) written to {}",
+        "{role} {id} (serial {}) written to {}",
         minted.issued.serial,
         args.out.join(id.as_str()).display()
     );

@@ -176,6 +176,66 @@ fn service_and_broker_certificates_have_their_roles() {
 }
 
 #[test]
+fn a_gateway_certificate_carries_the_gateway_role_and_is_revocable_by_kind() {
+    let fleet = Fleet::new();
+    run_ok(
+        fleet
+            .cmd("gateway")
+            .args(["--name", "site-a", "--out"])
+            .arg(fleet.path("gateways")),
+    );
+    let der = der(&fleet.path("gateways/site-a/gateway.crt"));
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap().value;
+    assert_eq!(san.general_names, vec![GeneralName::URI("urn:gateway:site-a")]);
+    assert_eq!(Identity::from_der(&der).unwrap().role, Role::Gateway);
+    assert_eq!(mode(&fleet.path("gateways/site-a/gateway.key")), 0o600);
+    let second = run_err(
+        fleet
+            .cmd("gateway")
+            .args(["--name", "site-a", "--force", "--out"])
+            .arg(fleet.path("gateways")),
+    );
+    assert!(second.contains("active"), "{second}");
+    run_ok(fleet.cmd("revoke").args(["--id", "site-a", "--kind", "gateway"]));
+    let listed = run_ok(fleet.cmd("list").arg("--json"));
+    assert!(listed.contains("\"gateway\"") && listed.contains("revoked"), "{listed}");
+}
+
+#[test]
+fn a_registry_from_before_gateways_takes_gateways_and_keeps_its_rows() {
+    let fleet = Fleet::new();
+    run_ok(
+        fleet
+            .cmd("service")
+            .args(["--name", "ingest", "--out"])
+            .arg(fleet.path("services")),
+    );
+    // The certificates table as registries were made before gateways existed.
+    let registry = fleet.path("pki/registry.db");
+    let conn = rusqlite::Connection::open(&registry).unwrap();
+    let sql: String = conn
+        .query_row("SELECT sql FROM sqlite_master WHERE name = 'certificates'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    conn.execute_batch(&format!(
+        "ALTER TABLE certificates RENAME TO old; DROP INDEX certificates_by_id; {}; INSERT INTO certificates SELECT * FROM old; DROP TABLE old;",
+        sql.replace(", 'gateway'", "")
+    ))
+    .unwrap();
+    drop(conn);
+    run_ok(
+        fleet
+            .cmd("gateway")
+            .args(["--name", "site-b", "--out"])
+            .arg(fleet.path("gateways")),
+    );
+    let listed = run_ok(&mut fleet.cmd("list"));
+    assert!(listed.contains("ingest") && listed.contains("site-b"), "{listed}");
+}
+
+#[test]
 fn chains_verify_with_openssl_and_webpki() {
     let fleet = Fleet::new();
     let bundle = fleet.device("dev-1");
