@@ -93,18 +93,9 @@ impl Inbound {
 
 /// Takes the next complete packet out of `buf`, or `None` if more bytes are needed.
 pub fn decode(buf: &mut BytesMut, max_packet_bytes: usize) -> Result<Option<Inbound>, FrameError> {
-    let header = match v4::check(buf.iter(), max_packet_bytes) {
-        Ok(header) => header,
-        Err(protocol::Error::InsufficientBytes(_)) => return Ok(None),
-        Err(e) => return Err(frame_error(e)),
+    let Some((packet, publish_header)) = read_frame(buf, max_packet_bytes)? else {
+        return Ok(None);
     };
-    // Types 0 and 15 (AUTH) are not MQTT 3.1.1; rumqttd's decoder would hit `unreachable!` on 15.
-    let kind = header.byte1 >> 4;
-    if kind == 0 || kind == 15 {
-        return Err(FrameError::Malformed(format!("reserved packet type {kind}")));
-    }
-    let publish_header = (kind == 3).then(|| publish_header(buf, &header)).transpose()?;
-    let packet = V4.read_mut(buf, max_packet_bytes).map_err(frame_error)?;
     Ok(Some(match (packet, publish_header) {
         (Packet::Publish(publish, _), Some((qos, pkid, dup))) => Inbound::Publish(InboundPublish {
             topic: publish.topic,
@@ -128,7 +119,84 @@ pub fn decode(buf: &mut BytesMut, max_packet_bytes: usize) -> Result<Option<Inbo
 }
 
 /// QoS, packet id and DUP of the complete PUBLISH frame at the start of `buf`.
-fn publish_header(buf: &[u8], header: &v4::FixedHeader) -> Result<(QoS, u16, bool), FrameError> {
+/// A PUBLISH's QoS, packet id and DUP flag, read from its header.
+type PublishHeader = (QoS, u16, bool);
+
+/// Takes the next complete packet out of `buf`, with a PUBLISH's header fields; `None` if more
+/// bytes are needed.
+fn read_frame(
+    buf: &mut BytesMut,
+    max_packet_bytes: usize,
+) -> Result<Option<(Packet, Option<PublishHeader>)>, FrameError> {
+    let header = match v4::check(buf.iter(), max_packet_bytes) {
+        Ok(header) => header,
+        Err(protocol::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(e) => return Err(frame_error(e)),
+    };
+    // Types 0 and 15 (AUTH) are not MQTT 3.1.1; rumqttd's decoder would hit `unreachable!` on 15.
+    let kind = header.byte1 >> 4;
+    if kind == 0 || kind == 15 {
+        return Err(FrameError::Malformed(format!("reserved packet type {kind}")));
+    }
+    let publish_header = (kind == 3).then(|| publish_header(buf, &header)).transpose()?;
+    let packet = V4.read_mut(buf, max_packet_bytes).map_err(frame_error)?;
+    Ok(Some((packet, publish_header)))
+}
+
+/// A packet from a server, as the bridge's uplink client reads it.
+#[derive(Debug)]
+pub enum FromServer {
+    /// CONNACK: the session present flag, and the return code.
+    ConnAck(bool, ConnectReturnCode),
+    /// PUBLISH, with the fields rumqttd does not expose.
+    Publish(InboundPublish),
+    /// PUBACK for a packet id.
+    PubAck(u16),
+    /// SUBACK: the packet id, and per filter whether it was granted.
+    SubAck(u16, Vec<bool>),
+    /// PINGRESP.
+    PingResp,
+    /// Anything a server may not send a 3.1.1 client that subscribes at QoS 1 at most.
+    Unexpected(&'static str),
+}
+
+/// Takes the next complete packet a server sent out of `buf`, or `None` if more bytes are needed.
+pub fn decode_from_server(buf: &mut BytesMut, max_packet_bytes: usize) -> Result<Option<FromServer>, FrameError> {
+    let Some((packet, publish_header)) = read_frame(buf, max_packet_bytes)? else {
+        return Ok(None);
+    };
+    Ok(Some(match (packet, publish_header) {
+        (Packet::ConnAck(ack, _), _) => FromServer::ConnAck(ack.session_present, ack.code),
+        (Packet::Publish(publish, _), Some((qos, pkid, dup))) => FromServer::Publish(InboundPublish {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos,
+            pkid,
+            dup,
+            retain: publish.retain,
+        }),
+        (Packet::PubAck(ack, _), _) => FromServer::PubAck(ack.pkid),
+        (Packet::SubAck(ack, _), _) => FromServer::SubAck(
+            ack.pkid,
+            ack.return_codes
+                .iter()
+                .map(|code| matches!(code, protocol::SubscribeReasonCode::Success(_)))
+                .collect(),
+        ),
+        (Packet::PingResp(_), _) => FromServer::PingResp,
+        (other, _) => FromServer::Unexpected(packet_name(&other)),
+    }))
+}
+
+/// Encodes a packet a client sends (CONNECT, SUBSCRIBE, PUBACK, PINGREQ, DISCONNECT) with
+/// rumqttd's codec; PUBLISH goes through [`encode_publish`].
+pub fn encode_from_client(packet: Packet, buf: &mut BytesMut) -> Result<(), FrameError> {
+    V4.write(packet, buf)
+        .map(|_| ())
+        .map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+fn publish_header(buf: &[u8], header: &v4::FixedHeader) -> Result<PublishHeader, FrameError> {
     let flags = header.byte1;
     let qos = QoS::from_u8((flags >> 1) & 0b11).ok_or_else(|| FrameError::Malformed("PUBLISH with QoS 3".into()))?;
     let dup = flags & 0b1000 != 0;

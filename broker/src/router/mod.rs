@@ -69,7 +69,8 @@ use crate::metrics::{DropReason, Metrics};
 use crate::store::{Recovered, Store, Ticket};
 use crate::topic::SubscriptionFilter;
 use retained::RetainedStore;
-use session::{Offered, Policy, Reporter, Session};
+pub(crate) use session::Reporter;
+use session::{Offered, Policy, Session};
 use subscriptions::SubscriptionTree;
 
 /// What the router bounds, per session and overall.
@@ -543,6 +544,16 @@ impl Attached {
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(&parsed, &self.session, qos)
             })
+    }
+
+    /// The filters this session is subscribed to (as named, `$share/` prefix included), e.g. a
+    /// persistent session resumed with subscriptions its owner no longer wants.
+    pub fn subscriptions(&self) -> Vec<Box<str>> {
+        self.session
+            .subscriptions()
+            .into_iter()
+            .map(|(filter, _)| filter)
+            .collect()
     }
 
     /// The retained messages that new subscriptions to `granted` (filter, QoS) match, as a
