@@ -225,6 +225,27 @@ struct RevokeArgs {
     /// The new CRL's nextUpdate, in days from now.
     #[arg(long, default_value_t = DEFAULT_NEXT_UPDATE_DAYS)]
     next_update_days: u32,
+    #[command(flatten)]
+    deliver: DeliverArg,
+}
+
+/// Where else the CRL goes.
+#[derive(Args)]
+struct DeliverArg {
+    /// Also write the new CRL, atomically, as DIR/crl.pem (repeatable): one folder per gateway
+    /// (a mount, or what a sync job copies), so every gateway enforces the same revocations.
+    #[arg(long = "publish-to", value_name = "DIR")]
+    publish_to: Vec<PathBuf>,
+}
+
+impl DeliverArg {
+    /// Writes the PKI's CRL into every `--publish-to` folder and says so.
+    fn deliver(&self, pki: &Pki) -> Result<()> {
+        for written in pki.deliver_crl(&self.publish_to)? {
+            println!("{} written", written.display());
+        }
+        Ok(())
+    }
 }
 
 /// Which holder of an id `revoke --kind` means.
@@ -255,6 +276,8 @@ struct CrlArgs {
     /// The CRL's nextUpdate, in days from now.
     #[arg(long, default_value_t = DEFAULT_NEXT_UPDATE_DAYS)]
     next_update_days: u32,
+    #[command(flatten)]
+    deliver: DeliverArg,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -490,7 +513,7 @@ fn revoke(args: RevokeArgs) -> Result<()> {
     let mut pki = Pki::open(&args.pki.pki)?;
     let revoked = pki.revoke_and_publish(&target, args.reason, args.next_update_days)?;
     println!("revoked {}; {} rewritten", revoked.join(", "), pki.crl_path().display());
-    Ok(())
+    args.deliver.deliver(&pki)
 }
 
 fn crl(args: CrlArgs) -> Result<()> {
@@ -501,7 +524,7 @@ fn crl(args: CrlArgs) -> Result<()> {
         pki.crl_path().display(),
         args.next_update_days
     );
-    Ok(())
+    args.deliver.deliver(&pki)
 }
 
 fn list(args: ListArgs) -> Result<()> {

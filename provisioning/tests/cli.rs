@@ -203,6 +203,33 @@ fn a_gateway_certificate_carries_the_gateway_role_and_is_revocable_by_kind() {
 }
 
 #[test]
+fn the_same_crl_is_published_to_every_gateway_folder() {
+    let fleet = Fleet::new();
+    let (a, b) = (fleet.path("gw-a"), fleet.path("gw-b"));
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(&b).unwrap();
+    fleet.device("sensor-1");
+    run_ok(
+        fleet
+            .cmd("revoke")
+            .args(["--id", "sensor-1", "--publish-to"])
+            .arg(&a)
+            .arg("--publish-to")
+            .arg(&b),
+    );
+    let crl = fs::read(fleet.pki().join("crl.pem")).unwrap();
+    assert_eq!(fs::read(a.join("crl.pem")).unwrap(), crl);
+    assert_eq!(fs::read(b.join("crl.pem")).unwrap(), crl);
+    assert_eq!(mode(&a.join("crl.pem")), 0o644);
+    run_ok(fleet.cmd("crl").arg("--publish-to").arg(&a));
+    let resigned = fs::read(fleet.pki().join("crl.pem")).unwrap();
+    assert_ne!(resigned, crl);
+    assert_eq!(fs::read(a.join("crl.pem")).unwrap(), resigned);
+    let missing = run_err(fleet.cmd("crl").arg("--publish-to").arg(fleet.path("nowhere")));
+    assert!(missing.contains("nowhere"), "{missing}");
+}
+
+#[test]
 fn a_registry_from_before_gateways_takes_gateways_and_keeps_its_rows() {
     let fleet = Fleet::new();
     run_ok(
