@@ -21,7 +21,12 @@ const BATCH: usize = 512;
 
 /// The bridge's router session: attached, subscribed to exactly the `up` filters.
 pub struct Intake {
+    router: Router,
+    key: SessionKey,
     attached: Attached,
+    /// How the router tells the owner of a session to let go (only a slow subscriber could
+    /// be told: nothing else knows this key).
+    kick: Arc<Kick>,
 }
 
 impl Intake {
@@ -32,7 +37,8 @@ impl Intake {
             client: format!("bridge:{name}").into(),
             share_scope: format!("bridge:{name}").into(),
         };
-        let attached = router.attach(key, false, Arc::new(Kick::default()), BATCH);
+        let kick = Arc::new(Kick::default());
+        let attached = router.attach(key.clone(), false, kick.clone(), BATCH);
         for old in attached.subscriptions() {
             if !filters.iter().any(|f| **f == *old) {
                 attached.unsubscribe(&old);
@@ -41,13 +47,25 @@ impl Intake {
         for filter in filters {
             attached.subscribe(filter, QoS::AtLeastOnce)?;
         }
-        Ok(Self { attached })
+        Ok(Self {
+            router: router.clone(),
+            key,
+            attached,
+            kick,
+        })
     }
 
     /// Moves every delivery into the outbox, forever.
-    pub async fn run(self, shared: Arc<Shared>) {
+    pub async fn run(mut self, shared: Arc<Shared>) {
         let mut taken: Vec<(u16, Arc<Message>)> = Vec::with_capacity(BATCH);
         loop {
+            // Taking everything at once, the intake is never slow; should it have been starved
+            // of CPU for the slow-subscriber timeout, it takes its session back, so that the
+            // session does not stay treated as offline.
+            if self.kick.reason().is_some() {
+                self.kick = Arc::new(Kick::default());
+                self.attached = self.router.attach(self.key.clone(), false, self.kick.clone(), BATCH);
+            }
             poll_fn(|cx| {
                 // Only QoS 0/1 reach this session (it subscribes at QoS 1), so nothing waits
                 // for the disk before it is handed out.
