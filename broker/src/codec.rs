@@ -45,6 +45,20 @@ pub struct InboundPublish {
     pub retain: bool,
 }
 
+impl InboundPublish {
+    /// rumqttd's PUBLISH with the header fields it keeps private.
+    fn new(publish: protocol::Publish, (qos, pkid, dup): PublishHeader) -> Self {
+        Self {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos,
+            pkid,
+            dup,
+            retain: publish.retain,
+        }
+    }
+}
+
 /// A decoded packet from a client, small enough to hold in a session's state.
 #[derive(Debug)]
 pub enum Inbound {
@@ -97,14 +111,7 @@ pub fn decode(buf: &mut BytesMut, max_packet_bytes: usize) -> Result<Option<Inbo
         return Ok(None);
     };
     Ok(Some(match (packet, publish_header) {
-        (Packet::Publish(publish, _), Some((qos, pkid, dup))) => Inbound::Publish(InboundPublish {
-            topic: publish.topic,
-            payload: publish.payload,
-            qos,
-            pkid,
-            dup,
-            retain: publish.retain,
-        }),
+        (Packet::Publish(publish, _), Some(header)) => Inbound::Publish(InboundPublish::new(publish, header)),
         (Packet::Connect(connect, _, will, _, _), _) => Inbound::Connect(Box::new((connect, will))),
         (Packet::PubAck(ack, _), _) => Inbound::PubAck(ack.pkid),
         (Packet::PubRec(rec, _), _) => Inbound::PubRec(rec.pkid),
@@ -167,14 +174,7 @@ pub fn decode_from_server(buf: &mut BytesMut, max_packet_bytes: usize) -> Result
     };
     Ok(Some(match (packet, publish_header) {
         (Packet::ConnAck(ack, _), _) => FromServer::ConnAck(ack.session_present, ack.code),
-        (Packet::Publish(publish, _), Some((qos, pkid, dup))) => FromServer::Publish(InboundPublish {
-            topic: publish.topic,
-            payload: publish.payload,
-            qos,
-            pkid,
-            dup,
-            retain: publish.retain,
-        }),
+        (Packet::Publish(publish, _), Some(header)) => FromServer::Publish(InboundPublish::new(publish, header)),
         (Packet::PubAck(ack, _), _) => FromServer::PubAck(ack.pkid),
         (Packet::SubAck(ack, _), _) => FromServer::SubAck(
             ack.pkid,

@@ -32,6 +32,12 @@ fn der(path: &Path) -> Vec<u8> {
     pem::load_certs(path).unwrap().remove(0).to_vec()
 }
 
+/// Issues the service or gateway (`kind`) `name` into `<kind>s/`.
+fn named(fleet: &Fleet, kind: &str, name: &str) {
+    let out = fleet.path(&format!("{kind}s"));
+    run_ok(fleet.cmd(kind).args(["--name", name, "--out"]).arg(&out));
+}
+
 fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -143,12 +149,7 @@ fn device_certificate_carries_exactly_the_specified_fields() {
 #[test]
 fn service_and_broker_certificates_have_their_roles() {
     let fleet = Fleet::new();
-    run_ok(
-        fleet
-            .cmd("service")
-            .args(["--name", "ingest", "--out"])
-            .arg(fleet.path("services")),
-    );
+    named(&fleet, "service", "ingest");
     let service = der(&fleet.path("services/ingest/service.crt"));
     assert_eq!(Identity::from_der(&service).unwrap().role, Role::Service);
     assert!(fleet.path("services/ingest/broker-ca.crt").is_file());
@@ -178,12 +179,7 @@ fn service_and_broker_certificates_have_their_roles() {
 #[test]
 fn a_gateway_certificate_carries_the_gateway_role_and_is_revocable_by_kind() {
     let fleet = Fleet::new();
-    run_ok(
-        fleet
-            .cmd("gateway")
-            .args(["--name", "site-a", "--out"])
-            .arg(fleet.path("gateways")),
-    );
+    named(&fleet, "gateway", "site-a");
     let der = der(&fleet.path("gateways/site-a/gateway.crt"));
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
     let san = cert.subject_alternative_name().unwrap().unwrap().value;
@@ -232,12 +228,7 @@ fn the_same_crl_is_published_to_every_gateway_folder() {
 #[test]
 fn a_registry_from_before_gateways_takes_gateways_and_keeps_its_rows() {
     let fleet = Fleet::new();
-    run_ok(
-        fleet
-            .cmd("service")
-            .args(["--name", "ingest", "--out"])
-            .arg(fleet.path("services")),
-    );
+    named(&fleet, "service", "ingest");
     // The certificates table as registries were made before gateways existed.
     let registry = fleet.path("pki/registry.db");
     let conn = rusqlite::Connection::open(&registry).unwrap();
@@ -252,12 +243,7 @@ fn a_registry_from_before_gateways_takes_gateways_and_keeps_its_rows() {
     ))
     .unwrap();
     drop(conn);
-    run_ok(
-        fleet
-            .cmd("gateway")
-            .args(["--name", "site-b", "--out"])
-            .arg(fleet.path("gateways")),
-    );
+    named(&fleet, "gateway", "site-b");
     let listed = run_ok(&mut fleet.cmd("list"));
     assert!(listed.contains("ingest") && listed.contains("site-b"), "{listed}");
 }

@@ -64,6 +64,19 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Starts `binary -c config`, its log beside the configuration (`.log`).
+fn spawn_logged(binary: &Path, config: &Path) -> Child {
+    let log = std::fs::File::create(config.with_extension("log")).expect("a log file");
+    Command::new(binary)
+        .arg("-c")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()))
+}
+
 /// Polls until `ready` says yes; panics naming `what` after `limit`.
 fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -187,16 +200,7 @@ mqtt {{
 
     fn spawn(&mut self, n: usize) {
         let node = &mut self.nodes[n];
-        let log = std::fs::File::create(node.config.with_extension("log")).expect("nats log");
-        let child = Command::new(&self.binary)
-            .arg("-c")
-            .arg(&node.config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start nats-server: {e}"));
-        node.child = Some(child);
+        node.child = Some(spawn_logged(&self.binary, &node.config));
     }
 
     /// Waits until node `n` has a route to every other node and reports healthy (`/routez`,
@@ -220,6 +224,12 @@ mqtt {{
     /// The MQTT port of node `n`.
     pub fn mqtt_port(&self, n: usize) -> u16 {
         self.nodes[n].mqtt_port
+    }
+
+    /// Starts node `n` again (after [`NatsCluster::kill`]) and waits until it is healthy.
+    pub fn restart(&mut self, n: usize) {
+        self.spawn(n);
+        self.wait_healthy(n);
     }
 
     /// Kills node `n` with SIGKILL.
@@ -303,16 +313,7 @@ impl MosquittoUpstream {
 
     /// Starts it (again) and waits until it accepts connections.
     pub fn restart(&mut self) {
-        let log = std::fs::File::create(self.config.with_extension("log")).expect("mosquitto log");
-        let child = Command::new(&self.binary)
-            .arg("-c")
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start mosquitto: {e}"));
-        self.child = Some(child);
+        self.child = Some(spawn_logged(&self.binary, &self.config));
         let port = self.port;
         wait_until("mosquitto", Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()

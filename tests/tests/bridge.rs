@@ -7,7 +7,7 @@
 //! failure may repeat one; it never reorders).
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use e2e::{
@@ -357,24 +357,44 @@ async fn the_bridge_fails_over_when_its_cluster_node_dies_and_loses_nothing() {
     assert!(disconnect["reason"].is_string(), "{disconnect}");
 }
 
+/// A site bridged to Mosquitto, with a persistent backend subscribed to its telemetry there.
+struct MosquittoSite {
+    mosquitto: MosquittoUpstream,
+    received: mpsc::UnboundedReceiver<(String, String)>,
+    /// The gateway's broker.toml (not started).
+    config: PathBuf,
+}
+
+impl MosquittoSite {
+    async fn start(fleet: &TestFleet, site: &str) -> Self {
+        let upstream = UpstreamPki::new(&fleet.path().join("upstream"));
+        let prefix = format!("sites/{site}/");
+        let mosquitto = MosquittoUpstream::start(
+            &fleet.path().join("mosquitto"),
+            &upstream,
+            &fleet.pki_dir().join("device-ca.crt"),
+            &[(site, Some(&prefix)), ("backend", None)],
+        );
+        let filter = format!("{prefix}devices/+/telemetry");
+        let received = backend(mosquitto.port, &backend_files(fleet, &upstream), &filter, true).await;
+        let config = fleet.gateway_config(site, &bridge_lines(&[mosquitto.url()], &upstream.ca));
+        Self {
+            mosquitto,
+            received,
+            config,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_from_an_outage_drains_in_order_when_the_upstream_returns() {
     let fleet = TestFleet::new();
-    let upstream = UpstreamPki::new(&fleet.path().join("upstream"));
-    let mut mosquitto = MosquittoUpstream::start(
-        &fleet.path().join("mosquitto"),
-        &upstream,
-        &fleet.pki_dir().join("device-ca.crt"),
-        &[("site-m", Some("sites/site-m/")), ("backend", None)],
-    );
-    let mut received = backend(
-        mosquitto.port,
-        &backend_files(&fleet, &upstream),
-        "sites/site-m/devices/+/telemetry",
-        true,
-    )
-    .await;
-    let gateway = start_gateway(&fleet.gateway_config("site-m", &bridge_lines(&[mosquitto.url()], &upstream.ca)));
+    let MosquittoSite {
+        mut mosquitto,
+        mut received,
+        config,
+    } = MosquittoSite::start(&fleet, "site-m").await;
+    let gateway = start_gateway(&config);
     wait_bridged(&gateway, 1);
     let bundles = fleet.devices(&["m1", "m2"]);
     let mut devices = [Device::new(&bundles[0], "m1"), Device::new(&bundles[1], "m2")];
@@ -413,21 +433,11 @@ async fn a_backlog_from_an_outage_drains_in_order_when_the_upstream_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_gateway_loses_nothing_it_acknowledged() {
     let fleet = TestFleet::new();
-    let upstream = UpstreamPki::new(&fleet.path().join("upstream"));
-    let mut mosquitto = MosquittoUpstream::start(
-        &fleet.path().join("mosquitto"),
-        &upstream,
-        &fleet.pki_dir().join("device-ca.crt"),
-        &[("site-k", Some("sites/site-k/")), ("backend", None)],
-    );
-    let mut received = backend(
-        mosquitto.port,
-        &backend_files(&fleet, &upstream),
-        "sites/site-k/devices/+/telemetry",
-        true,
-    )
-    .await;
-    let config = fleet.gateway_config("site-k", &bridge_lines(&[mosquitto.url()], &upstream.ca));
+    let MosquittoSite {
+        mut mosquitto,
+        mut received,
+        config,
+    } = MosquittoSite::start(&fleet, "site-k").await;
     let mut gateway = start_gateway(&config);
     wait_bridged(&gateway, 1);
     let bundle = fleet.devices(&["k1"]).remove(0);
