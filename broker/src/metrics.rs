@@ -50,11 +50,14 @@ pub enum DropReason {
     /// A message from the upstream the bridge does not deliver: its topic maps to no device, or
     /// to a topic that device may not subscribe to.
     DownstreamRefused,
+    /// A message the bridge cannot forward: with the bridge's prefix its topic is longer than
+    /// MQTT's 65535 bytes.
+    UpstreamTopicTooLong,
 }
 
 impl DropReason {
     /// Every reason, in metric order.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::QueueOverflow,
         DropReason::Qos0SubscriberFull,
         DropReason::OfflineQos0,
@@ -62,6 +65,7 @@ impl DropReason {
         DropReason::RetainRefused,
         DropReason::OutboxOverflow,
         DropReason::DownstreamRefused,
+        DropReason::UpstreamTopicTooLong,
     ];
 
     /// The stable word (metric label and audit event).
@@ -74,6 +78,7 @@ impl DropReason {
             DropReason::RetainRefused => "retain_refused",
             DropReason::OutboxOverflow => "outbox_overflow",
             DropReason::DownstreamRefused => "downstream_refused",
+            DropReason::UpstreamTopicTooLong => "upstream_topic_too_long",
         }
     }
 }

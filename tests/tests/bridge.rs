@@ -366,7 +366,8 @@ struct MosquittoSite {
 }
 
 impl MosquittoSite {
-    async fn start(fleet: &TestFleet, site: &str) -> Self {
+    /// The site `site`, its `[bridge]` with `extra` lines.
+    async fn start(fleet: &TestFleet, site: &str, extra: &str) -> Self {
         let upstream = UpstreamPki::new(&fleet.path().join("upstream"));
         let prefix = format!("sites/{site}/");
         let mosquitto = MosquittoUpstream::start(
@@ -377,7 +378,8 @@ impl MosquittoSite {
         );
         let filter = format!("{prefix}devices/+/telemetry");
         let received = backend(mosquitto.port, &backend_files(fleet, &upstream), &filter, true).await;
-        let config = fleet.gateway_config(site, &bridge_lines(&[mosquitto.url()], &upstream.ca));
+        let bridge = bridge_lines(&[mosquitto.url()], &upstream.ca) + extra;
+        let config = fleet.gateway_config(site, &bridge);
         Self {
             mosquitto,
             received,
@@ -393,7 +395,7 @@ async fn a_backlog_from_an_outage_drains_in_order_when_the_upstream_returns() {
         mut mosquitto,
         mut received,
         config,
-    } = MosquittoSite::start(&fleet, "site-m").await;
+    } = MosquittoSite::start(&fleet, "site-m", "").await;
     let gateway = start_gateway(&config);
     wait_bridged(&gateway, 1);
     let bundles = fleet.devices(&["m1", "m2"]);
@@ -431,13 +433,50 @@ async fn a_backlog_from_an_outage_drains_in_order_when_the_upstream_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_over_its_bounds_drops_its_oldest_counted_and_audited() {
+    let fleet = TestFleet::new();
+    let MosquittoSite {
+        mut mosquitto,
+        mut received,
+        config,
+    } = MosquittoSite::start(&fleet, "site-o", "outbox_max_messages = 50\n").await;
+    let gateway = start_gateway(&config);
+    wait_bridged(&gateway, 1);
+    mosquitto.stop();
+    gateway.wait_for("the uplink lost", LIMIT, |e| e["event"] == "bridge_disconnected");
+    let bundle = fleet.devices(&["o1"]).remove(0);
+    let mut device = Device::new(&bundle, "o1");
+    let mut published = HashSet::new();
+    device
+        .publish_all(gateway.port(), "site-o", 1..=80, &mut published)
+        .await;
+    let dropped = gateway.wait_for("the overflow audited", LIMIT, |e| e["event"] == "outbox_overflow");
+    assert!(dropped["count"].as_u64() >= Some(1), "{dropped}");
+    assert_eq!(
+        gateway.metric("broker_bridge_dropped_total{reason=\"outbox_overflow\"} "),
+        Some(30.0)
+    );
+    assert_eq!(
+        gateway.metric("broker_messages_dropped_total{reason=\"outbox_overflow\"} "),
+        Some(30.0)
+    );
+    assert_eq!(gateway.metric("broker_bridge_outbox_messages "), Some(50.0));
+    mosquitto.restart();
+    // The newest 50 arrive, in order; the oldest 30 were the ones dropped.
+    let newest: HashSet<(String, String)> = (31..=80)
+        .map(|n| (device.upstream_topic("site-o"), n.to_string()))
+        .collect();
+    expect_all(&mut received, &newest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_gateway_loses_nothing_it_acknowledged() {
     let fleet = TestFleet::new();
     let MosquittoSite {
         mut mosquitto,
         mut received,
         config,
-    } = MosquittoSite::start(&fleet, "site-k").await;
+    } = MosquittoSite::start(&fleet, "site-k", "").await;
     let mut gateway = start_gateway(&config);
     wait_bridged(&gateway, 1);
     let bundle = fleet.devices(&["k1"]).remove(0);

@@ -174,12 +174,12 @@ impl BridgeConfig {
             }
         }
         let at_least_one: [(&'static str, u64); 6] = [
-            ("outbox_max_messages", self.outbox_max_messages as u64),
-            ("outbox_max_bytes", self.outbox_max_bytes as u64),
-            ("max_inflight", self.max_inflight as u64),
-            ("keepalive_s", u64::from(self.keepalive_s)),
-            ("connect_timeout_ms", self.connect_timeout_ms),
-            ("retry_ms", self.retry_ms),
+            ("bridge.outbox_max_messages", self.outbox_max_messages as u64),
+            ("bridge.outbox_max_bytes", self.outbox_max_bytes as u64),
+            ("bridge.max_inflight", self.max_inflight as u64),
+            ("bridge.keepalive_s", u64::from(self.keepalive_s)),
+            ("bridge.connect_timeout_ms", self.connect_timeout_ms),
+            ("bridge.retry_ms", self.retry_ms),
         ];
         if let Some((field, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
             return Err(invalid(field, "must be at least 1"));
@@ -191,5 +191,51 @@ impl BridgeConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(upstreams: &str, extra: &str) -> Result<BridgeConfig, String> {
+        let text = format!(
+            "name = \"site-a\"\nupstreams = [{upstreams}]\ncert = \"gateway.crt\"\nkey = \"gateway.key\"\nupstream_ca = \"upstream-ca.crt\"\nup = [\"devices/+/telemetry\"]\n{extra}"
+        );
+        let config: BridgeConfig = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| e.to_string())?;
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    const TWO: &str = "\"mqtts://n1:8883\", \"mqtts://n2:8883\"";
+
+    #[test]
+    fn defaults_render_the_prefix_and_keep_the_upstream_order() {
+        let config = config(TWO, "").unwrap();
+        assert_eq!(config.rendered_prefix(), "sites/site-a/");
+        let urls = config.upstream_urls().unwrap();
+        assert_eq!((urls[0].host.as_str(), urls[1].host.as_str()), ("n1", "n2"));
+        assert_eq!(config.outbox_max_messages, 1_000_000);
+    }
+
+    #[test]
+    fn every_unusable_value_is_named() {
+        for (upstreams, extra, field) in [
+            (TWO, "down = [\"cmd/#\"]", "bridge.down"),
+            (TWO, "down = [\"devices/#/x\"]", "bridge.down"),
+            (TWO, "prefix = \"sites/+/\"", "bridge.prefix"),
+            (TWO, "prefix = \"sites\"", "bridge.prefix"),
+            (TWO, "outbox_max_messages = 0", "bridge.outbox_max_messages"),
+            (TWO, "max_inflight = 70000", "bridge.max_inflight"),
+            ("\"mqtt://n1:1883\"", "", "bridge.upstreams"),
+            ("", "", "bridge.upstreams"),
+        ] {
+            let error = config(upstreams, extra).unwrap_err();
+            assert!(error.starts_with(field), "{upstreams} {extra}: {error}");
+        }
     }
 }

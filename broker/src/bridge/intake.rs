@@ -87,12 +87,12 @@ impl Intake {
             {
                 let mut outbox = shared.outbox();
                 for (_, message) in &taken {
-                    outbox.push(Message::new(
-                        &shared.topics.upstream_topic(&message.topic),
-                        &message.payload,
-                        QoS::AtLeastOnce,
-                        false,
-                    ));
+                    let topic = shared.topics.upstream_topic(&message.topic);
+                    if topic.len() > usize::from(u16::MAX) {
+                        shared.too_long(&message.topic);
+                        continue;
+                    }
+                    outbox.push(Message::new(&topic, &message.payload, QoS::AtLeastOnce, false));
                 }
             }
             // After the outbox records: the store writes in order, so the router's removal never

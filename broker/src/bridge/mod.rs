@@ -269,6 +269,15 @@ impl Shared {
         }
     }
 
+    fn too_long(&self, topic: &str) {
+        self.audit.metrics().dropped(DropReason::UpstreamTopicTooLong, 1);
+        tracing::warn!(
+            event = "upstream_topic_too_long",
+            topic_bytes = topic.len(),
+            "not forwarded: with the bridge's prefix the topic would be longer than MQTT allows"
+        );
+    }
+
     fn connected(&self, url: &str, refused: &[&str]) {
         *lock(&self.uplink) = Some((url.to_owned(), Instant::now()));
         let (depth, _) = self.outbox().depth();

@@ -442,8 +442,9 @@ impl Connection {
                 retain: false,
             };
             if encode_publish(&publish, &mut self.wbuf).is_err() {
-                // Cannot happen for a topic a client could publish; leaves with the next PUBACK
-                // rather than block the outbox.
+                // Cannot happen: the intake keeps topics MQTT can frame, and the local broker took
+                // no packet larger than MQTT can frame. Were it to, the entry stays in the outbox,
+                // counted in its depth, rather than stop the others.
                 tracing::error!(topic = %entry.message.topic, "cannot encode a PUBLISH for the upstream");
             }
             self.inflight.insert(pkid, entry.seq);

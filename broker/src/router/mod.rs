@@ -44,9 +44,10 @@
 //!   retain-as-published, retain handling and an identifier; the owner's inflight bound is
 //!   already per connection (the client's Receive Maximum); session expiry is a timer that
 //!   discards a detached session; reason codes come from [`crate::reason`].
-//! - **A bridge**: an uplink is one more attached session whose owner writes to an upstream
-//!   broker instead of a device; its queue, bounds and drop accounting are the same, and as a
-//!   persistent session its outbox is the durable store's.
+//! - **A bridge** is in ([`crate::bridge`]): one more attached persistent session, under a key
+//!   no client can name, that its owner drains at once into an outbox of its own in the store.
+//!   The outbox, not this queue, holds an outage's backlog: its bounds are the bridge's, since
+//!   the per-session limits here are sized for a device.
 
 mod retained;
 mod session;
