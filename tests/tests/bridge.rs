@@ -15,9 +15,12 @@ use e2e::{
     TestFleet, UpstreamPki,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 const LIMIT: Duration = Duration::from_secs(60);
+
+/// Messages as the backend sees them: (topic, payload).
+type Seen = HashSet<(String, String)>;
 
 /// The `[bridge]` lines of a gateway bridged to `upstreams` (tried in this order).
 fn bridge_lines(upstreams: &[String], upstream_ca: &Path) -> String {
@@ -113,8 +116,8 @@ async fn wait_for_suback(eventloop: &mut EventLoop) {
 
 /// Receives until every expected (topic, payload) arrived; checks each topic's payloads (numbers)
 /// first arrived in increasing order. Panics naming what is missing.
-async fn expect_all(received: &mut mpsc::UnboundedReceiver<(String, String)>, expected: &HashSet<(String, String)>) {
-    let mut got: HashSet<(String, String)> = HashSet::new();
+async fn expect_all(received: &mut mpsc::UnboundedReceiver<(String, String)>, expected: &Seen) {
+    let mut got: Seen = HashSet::new();
     let mut last: HashMap<String, u64> = HashMap::new();
     let deadline = tokio::time::Instant::now() + LIMIT;
     while !expected.is_subset(&got) {
@@ -213,13 +216,60 @@ impl Device {
         port: u16,
         gateway: &str,
         range: std::ops::RangeInclusive<u64>,
-        expected: &mut HashSet<(String, String)>,
+        expected: &mut Seen,
     ) {
-        for n in range {
-            assert!(self.publish(port, n).await, "{} could not publish {n}", self.id);
-            expected.insert((self.upstream_topic(gateway), n.to_string()));
-        }
+        let (progress, _) = watch::channel(0);
+        let refused = self
+            .publish_while_acknowledged(port, gateway, range, expected, &progress)
+            .await;
+        assert_eq!(refused, None, "{} could not publish", self.id);
     }
+
+    /// Publishes `range` until one is not acknowledged (returned), adding the acknowledged ones
+    /// to `expected` and telling `progress` how many.
+    async fn publish_while_acknowledged(
+        &mut self,
+        port: u16,
+        gateway: &str,
+        range: std::ops::RangeInclusive<u64>,
+        expected: &mut Seen,
+        progress: &watch::Sender<u64>,
+    ) -> Option<u64> {
+        for n in range {
+            if !self.publish(port, n).await {
+                return Some(n);
+            }
+            expected.insert((self.upstream_topic(gateway), n.to_string()));
+            progress.send_modify(|acked| *acked += 1);
+        }
+        None
+    }
+
+    /// [`Device::publish_while_acknowledged`] in a task of its own, so that the test can break
+    /// something mid-run; `progress` counts what was acknowledged.
+    fn publish_in_background(
+        mut self,
+        port: u16,
+        gateway: &'static str,
+        range: std::ops::RangeInclusive<u64>,
+        progress: watch::Sender<u64>,
+    ) -> tokio::task::JoinHandle<(Self, Seen, Option<u64>)> {
+        tokio::spawn(async move {
+            let mut acknowledged = HashSet::new();
+            let refused = self
+                .publish_while_acknowledged(port, gateway, range, &mut acknowledged, &progress)
+                .await;
+            (self, acknowledged, refused)
+        })
+    }
+}
+
+/// Waits until `progress` says at least `count` messages were acknowledged.
+async fn acknowledged(progress: &mut watch::Receiver<u64>, count: u64) {
+    tokio::time::timeout(LIMIT, progress.wait_for(|acked| *acked >= count))
+        .await
+        .expect("the device publishes")
+        .expect("the publisher runs");
 }
 
 fn users(gateways: &[&str]) -> Vec<NatsUser> {
@@ -340,15 +390,13 @@ async fn the_bridge_fails_over_when_its_cluster_node_dies_and_loses_nothing() {
     let gateway = start_gateway(&fleet.gateway_config("site-f", &bridge_lines(&urls, &upstream.ca)));
     wait_bridged(&gateway, 1);
     let bundle = fleet.devices(&["f1"]).remove(0);
-    let mut device = Device::new(&bundle, "f1");
-    let mut expected = HashSet::new();
-    device
-        .publish_all(gateway.port(), "site-f", 1..=150, &mut expected)
-        .await;
+    let (progress, mut acked) = watch::channel(0);
+    let publishing = Device::new(&bundle, "f1").publish_in_background(gateway.port(), "site-f", 1..=600, progress);
+    // Killed while the device publishes and the bridge forwards.
+    acknowledged(&mut acked, 200).await;
     cluster.kill(0);
-    device
-        .publish_all(gateway.port(), "site-f", 151..=300, &mut expected)
-        .await;
+    let (_, expected, refused) = publishing.await.expect("the publisher");
+    assert_eq!(refused, None, "the gateway acknowledged every message");
     gateway.wait_for("failover to another node", LIMIT, |e| {
         e["event"] == "bridge_failover" && e["from"] == urls[0].as_str()
     });
@@ -361,8 +409,10 @@ async fn the_bridge_fails_over_when_its_cluster_node_dies_and_loses_nothing() {
 struct MosquittoSite {
     mosquitto: MosquittoUpstream,
     received: mpsc::UnboundedReceiver<(String, String)>,
-    /// The gateway's broker.toml (not started).
+    /// The gateway's broker.toml.
     config: PathBuf,
+    /// The gateway, bridged.
+    gateway: BrokerProcess,
 }
 
 impl MosquittoSite {
@@ -380,53 +430,57 @@ impl MosquittoSite {
         let received = backend(mosquitto.port, &backend_files(fleet, &upstream), &filter, true).await;
         let bridge = bridge_lines(&[mosquitto.url()], &upstream.ca) + extra;
         let config = fleet.gateway_config(site, &bridge);
+        let gateway = start_gateway(&config);
+        wait_bridged(&gateway, 1);
         Self {
             mosquitto,
             received,
             config,
+            gateway,
         }
+    }
+
+    /// Stops the upstream and waits until the bridge knows.
+    fn cut_uplink(&mut self) {
+        self.mosquitto.stop();
+        self.gateway
+            .wait_for("the uplink lost", LIMIT, |e| e["event"] == "bridge_disconnected");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_from_an_outage_drains_in_order_when_the_upstream_returns() {
     let fleet = TestFleet::new();
-    let MosquittoSite {
-        mut mosquitto,
-        mut received,
-        config,
-    } = MosquittoSite::start(&fleet, "site-m", "").await;
-    let gateway = start_gateway(&config);
-    wait_bridged(&gateway, 1);
+    let mut site = MosquittoSite::start(&fleet, "site-m", "").await;
+    let port = site.gateway.port();
     let bundles = fleet.devices(&["m1", "m2"]);
     let mut devices = [Device::new(&bundles[0], "m1"), Device::new(&bundles[1], "m2")];
     let mut expected = HashSet::new();
     for device in &mut devices {
-        device
-            .publish_all(gateway.port(), "site-m", 1..=50, &mut expected)
-            .await;
+        device.publish_all(port, "site-m", 1..=50, &mut expected).await;
     }
-    mosquitto.stop();
-    gateway.wait_for("the uplink lost", LIMIT, |e| e["event"] == "bridge_disconnected");
+    site.cut_uplink();
     for device in &mut devices {
-        device
-            .publish_all(gateway.port(), "site-m", 51..=300, &mut expected)
-            .await;
+        device.publish_all(port, "site-m", 51..=300, &mut expected).await;
     }
-    let outbox = gateway
+    let outbox = site
+        .gateway
         .metric("broker_bridge_outbox_messages ")
         .expect("the outbox gauge");
     assert!(
         outbox >= 500.0,
         "the outbox holds the outage's 500 messages, not {outbox}"
     );
-    assert_eq!(gateway.metric("broker_bridge_uplink_up{upstream=\"\"} "), Some(0.0));
-    mosquitto.restart();
-    wait_bridged(&gateway, 2);
-    expect_all(&mut received, &expected).await;
+    assert_eq!(
+        site.gateway.metric("broker_bridge_uplink_up{upstream=\"\"} "),
+        Some(0.0)
+    );
+    site.mosquitto.restart();
+    wait_bridged(&site.gateway, 2);
+    expect_all(&mut site.received, &expected).await;
     // Removed as the PUBACKs come: empty soon after the last message arrived.
     let deadline = std::time::Instant::now() + LIMIT;
-    while gateway.metric("broker_bridge_outbox_messages ") != Some(0.0) {
+    while site.gateway.metric("broker_bridge_outbox_messages ") != Some(0.0) {
         assert!(std::time::Instant::now() < deadline, "the outbox never emptied");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -435,85 +489,74 @@ async fn a_backlog_from_an_outage_drains_in_order_when_the_upstream_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outbox_over_its_bounds_drops_its_oldest_counted_and_audited() {
     let fleet = TestFleet::new();
-    let MosquittoSite {
-        mut mosquitto,
-        mut received,
-        config,
-    } = MosquittoSite::start(&fleet, "site-o", "outbox_max_messages = 50\n").await;
-    let gateway = start_gateway(&config);
-    wait_bridged(&gateway, 1);
-    mosquitto.stop();
-    gateway.wait_for("the uplink lost", LIMIT, |e| e["event"] == "bridge_disconnected");
+    let mut site = MosquittoSite::start(&fleet, "site-o", "outbox_max_messages = 50\n").await;
+    site.cut_uplink();
     let bundle = fleet.devices(&["o1"]).remove(0);
     let mut device = Device::new(&bundle, "o1");
     let mut published = HashSet::new();
     device
-        .publish_all(gateway.port(), "site-o", 1..=80, &mut published)
+        .publish_all(site.gateway.port(), "site-o", 1..=80, &mut published)
         .await;
+    let gateway = &site.gateway;
     let dropped = gateway.wait_for("the overflow audited", LIMIT, |e| e["event"] == "outbox_overflow");
     assert!(dropped["count"].as_u64() >= Some(1), "{dropped}");
-    assert_eq!(
-        gateway.metric("broker_bridge_dropped_total{reason=\"outbox_overflow\"} "),
-        Some(30.0)
-    );
-    assert_eq!(
-        gateway.metric("broker_messages_dropped_total{reason=\"outbox_overflow\"} "),
-        Some(30.0)
-    );
+    for series in [
+        "broker_bridge_dropped_total{reason=\"outbox_overflow\"} ",
+        "broker_messages_dropped_total{reason=\"outbox_overflow\"} ",
+    ] {
+        assert_eq!(gateway.metric(series), Some(30.0), "{series}");
+    }
     assert_eq!(gateway.metric("broker_bridge_outbox_messages "), Some(50.0));
-    mosquitto.restart();
+    site.mosquitto.restart();
     // The newest 50 arrive, in order; the oldest 30 were the ones dropped.
-    let newest: HashSet<(String, String)> = (31..=80)
+    let newest: Seen = (31..=80)
         .map(|n| (device.upstream_topic("site-o"), n.to_string()))
         .collect();
-    expect_all(&mut received, &newest).await;
+    expect_all(&mut site.received, &newest).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_gateway_loses_nothing_it_acknowledged() {
     let fleet = TestFleet::new();
-    let MosquittoSite {
-        mut mosquitto,
-        mut received,
-        config,
-    } = MosquittoSite::start(&fleet, "site-k", "").await;
-    let mut gateway = start_gateway(&config);
-    wait_bridged(&gateway, 1);
+    let mut site = MosquittoSite::start(&fleet, "site-k", "").await;
     let bundle = fleet.devices(&["k1"]).remove(0);
-    let mut device = Device::new(&bundle, "k1");
-    let mut expected = HashSet::new();
-    // Killed while forwarding: some of these may be on their way upstream.
-    device
-        .publish_all(gateway.port(), "site-k", 1..=200, &mut expected)
-        .await;
-    gateway.kill();
-    let mut gateway = start_gateway(&config);
-    wait_bridged(&gateway, 1);
+    // Killed mid-run: while the device publishes and the bridge forwards.
+    let (progress, mut acked) = watch::channel(0);
+    let publishing = Device::new(&bundle, "k1").publish_in_background(site.gateway.port(), "site-k", 1..=400, progress);
+    acknowledged(&mut acked, 150).await;
+    site.gateway.kill();
+    let (mut device, mut expected, refused) = publishing.await.expect("the publisher");
+    // (Should the device have been faster than the kill, there is nothing left to send.)
+    let next = refused.unwrap_or(401);
+    site.gateway = start_gateway(&site.config);
+    wait_bridged(&site.gateway, 1);
+    // What was not acknowledged is the device's to send again, as a device does.
     device.connection = None;
     device
-        .publish_all(gateway.port(), "site-k", 201..=300, &mut expected)
+        .publish_all(site.gateway.port(), "site-k", next..=400, &mut expected)
         .await;
     // Killed with a backlog: the upstream is away, so everything since is only in the outbox.
-    mosquitto.stop();
-    gateway.wait_for("the uplink lost", LIMIT, |e| e["event"] == "bridge_disconnected");
+    site.cut_uplink();
     device
-        .publish_all(gateway.port(), "site-k", 301..=500, &mut expected)
+        .publish_all(site.gateway.port(), "site-k", 401..=500, &mut expected)
         .await;
-    gateway.kill();
-    let mut gateway = start_gateway(&config);
-    let started = gateway.wait_for("the bridge restarted", LIMIT, |e| e["event"] == "bridge_started");
+    site.gateway.kill();
+    site.gateway = start_gateway(&site.config);
+    let started = site
+        .gateway
+        .wait_for("the bridge restarted", LIMIT, |e| e["event"] == "bridge_started");
     assert!(
-        started["outbox"].as_u64() >= Some(200),
+        started["outbox"].as_u64() >= Some(100),
         "the outbox came back with {started}"
     );
-    mosquitto.restart();
-    wait_bridged(&gateway, 1);
+    site.mosquitto.restart();
+    wait_bridged(&site.gateway, 1);
     device.connection = None;
     device
-        .publish_all(gateway.port(), "site-k", 501..=600, &mut expected)
+        .publish_all(site.gateway.port(), "site-k", 501..=600, &mut expected)
         .await;
-    expect_all(&mut received, &expected).await;
-    gateway.terminate();
+    expect_all(&mut site.received, &expected).await;
+    site.gateway.terminate();
 }
 
 #[test]
