@@ -44,16 +44,22 @@ pub enum DropReason {
     /// A retained message that the retained store's bounds did not let it keep (the message
     /// itself was still delivered).
     RetainRefused,
+    /// An MQTT 5 message whose Message Expiry Interval ran out before it could be sent.
+    Expired,
+    /// A message larger than the Maximum Packet Size its MQTT 5 subscriber gave (MQTT-3.1.2-25).
+    TooLargeForClient,
 }
 
 impl DropReason {
     /// Every reason, in metric order.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::QueueOverflow,
         DropReason::Qos0SubscriberFull,
         DropReason::OfflineQos0,
         DropReason::SessionEnded,
         DropReason::RetainRefused,
+        DropReason::Expired,
+        DropReason::TooLargeForClient,
     ];
 
     /// The stable word (metric label and audit event).
@@ -64,6 +70,8 @@ impl DropReason {
             DropReason::OfflineQos0 => "offline_qos0",
             DropReason::SessionEnded => "session_ended",
             DropReason::RetainRefused => "retain_refused",
+            DropReason::Expired => "message_expired",
+            DropReason::TooLargeForClient => "too_large_for_client",
         }
     }
 }

@@ -10,6 +10,7 @@ mod broker_process;
 mod fleet;
 mod mqtt;
 pub mod raw;
+pub mod raw5;
 mod tools;
 
 pub use broker_process::{proc_status_kib, BrokerProcess};
