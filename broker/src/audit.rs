@@ -78,6 +78,14 @@ impl Audit {
         info!(event = "disconnect", reason = end.as_str(), device_id = %identity.id, role = %identity.role, client_id, %peer, cause = %end, "{identity} disconnected: {end}");
     }
 
+    /// A detached session's expiry interval ran out: it ended, with what it held.
+    pub fn session_expired(&self, client_id: &str) {
+        info!(
+            event = "session_expired",
+            client_id, "the session of {client_id} expired"
+        );
+    }
+
     /// A SUBSCRIBE filter the ACL allowed but the router did not take.
     pub fn subscription_refused(&self, identity: &Identity, filter: &str, why: &str) {
         warn!(event = "subscription_refused", device_id = %identity.id, role = %identity.role, filter, why, "{identity} may not subscribe to {filter:?}: {why}");

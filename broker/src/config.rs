@@ -137,6 +137,18 @@ pub struct Limits {
     pub max_retained_messages: usize,
     /// Topic and payload bytes of all retained messages. Default 64 MiB.
     pub max_retained_bytes: usize,
+    /// The longest Session Expiry Interval an MQTT 5 client gets, seconds: a longer one (or
+    /// "never") is cut to this and said in CONNACK. Default 604800 (7 days). MQTT 3.1.1
+    /// persistent sessions never expire.
+    pub max_session_expiry_secs: u32,
+    /// The longest keepalive an MQTT 5 client gets, seconds: a client asking for more, or for
+    /// none, is told this one in CONNACK (Server Keep Alive). Default 1200 (AWS IoT Core's
+    /// maximum: long enough for battery devices on cellular links).
+    pub max_keep_alive_secs: u16,
+    /// Topic aliases per MQTT 5 connection, each way: how many the client may use (CONNACK
+    /// Topic Alias Maximum) and how many the broker uses towards a client that allows them.
+    /// Default 10; 0 turns them off.
+    pub max_topic_aliases: u16,
 }
 
 impl Default for Limits {
@@ -153,6 +165,9 @@ impl Default for Limits {
             max_subscriptions: 100,
             max_retained_messages: 10_000,
             max_retained_bytes: 64 * 1024 * 1024,
+            max_session_expiry_secs: 7 * 24 * 3600,
+            max_keep_alive_secs: 1200,
+            max_topic_aliases: 10,
         }
     }
 }
@@ -276,6 +291,9 @@ impl BrokerConfig {
         ];
         if let Some((field, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
             return Err(invalid(field, "must be at least 1"));
+        }
+        if self.limits.max_keep_alive_secs == 0 {
+            return Err(invalid("limits.max_keep_alive_secs", "must be at least 1"));
         }
         if !(1..=65_000).contains(&self.limits.max_inflight) {
             return Err(invalid(

@@ -51,6 +51,7 @@ pub mod session;
 pub mod store;
 pub mod tls;
 pub mod topic;
+pub mod will;
 
 pub use config::BrokerConfig;
 pub use listener::{Broker, StartError};

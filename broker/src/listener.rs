@@ -147,6 +147,7 @@ impl Broker {
     pub async fn run(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
         let shutdown_rx = self.shutdown.subscribe();
         tokio::spawn(self.reloader.run(shutdown_rx.clone()));
+        let _expiry_task = AbortOnDrop(tokio::spawn(expire_sessions(self.ctx.router.clone())));
         let bridge_metrics = self.bridge.as_ref().map(Bridge::metrics);
         if let Some(bridge) = self.bridge {
             bridge.spawn();
@@ -226,6 +227,17 @@ fn router_limits(limits: &crate::config::Limits) -> RouterLimits {
         max_subscriptions: limits.max_subscriptions,
         max_retained_messages: limits.max_retained_messages,
         max_retained_bytes: limits.max_retained_bytes,
+    }
+}
+
+/// Ends detached sessions whose MQTT 5 Session Expiry Interval has run out, once a second (the
+/// interval's own unit).
+async fn expire_sessions(router: crate::router::Router) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        router.expire_sessions(std::time::Instant::now());
     }
 }
 

@@ -44,6 +44,10 @@ pub enum DropReason {
     /// A retained message that the retained store's bounds did not let it keep (the message
     /// itself was still delivered).
     RetainRefused,
+    /// An MQTT 5 message whose Message Expiry Interval ran out before it could be sent.
+    Expired,
+    /// A message larger than the Maximum Packet Size its MQTT 5 subscriber gave (MQTT-3.1.2-25).
+    TooLargeForClient,
     /// The bridge's outbox was over `bridge.outbox_max_messages`/`outbox_max_bytes`: its
     /// oldest message, not yet forwarded upstream, went.
     OutboxOverflow,
@@ -57,12 +61,14 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in metric order.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::QueueOverflow,
         DropReason::Qos0SubscriberFull,
         DropReason::OfflineQos0,
         DropReason::SessionEnded,
         DropReason::RetainRefused,
+        DropReason::Expired,
+        DropReason::TooLargeForClient,
         DropReason::OutboxOverflow,
         DropReason::DownstreamRefused,
         DropReason::UpstreamTopicTooLong,
@@ -76,6 +82,8 @@ impl DropReason {
             DropReason::OfflineQos0 => "offline_qos0",
             DropReason::SessionEnded => "session_ended",
             DropReason::RetainRefused => "retain_refused",
+            DropReason::Expired => "message_expired",
+            DropReason::TooLargeForClient => "too_large_for_client",
             DropReason::OutboxOverflow => "outbox_overflow",
             DropReason::DownstreamRefused => "downstream_refused",
             DropReason::UpstreamTopicTooLong => "upstream_topic_too_long",

@@ -10,14 +10,16 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use crate::codec::{Outbound, ReasonCode, Version, Will};
 use crate::connect::{establish, Established};
 use crate::connection::Connection;
 use crate::context::SessionContext;
 use crate::handshake::handshake;
 use crate::pump::pump;
-use crate::reason::{KickReason, RejectReason, SessionEnd};
-use crate::router::{Message, Publication, QoS};
+use crate::reason::{KickReason, RejectReason, SessionEnd, Violation};
+use crate::router::{Message, Publication, Router};
 use crate::tls::PresentedCert;
+use crate::will::DelayedWill;
 
 /// How long the close waits for TLS close_notify to go out.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -62,8 +64,17 @@ async fn finish(
         attached,
         registration,
         will,
+        client,
         ..
     } = session;
+    let mut conn = conn;
+    // An MQTT 5 client is told why, with the audit word as the reason string.
+    if let (Version::V5, Some(code)) = (client.version, disconnect_code(&end)) {
+        let _ = conn.queue(&Outbound::Disconnect {
+            code,
+            reason: end.as_str(),
+        });
+    }
     // The client learns first, unless another connection took its client id over (see below).
     let successor = kick.successor().cloned();
     let conn = match successor {
@@ -73,6 +84,15 @@ async fn finish(
         }
         Some(_) => Some(conn),
     };
+    // A will with a delay waits with the session, which a reconnect may resume first; held
+    // before the detach below, so that a reconnect cannot slip in between.
+    let will = will.filter(|_| end.fires_will());
+    let delay = will.as_ref().map_or(0, |w| w.delay.min(client.session_expiry));
+    let delayed = (delay > 0).then(|| {
+        let pending = Arc::new(DelayedWill::default());
+        attached.hold_will(pending.clone());
+        pending
+    });
     // Offline from now on: a persistent session queues for the next connection, a clean one
     // ends, and publishers waiting for it go on.
     drop(attached);
@@ -87,13 +107,19 @@ async fn finish(
             waiting.finish().await;
         }
     }
-    if let Some(will) = will.filter(|_| end.fires_will()) {
-        let topic = String::from_utf8_lossy(&will.topic);
-        let qos = QoS::from_u8(will.qos as u8).unwrap_or(QoS::AtMostOnce);
-        ctx.router
-            .publish(Message::new(&topic, &will.message, qos, will.retain))
-            .finish()
-            .await;
+    if let Some(will) = will {
+        let message = will_message(&will);
+        match delayed {
+            None => ctx.router.publish(message).finish().await,
+            Some(pending) => {
+                let router: Router = ctx.router.clone();
+                tokio::spawn(async move {
+                    if pending.wait(Duration::from_secs(u64::from(delay))).await {
+                        router.publish(message).finish().await;
+                    }
+                });
+            }
+        }
     }
     if let (Some(successor), Some(conn)) = (successor, conn) {
         // A connection taken over says nothing until its successor has its CONNACK, and then
@@ -107,7 +133,7 @@ async fn finish(
     ctx.audit.metrics().session_closed(identity.role);
     match &end {
         SessionEnd::Kicked(KickReason::Revoked) => ctx.audit.revoked_kick(&identity, &revocation.serial),
-        SessionEnd::Protocol(detail) => {
+        SessionEnd::Protocol(_, detail) => {
             let cert = PresentedCert {
                 id: Some(identity.id.to_string()),
                 revocation: Some(revocation),
@@ -117,4 +143,41 @@ async fn finish(
         }
         end => ctx.audit.disconnect(peer, &identity, &client_id, end),
     }
+}
+
+/// The will as the message it becomes.
+fn will_message(will: &Will) -> Arc<Message> {
+    let topic = String::from_utf8_lossy(&will.topic);
+    Message::carrying(
+        &topic,
+        &will.payload,
+        will.qos,
+        will.retain,
+        &will.properties.forwarded,
+        will.properties.message_expiry,
+    )
+}
+
+/// The MQTT 5 DISCONNECT reason code for a session the broker ends; none where the client
+/// ended it or the connection is gone.
+fn disconnect_code(end: &SessionEnd) -> Option<ReasonCode> {
+    Some(match end {
+        SessionEnd::ClientDisconnect
+        | SessionEnd::ClientDisconnectWithWill
+        | SessionEnd::PeerClosed
+        | SessionEnd::Io(_) => return None,
+        SessionEnd::KeepaliveTimeout => ReasonCode::KeepAliveTimeout,
+        SessionEnd::AclDisconnect => ReasonCode::NotAuthorized,
+        SessionEnd::Protocol(violation, _) => match violation {
+            Violation::Malformed => ReasonCode::MalformedPacket,
+            Violation::Protocol => ReasonCode::ProtocolError,
+            Violation::PacketTooLarge => ReasonCode::PacketTooLarge,
+            Violation::ReceiveMaximumExceeded => ReasonCode::ReceiveMaximumExceeded,
+            Violation::TopicAliasInvalid => ReasonCode::TopicAliasInvalid,
+        },
+        SessionEnd::Kicked(KickReason::Revoked) => ReasonCode::AdministrativeAction,
+        SessionEnd::Kicked(KickReason::TakenOver) => ReasonCode::SessionTakenOver,
+        SessionEnd::Kicked(KickReason::SlowSubscriber) => ReasonCode::QuotaExceeded,
+        SessionEnd::Kicked(KickReason::Shutdown) => ReasonCode::ServerShuttingDown,
+    })
 }

@@ -12,6 +12,7 @@ mod broker_process;
 mod fleet;
 mod mqtt;
 pub mod raw;
+pub mod raw5;
 mod tools;
 mod upstream;
 

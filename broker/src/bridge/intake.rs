@@ -14,7 +14,8 @@ use std::task::Poll;
 
 use super::Shared;
 use crate::kick::Kick;
-use crate::router::{Attached, Message, Outgoing, QoS, Router, SessionKey, SubscribeRefused};
+use crate::message::SubscriptionOptions;
+use crate::router::{Attached, Message, Outgoing, QoS, Router, SessionKey, SubscribeRefused, NEVER_EXPIRES};
 
 /// Deliveries taken from the router per round.
 const BATCH: usize = 512;
@@ -38,14 +39,14 @@ impl Intake {
             share_scope: format!("bridge:{name}").into(),
         };
         let kick = Arc::new(Kick::default());
-        let attached = router.attach(key.clone(), false, kick.clone(), BATCH);
+        let attached = router.attach(key.clone(), false, NEVER_EXPIRES, kick.clone(), BATCH);
         for old in attached.subscriptions() {
             if !filters.iter().any(|f| **f == *old) {
                 attached.unsubscribe(&old);
             }
         }
         for filter in filters {
-            attached.subscribe(filter, QoS::AtLeastOnce)?;
+            attached.subscribe(filter, SubscriptionOptions::qos(QoS::AtLeastOnce))?;
         }
         Ok(Self {
             router: router.clone(),
@@ -64,7 +65,9 @@ impl Intake {
             // session does not stay treated as offline.
             if self.kick.reason().is_some() {
                 self.kick = Arc::new(Kick::default());
-                self.attached = self.router.attach(self.key.clone(), false, self.kick.clone(), BATCH);
+                self.attached = self
+                    .router
+                    .attach(self.key.clone(), false, NEVER_EXPIRES, self.kick.clone(), BATCH);
             }
             poll_fn(|cx| {
                 // Only QoS 0/1 reach this session (it subscribes at QoS 1), so nothing waits

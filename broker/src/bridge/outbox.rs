@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crate::audit::Audit;
 use crate::message::{Delivery, Message, QoS};
 use crate::metrics::DropReason;
-use crate::router::Reporter;
+use crate::router::{Reporter, NEVER_EXPIRES};
 use crate::store::{Store, StoredSession};
 
 /// One message waiting for the upstream.
@@ -79,7 +79,8 @@ impl Outbox {
     ) -> Self {
         let client = Self::store_key(name);
         if let Some(store) = &store {
-            store.session(&client, &client);
+            // Never expires: only the bridge empties it.
+            store.session(&client, &client, NEVER_EXPIRES);
         }
         let mut outbox = Self {
             entries: VecDeque::new(),
@@ -110,6 +111,7 @@ impl Outbox {
                 qos: QoS::AtLeastOnce,
                 retain: false,
                 stored: None,
+                subscription_ids: Box::new([]),
             };
             store.enqueue(&self.client, &delivery).0
         });

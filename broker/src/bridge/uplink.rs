@@ -34,7 +34,7 @@ use tokio_rustls::TlsConnector;
 
 use super::downstream::{self, Downstream};
 use super::Shared;
-use crate::codec::{decode_from_server, encode_from_client, encode_publish, FromServer, OutgoingPublish};
+use crate::codec::{decode_from_server, encode_from_client, encode_publish, FromServer, OutgoingPublish, Version};
 use crate::router::QoS;
 
 /// The longest pause between two rounds of attempts.
@@ -433,15 +433,8 @@ impl Connection {
         while self.inflight.len() < max_inflight {
             let Some(entry) = outbox.next_unsent() else { break };
             let pkid = self.issue_pkid();
-            let publish = OutgoingPublish {
-                topic: &entry.message.topic,
-                payload: &entry.message.payload,
-                qos: QoS::AtLeastOnce,
-                pkid,
-                dup: false,
-                retain: false,
-            };
-            if encode_publish(&publish, &mut self.wbuf).is_err() {
+            let publish = OutgoingPublish::plain(&entry.message.topic, &entry.message.payload, QoS::AtLeastOnce, pkid);
+            if encode_publish(&publish, Version::V311, &mut self.wbuf).is_err() {
                 // Cannot happen: the intake keeps topics MQTT can frame, and the local broker took
                 // no packet larger than MQTT can frame. Were it to, the entry stays in the outbox,
                 // counted in its depth, rather than stop the others.
