@@ -2,7 +2,6 @@
 //! connection to its router session and answer CONNACK. Every refusal is written and logged here.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -211,15 +210,13 @@ async fn read_connect(
     None
 }
 
-/// Numbers the client ids given to services that connect without one.
-static ASSIGNED: AtomicU64 = AtomicU64::new(1);
-
 /// The router session key of a peer, and the client id as the client knows it.
 ///
 /// Roles live in separate namespaces, so no service can take over a device's session by naming
 /// its client id, and several instances of a service may connect under different client ids. A
 /// device's session is its certificate's id whatever it sent (`check_connect` refused anything
-/// else but empty). A service without a client id gets a fresh one (clean sessions only).
+/// else but empty). A service without a client id gets a fresh, random one: unique across
+/// restarts too, since an MQTT 5 client may keep such a session (it learns the id from CONNACK).
 ///
 /// Shared subscription groups are scoped: each device alone, all services together. So a device
 /// never takes messages from a backend's group, nor shares a group with another device.
@@ -229,7 +226,7 @@ fn session_key(identity: &Identity, requested: &str) -> (SessionKey, String) {
         Role::Device => (format!("device:{id}"), format!("device:{id}"), id.to_owned()),
         Role::Service | Role::Gateway => {
             let client_id = if requested.is_empty() {
-                format!("{id}-auto-{}", ASSIGNED.fetch_add(1, Ordering::Relaxed))
+                format!("{id}-auto-{}", random_suffix())
             } else {
                 requested.to_owned()
             };
@@ -312,4 +309,14 @@ fn check_connect(identity: &Identity, connect: &Connect, rules: &TopicRules) -> 
         }
     }
     Ok(())
+}
+
+/// 16 hex digits from the operating system's random source (via aws-lc).
+fn random_suffix() -> String {
+    let mut bytes = [0u8; 8];
+    // Only fails where the OS has no random source at all, and then TLS could not run either.
+    let _ = rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

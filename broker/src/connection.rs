@@ -378,8 +378,8 @@ impl Connection {
     }
 
     /// Sends what is queued and TLS close_notify (or, after a TLS failure, rustls's alert),
-    /// and closes once the client has, giving up after `limit`.
-    pub async fn close(mut self, limit: Duration) {
+    /// and shuts the socket's sending side, giving up after `limit`. See [`Connection::linger`].
+    pub async fn close(&mut self, limit: Duration) {
         let _ = tokio::time::timeout(limit, async {
             if self.failed {
                 self.drain_alert();
@@ -388,10 +388,17 @@ impl Connection {
                 self.queue_close_notify();
             }
             self.flush_tls().await?;
-            self.tcp.shutdown().await?;
-            // Read and discard what the client still sends, until it closes too: a socket
-            // closed with unread bytes makes the kernel send a reset, which can destroy the last
-            // packets (an MQTT 5 DISCONNECT with its reason code) before the client reads them.
+            self.tcp.shutdown().await
+        })
+        .await;
+    }
+
+    /// After [`Connection::close`]: reads and discards what the client still sends until it
+    /// closes too (at most `limit`), then lets the socket go. A socket closed with unread bytes
+    /// makes the kernel send a reset, which can destroy the last packets (an MQTT 5 DISCONNECT
+    /// with its reason code) before the client has read them.
+    pub async fn linger(mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
             let mut sink = [0u8; 4096];
             while self.tcp.read(&mut sink).await? > 0 {}
             Ok::<(), std::io::Error>(())

@@ -46,8 +46,9 @@ pub struct Message {
     /// Content Type, Response Topic, Correlation Data, User Properties), encoded as they
     /// arrived; empty from MQTT 3.1.1 publishers. MQTT 3.1.1 subscribers get none of them.
     pub properties: Bytes,
-    /// When it expires, in seconds since the Unix epoch (MQTT 5 Message Expiry Interval):
-    /// from then on it is never delivered. Wall-clock time, so that it survives a restart.
+    /// When it expires, in milliseconds since the Unix epoch (MQTT 5 Message Expiry Interval):
+    /// from then on it is never delivered. Wall-clock time, so that it survives a restart;
+    /// milliseconds, so that an interval of 1 s is never cut short by rounding.
     pub expires_at: Option<u64>,
 }
 
@@ -73,7 +74,7 @@ impl Message {
             qos,
             retain,
             properties: Bytes::copy_from_slice(properties),
-            expires_at: expiry.map(|secs| unix_now() + u64::from(secs)),
+            expires_at: expiry.map(|secs| unix_millis() + u64::from(secs) * 1000),
         })
     }
 
@@ -82,24 +83,25 @@ impl Message {
         self.topic.len() + self.payload.len() + self.properties.len()
     }
 
-    /// Whether it has expired by `now` (seconds since the Unix epoch).
+    /// Whether it has expired by `now` (milliseconds since the Unix epoch).
     pub fn is_expired(&self, now: u64) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
     }
 
-    /// What is left of its expiry interval at `now`, for the PUBLISH that carries it
-    /// (MQTT-3.3.2-6); `None` if it never expires.
+    /// What is left of its expiry interval at `now` (milliseconds since the Unix epoch), in
+    /// whole seconds rounded up, for the PUBLISH that carries it (MQTT-3.3.2-6); `None` if it
+    /// never expires.
     pub fn expiry_left(&self, now: u64) -> Option<u32> {
         self.expires_at
-            .map(|at| u32::try_from(at.saturating_sub(now)).unwrap_or(u32::MAX))
+            .map(|at| u32::try_from(at.saturating_sub(now).div_ceil(1000)).unwrap_or(u32::MAX))
     }
 }
 
-/// Seconds since the Unix epoch (0 if the clock says before it).
-pub fn unix_now() -> u64 {
+/// Milliseconds since the Unix epoch (0 if the clock says before it).
+pub fn unix_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What a subscription asked for beyond its filter (MQTT 5 section 3.8.3.1; a 3.1.1

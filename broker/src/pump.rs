@@ -28,13 +28,13 @@ use tokio::time::Sleep;
 
 use crate::acl::{OnDeniedPublish, Verdict};
 use crate::codec::{
-    publish_size, FrameError, Inbound, InboundPublish, Outbound, OutgoingPublish, ReasonCode, RetainHandling,
-    Subscribe, Unsubscribe, Version,
+    publish_size, Disconnect, FrameError, Inbound, InboundPublish, Outbound, OutgoingPublish, ReasonCode,
+    RetainHandling, Subscribe, Unsubscribe, Version,
 };
 use crate::connect::Established;
 use crate::connection::Connection;
 use crate::context::SessionContext;
-use crate::message::unix_now;
+use crate::message::unix_millis;
 use crate::metrics::DropReason;
 use crate::reason::{SessionEnd, Violation};
 use crate::router::{Message, Outgoing, Publication, QoS, SubscribeRefused, SubscriptionOptions};
@@ -342,10 +342,35 @@ impl Pump<'_> {
             .audit
             .metrics()
             .dropped(DropReason::SessionEnded, held_qos0 as u64);
-        if self.held.iter().any(|p| matches!(p, Inbound::Disconnect(_))) {
-            SessionEnd::ClientDisconnect
+        let disconnect = self.held.iter().find_map(|p| match p {
+            Inbound::Disconnect(disconnect) => Some(disconnect),
+            _ => None,
+        });
+        match disconnect {
+            Some(disconnect) => self.disconnect_end(disconnect),
+            None => SessionEnd::PeerClosed,
+        }
+    }
+
+    /// The end a client's DISCONNECT asks for, after applying the Session Expiry Interval an
+    /// MQTT 5 one may carry (capped as at CONNECT).
+    fn disconnect_end(&self, disconnect: &Disconnect) -> SessionEnd {
+        if let Some(expiry) = disconnect.session_expiry {
+            // MQTT-3.14.2-2: a session that was to end with the connection stays so.
+            if self.session.client.session_expiry == 0 && expiry > 0 {
+                return SessionEnd::Protocol(
+                    Violation::Protocol,
+                    "DISCONNECT sets a Session Expiry Interval on a session that had none".into(),
+                );
+            }
+            self.session
+                .attached
+                .set_session_expiry(expiry.min(self.ctx.limits.max_session_expiry_secs));
+        }
+        if disconnect.reason_code == 0x04 {
+            SessionEnd::ClientDisconnectWithWill
         } else {
-            SessionEnd::PeerClosed
+            SessionEnd::ClientDisconnect
         }
     }
 
@@ -403,7 +428,7 @@ impl Pump<'_> {
         }
         let (session, conn, aliases) = (self.session, &mut *self.conn, &mut self.aliases);
         let terms = &session.client;
-        let now = unix_now();
+        let now = unix_millis();
         let (mut published, mut failed, mut durable_wait) = (0u64, None, None);
         let mut too_large = Vec::new();
         let handed = session
@@ -424,17 +449,21 @@ impl Pump<'_> {
                             subscription_ids: &delivery.subscription_ids,
                             properties: &message.properties,
                         };
+                        let alias = aliases.outbound_alias(&message.topic, terms.topic_alias_maximum);
+                        if let Some((alias, known)) = alias {
+                            publish.topic_alias = Some(alias);
+                            if known {
+                                publish.topic = "";
+                            }
+                        }
+                        // The size of exactly what would go out, alias included.
                         let limit = terms.maximum_packet_size.map_or(usize::MAX, |max| max as usize);
                         if publish_size(&publish, terms.version) > limit {
                             too_large.push((pkid, delivery.qos));
                             return;
                         }
-                        let known = aliases.outbound_alias(&message.topic, terms.topic_alias_maximum);
-                        if let Some((alias, known)) = known {
-                            publish.topic_alias = Some(alias);
-                            if known {
-                                publish.topic = "";
-                            }
+                        if let Some((alias, false)) = alias {
+                            aliases.commit(&message.topic, alias);
                         }
                         published += 1;
                         conn.queue_publish(&publish)
@@ -559,23 +588,7 @@ impl Pump<'_> {
             Inbound::Subscribe(subscribe) => self.on_subscribe(subscribe),
             Inbound::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe),
             Inbound::PingReq => self.reply(&Outbound::PingResp),
-            Inbound::Disconnect(disconnect) => {
-                if let Some(expiry) = disconnect.session_expiry {
-                    // MQTT-3.14.2-2: a session that was to end with the connection stays so.
-                    if self.session.client.session_expiry == 0 && expiry > 0 {
-                        return Err(SessionEnd::Protocol(
-                            Violation::Protocol,
-                            "DISCONNECT sets a Session Expiry Interval on a session that had none".into(),
-                        ));
-                    }
-                    attached.set_session_expiry(expiry.min(self.ctx.limits.max_session_expiry_secs));
-                }
-                return Err(if disconnect.reason_code == 0x04 {
-                    SessionEnd::ClientDisconnectWithWill
-                } else {
-                    SessionEnd::ClientDisconnect
-                });
-            }
+            Inbound::Disconnect(disconnect) => return Err(self.disconnect_end(&disconnect)),
             Inbound::Auth => {
                 return Err(SessionEnd::Protocol(
                     Violation::Protocol,
@@ -782,9 +795,14 @@ impl Pump<'_> {
         let codes: Vec<ReasonCode> = unsubscribe
             .filters
             .iter()
-            .map(|filter| match self.session.attached.unsubscribe(filter) {
-                true => ReasonCode::Success,
-                false => ReasonCode::NoSubscriptionExisted,
+            .map(|filter| {
+                if crate::topic::SubscriptionFilter::parse(filter).is_err() {
+                    ReasonCode::TopicFilterInvalid
+                } else if self.session.attached.unsubscribe(filter) {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::NoSubscriptionExisted
+                }
             })
             .collect();
         // Exactly one UNSUBACK, also for filters never subscribed (MQTT-3.10.4-5).
@@ -796,9 +814,10 @@ impl Pump<'_> {
 }
 
 impl TopicAliases {
-    /// The alias to send `topic` under, and whether the client knows it already; a new one is
-    /// set while fewer than `max` are in use. None once all are taken (the topic goes in full).
-    fn outbound_alias(&mut self, topic: &str, max: u16) -> Option<(u16, bool)> {
+    /// The alias to send `topic` under, and whether the client knows it already; a new one
+    /// (to [`TopicAliases::commit`] once it is sent) while fewer than `max` are in use. None
+    /// once all are taken: the topic goes in full.
+    fn outbound_alias(&self, topic: &str, max: u16) -> Option<(u16, bool)> {
         if max == 0 {
             return None;
         }
@@ -806,8 +825,12 @@ impl TopicAliases {
             return Some((alias, true));
         }
         let next = u16::try_from(self.outbound.len() + 1).ok().filter(|n| *n <= max)?;
-        self.outbound.insert(topic.into(), next);
         Some((next, false))
+    }
+
+    /// A new alias went out with `topic`: the client knows it from now on.
+    fn commit(&mut self, topic: &str, alias: u16) {
+        self.outbound.insert(topic.into(), alias);
     }
 }
 

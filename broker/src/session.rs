@@ -17,7 +17,7 @@ use crate::context::SessionContext;
 use crate::handshake::handshake;
 use crate::pump::pump;
 use crate::reason::{KickReason, RejectReason, SessionEnd, Violation};
-use crate::router::{Message, Publication, Router};
+use crate::router::{Message, Publication, Router, WillHold};
 use crate::tls::PresentedCert;
 use crate::will::DelayedWill;
 
@@ -68,6 +68,15 @@ async fn finish(
         ..
     } = session;
     let mut conn = conn;
+    // A will with a delay waits with the session, which a reconnect may resume first: decided
+    // now, while this connection still owns the session, before anything can wait.
+    let will = will.filter(|_| end.fires_will());
+    let pending = Arc::new(DelayedWill::default());
+    let hold = match &will {
+        Some(will) if will.delay > 0 => attached.hold_will(&pending, will.delay),
+        Some(_) => WillHold::PublishNow,
+        None => WillHold::Cancelled,
+    };
     // An MQTT 5 client is told why, with the audit word as the reason string.
     if let (Version::V5, Some(code)) = (client.version, disconnect_code(&end)) {
         let _ = conn.queue(&Outbound::Disconnect {
@@ -77,22 +86,9 @@ async fn finish(
     }
     // The client learns first, unless another connection took its client id over (see below).
     let successor = kick.successor().cloned();
-    let conn = match successor {
-        None => {
-            conn.close(CLOSE_GRACE).await;
-            None
-        }
-        Some(_) => Some(conn),
-    };
-    // A will with a delay waits with the session, which a reconnect may resume first; held
-    // before the detach below, so that a reconnect cannot slip in between.
-    let will = will.filter(|_| end.fires_will());
-    let delay = will.as_ref().map_or(0, |w| w.delay.min(client.session_expiry));
-    let delayed = (delay > 0).then(|| {
-        let pending = Arc::new(DelayedWill::default());
-        attached.hold_will(pending.clone());
-        pending
-    });
+    if successor.is_none() {
+        conn.close(CLOSE_GRACE).await;
+    }
     // Offline from now on: a persistent session queues for the next connection, a clean one
     // ends, and publishers waiting for it go on.
     drop(attached);
@@ -107,21 +103,20 @@ async fn finish(
             waiting.finish().await;
         }
     }
-    if let Some(will) = will {
-        let message = will_message(&will);
-        match delayed {
-            None => ctx.router.publish(message).finish().await,
-            Some(pending) => {
-                let router: Router = ctx.router.clone();
-                tokio::spawn(async move {
-                    if pending.wait(Duration::from_secs(u64::from(delay))).await {
-                        router.publish(message).finish().await;
-                    }
-                });
-            }
+    match (will, hold) {
+        (Some(will), WillHold::PublishNow) => ctx.router.publish(will_message(&will)).finish().await,
+        (Some(will), WillHold::Held(delay)) => {
+            let router: Router = ctx.router.clone();
+            tokio::spawn(async move {
+                if pending.wait(Duration::from_secs(u64::from(delay))).await {
+                    // Made now: its Message Expiry Interval starts when it is published.
+                    router.publish(will_message(&will)).finish().await;
+                }
+            });
         }
+        _ => {}
     }
-    if let (Some(successor), Some(conn)) = (successor, conn) {
+    if let Some(successor) = successor {
         // A connection taken over says nothing until its successor has its CONNACK, and then
         // for a moment more: a client reconnecting under the same client id usually still reads
         // its old socket from another thread, which our close would wake onto the new one.
@@ -143,6 +138,8 @@ async fn finish(
         }
         end => ctx.audit.disconnect(peer, &identity, &client_id, end),
     }
+    // Last: the session is over for everyone else; only the socket is still owed its close.
+    conn.linger(CLOSE_GRACE).await;
 }
 
 /// The will as the message it becomes.

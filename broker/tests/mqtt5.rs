@@ -325,6 +325,14 @@ async fn session_expiry_is_capped_ends_the_session_and_survives_a_restart() {
     broker.terminate();
     let mut broker = start(&fleet, &[]);
     let long = Props::new().four(id::SESSION_EXPIRY_INTERVAL, 3600);
+    // Resumed to end with its connection (expiry 0): gone from the store as well.
+    let (mut brief, _) = connect5(broker.port(), &backend, "brief", true, long.clone()).await;
+    subscribe(&mut brief, Props::new(), &[("devices/+/telemetry", 1)]).await;
+    brief.send(&raw5::disconnect(0, &Props::new())).await.unwrap();
+    let (mut brief, ack) = connect5(broker.port(), &backend, "brief", false, Props::new()).await;
+    assert!(ack.session_present);
+    brief.send(&raw5::disconnect(0, &Props::new())).await.unwrap();
+    assert!(brief.closed_within(WAIT).await);
     let (mut client, _) = connect5(broker.port(), &backend, "durable", true, long.clone()).await;
     subscribe(&mut client, Props::new(), &[("devices/+/telemetry", 1)]).await;
     client.send(&raw5::disconnect(0, &Props::new())).await.unwrap();
@@ -343,6 +351,8 @@ async fn session_expiry_is_capped_ends_the_session_and_survives_a_restart() {
     dev.recv_until(WAIT, |p| p.kind() == kind::PUBACK).await.unwrap();
     broker.kill();
     let broker = start(&fleet, &[]);
+    let (_, ack) = connect5(broker.port(), &backend, "brief", false, long.clone()).await;
+    assert!(!ack.session_present, "a session that ended is not restored");
     let (mut client, ack) = connect5(broker.port(), &backend, "durable", false, long).await;
     assert!(ack.session_present, "restored from the store");
     let got = next_publish(&mut client, WAIT).await.expect("the queued message");
@@ -481,7 +491,11 @@ async fn a_delayed_will_waits_and_a_reconnect_cancels_it() {
                 &b"gone"[..],
                 1,
                 false,
-                Props::new().four(id::WILL_DELAY_INTERVAL, delay).user("why", "power"),
+                // Its expiry counts from its publication, not from the connection's loss.
+                Props::new()
+                    .four(id::WILL_DELAY_INTERVAL, delay)
+                    .four(id::MESSAGE_EXPIRY_INTERVAL, delay)
+                    .user("why", "power"),
             )),
         )
     };
@@ -506,11 +520,22 @@ async fn a_delayed_will_waits_and_a_reconnect_cancels_it() {
         &Props::new().four(id::SESSION_EXPIRY_INTERVAL, 60),
         None,
     );
-    let (_back, ack) = connect5_with(port, &dev, &resume).await;
+    let (back, ack) = connect5_with(port, &dev, &resume).await;
     assert!(ack.session_present);
     assert!(
         next_publish(&mut sub, Duration::from_secs(3)).await.is_none(),
         "the will was cancelled"
+    );
+    drop(back);
+
+    // Taken over by a connection that resumes the session: the old connection's will never comes.
+    let (first, _) = connect5_with(port, &dev, &will(2)).await;
+    let (_second, ack) = connect5_with(port, &dev, &resume).await;
+    assert!(ack.session_present);
+    drop(first);
+    assert!(
+        next_publish(&mut sub, Duration::from_secs(4)).await.is_none(),
+        "no will after a takeover that resumed the session"
     );
 }
 

@@ -390,3 +390,16 @@ impl Parsed for RawPacket {
         properties(&self.body, &mut at)
     }
 }
+
+/// Appends a PUBLISH without properties to `out` (no allocation: what a load generator sends).
+pub fn write_publish(out: &mut Vec<u8>, topic: &str, payload: &[u8], qos: u8, pkid: u16) {
+    let pkid_len = if qos > 0 { 2 } else { 0 };
+    out.push(0x30 | (qos << 1));
+    remaining_length(2 + topic.len() + pkid_len + 1 + payload.len(), out);
+    put_binary(topic.as_bytes(), out);
+    if qos > 0 {
+        out.extend_from_slice(&pkid.to_be_bytes());
+    }
+    out.push(0);
+    out.extend_from_slice(payload);
+}

@@ -245,16 +245,12 @@ pub enum ReasonCode {
     MalformedPacket = 0x81,
     /// Protocol error.
     ProtocolError = 0x82,
-    /// Implementation specific error.
-    ImplementationSpecificError = 0x83,
     /// CONNACK: unsupported protocol version.
     UnsupportedProtocolVersion = 0x84,
     /// CONNACK: client identifier not valid.
     ClientIdentifierNotValid = 0x85,
     /// Not authorized.
     NotAuthorized = 0x87,
-    /// CONNACK: server unavailable.
-    ServerUnavailable = 0x88,
     /// DISCONNECT: server shutting down.
     ServerShuttingDown = 0x8B,
     /// CONNACK: bad authentication method.
@@ -277,8 +273,6 @@ pub enum ReasonCode {
     QuotaExceeded = 0x97,
     /// DISCONNECT: administrative action (a revoked certificate).
     AdministrativeAction = 0x98,
-    /// CONNACK: server busy (too many connections).
-    ServerBusy = 0x89,
 }
 
 impl ReasonCode {
@@ -444,13 +438,22 @@ pub fn encode_publish(publish: &OutgoingPublish<'_>, version: Version, buf: &mut
     }
 }
 
-/// The size on the wire of `publish` as MQTT 5 encodes it: what a client's Maximum Packet
-/// Size is compared with.
+/// The size on the wire of the whole PUBLISH in `version`'s encoding: what an MQTT 5 client's
+/// Maximum Packet Size is compared with.
 pub fn publish_size(publish: &OutgoingPublish<'_>, version: Version) -> usize {
     match version {
         Version::V311 => v4::publish_size(publish),
         Version::V5 => v5::publish_size(publish),
     }
+}
+
+/// Checks stored forwarded properties (read back from the durable store) are what a PUBLISH
+/// may carry on to subscribers, so that a damaged row can never put bad bytes on the wire.
+pub fn check_forwarded_properties(forwarded: &[u8]) -> Result<(), FrameError> {
+    let mut list = BytesMut::new();
+    wire::put_varint(&mut list, forwarded.len());
+    list.extend_from_slice(forwarded);
+    v5::check_forwarded(list.freeze())
 }
 
 #[cfg(test)]

@@ -70,6 +70,14 @@ pub(super) mod allowed {
         TOPIC_ALIAS,
         USER_PROPERTY,
     ];
+    /// What a PUBLISH carries on to subscribers as it came (the rest is the broker's).
+    pub const FORWARDED: &[u8] = &[
+        PAYLOAD_FORMAT_INDICATOR,
+        CONTENT_TYPE,
+        RESPONSE_TOPIC,
+        CORRELATION_DATA,
+        USER_PROPERTY,
+    ];
     pub const ACK: &[u8] = &[REASON_STRING, USER_PROPERTY];
     pub const SUBSCRIBE: &[u8] = &[SUBSCRIPTION_IDENTIFIER, USER_PROPERTY];
     pub const UNSUBSCRIBE: &[u8] = &[USER_PROPERTY];

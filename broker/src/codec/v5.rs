@@ -240,6 +240,15 @@ fn forward(pid: u8, value: &Value, raw: &[u8], forwarded: &mut BytesMut, packet:
     Ok(())
 }
 
+/// Checks a property list holds only properties a PUBLISH carries on to subscribers.
+pub(super) fn check_forwarded(list: bytes::Bytes) -> Result<(), FrameError> {
+    let mut r = Reader::new(list);
+    let mut sink = BytesMut::new();
+    properties::read(&mut r, "stored properties", allowed::FORWARDED, |pid, value, raw| {
+        forward(pid, &value, raw, &mut sink, "stored properties")
+    })
+}
+
 fn publish(flags: u8, r: &mut Reader) -> Result<InboundPublish, FrameError> {
     let qos = QoS::from_u8((flags >> 1) & 0b11).ok_or_else(|| FrameError::Malformed("PUBLISH with QoS 3".into()))?;
     let dup = flags & 0b1000 != 0;
@@ -305,7 +314,7 @@ fn subscribe(r: &mut Reader) -> Result<Subscribe, FrameError> {
     properties::read(r, "SUBSCRIBE", allowed::SUBSCRIBE, |pid, value, _| {
         if pid == id::SUBSCRIPTION_IDENTIFIER {
             let value = value.four();
-            if value == 0 || value > MAX_VARINT {
+            if value == 0 {
                 return Err(FrameError::Protocol("SUBSCRIBE: Subscription Identifier 0".into()));
             }
             identifier = Some(value);
@@ -524,7 +533,9 @@ pub(super) fn publish_size(publish: &OutgoingPublish<'_>) -> usize {
 pub(super) fn encode_publish(publish: &OutgoingPublish<'_>, out: &mut BytesMut) -> Result<(), FrameError> {
     let remaining = publish_remaining(publish);
     if remaining > MAX_VARINT as usize {
-        return Err(FrameError::TooLarge(remaining));
+        return Err(FrameError::Malformed(format!(
+            "a PUBLISH of {remaining} bytes is beyond MQTT's largest packet"
+        )));
     }
     let with_pkid = publish.qos != QoS::AtMostOnce;
     out.reserve(remaining + 5);

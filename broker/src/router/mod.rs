@@ -62,7 +62,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 pub use crate::message::{Delivery, Message, QoS, SubscriptionOptions};
-pub use session::{Outgoing, NEVER_EXPIRES};
+pub use session::{Outgoing, WillHold, NEVER_EXPIRES};
 
 use crate::audit::Audit;
 use crate::kick::Kick;
@@ -270,6 +270,10 @@ impl Router {
         let env = self.env();
         let generation = self.shared.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let mut sessions = self.sessions();
+        if let Some(deadline) = sessions.get(&key.client).and_then(|s| s.take_scheduled()) {
+            // Resumed or replaced now: its expiry entry goes (one entry per session at most).
+            self.expiring().remove(&(deadline, key.client.clone()));
+        }
         let (session, session_present) = match sessions.get(&key.client) {
             Some(existing) if !clean_start && existing.is_resumable() => (existing.clone(), true),
             existing => {
@@ -627,7 +631,7 @@ impl Attached {
     pub fn retained_for(&self, granted: &[(&str, SubscriptionOptions)]) -> Publication {
         let mut found: Vec<Delivery> = Vec::new();
         let mut index: HashMap<*const Message, usize> = HashMap::new();
-        let now = crate::message::unix_now();
+        let now = crate::message::unix_millis();
         let mut expired = 0;
         for (filter, options) in granted {
             let Ok(SubscriptionFilter { group: None, filter }) = SubscriptionFilter::parse(filter) else {
@@ -705,10 +709,10 @@ impl Attached {
         self.session.set_expiry(self.generation, expiry, self.router.env());
     }
 
-    /// Keeps the connection's will with the session while it waits out its delay (see
-    /// [`DelayedWill`]); before the connection detaches, so a reconnect cannot miss it.
-    pub fn hold_will(&self, will: Arc<DelayedWill>) {
-        self.session.hold_will(will);
+    /// Keeps the connection's will with the session while it waits out its delay of `delay`
+    /// seconds (see [`DelayedWill`] and [`WillHold`]).
+    pub fn hold_will(&self, will: &Arc<DelayedWill>, delay: u32) -> WillHold {
+        self.session.hold_will(self.generation, will, delay)
     }
 
     /// A delivery handed out that cannot be sent to this client (larger than its Maximum
@@ -768,8 +772,12 @@ impl Drop for Attached {
         let router = &self.router;
         let filters = match self.session.detach(self.generation, router.env()) {
             Detached::Discarded(filters) => filters,
-            Detached::Expires(deadline) => {
-                router.expiring().insert((deadline, self.session.client.clone()));
+            Detached::Expires { deadline, replaces } => {
+                let mut expiring = router.expiring();
+                if let Some(earlier) = replaces {
+                    expiring.remove(&(earlier, self.session.client.clone()));
+                }
+                expiring.insert((deadline, self.session.client.clone()));
                 return;
             }
             Detached::Kept => return,

@@ -32,7 +32,7 @@ use atomic_waker::AtomicWaker;
 
 use super::{Env, Limits, SubscribeRefused, TooManyUnreleased};
 use crate::kick::Kick;
-use crate::message::{unix_now, Delivery, QoS, SubscriptionOptions};
+use crate::message::{unix_millis, Delivery, QoS, SubscriptionOptions};
 use crate::metrics::DropReason;
 use crate::reason::KickReason;
 use crate::store::{StoredSession, Ticket};
@@ -70,6 +70,9 @@ struct State {
     expiry: u32,
     /// While detached with a finite expiry: when it ends.
     expires_at: Option<Instant>,
+    /// The deadline the router's expiry schedule holds for this session, if any: one entry per
+    /// session, so that a client reconnecting in a loop cannot grow the schedule.
+    scheduled: Option<Instant>,
     /// The will of the connection that left, waiting out its delay.
     pending_will: Option<Arc<DelayedWill>>,
     /// Set once a clean session ends or is replaced: nothing is queued here again.
@@ -191,6 +194,7 @@ impl Session {
                 persistent: expiry > 0,
                 expiry,
                 expires_at: None,
+                scheduled: None,
                 pending_will: None,
                 discarded: false,
                 subscriptions: Vec::new(),
@@ -265,7 +269,14 @@ impl Session {
     pub(crate) fn expires_at_restore(&self, now: Instant) -> Option<Instant> {
         let mut state = self.lock();
         state.expires_at = state.deadline(now);
+        state.scheduled = state.expires_at;
         state.expires_at
+    }
+
+    /// The deadline the router's schedule holds for this session, taken off it (the caller
+    /// removes the entry: the session was resumed or replaced).
+    pub(crate) fn take_scheduled(&self) -> Option<Instant> {
+        self.lock().scheduled.take()
     }
 
     /// Changes the expiry interval (an MQTT 5 DISCONNECT may); recorded for a stored session.
@@ -280,22 +291,38 @@ impl Session {
         }
     }
 
-    /// Keeps `will` with the session while it waits out its delay: a connection that resumes
-    /// the session cancels it, one that starts it afresh has it published at once
-    /// (MQTT 5 section 3.1.3.2.2).
-    pub(crate) fn hold_will(&self, will: Arc<DelayedWill>) {
-        self.lock().pending_will = Some(will);
+    /// Keeps `will`, of the connection `generation`, with the session while it waits out its
+    /// delay of `delay` seconds: a connection that resumes the session cancels it, one that
+    /// starts it afresh (or the session's end) has it published at once (MQTT 5 section
+    /// 3.1.3.2.2). Decided under the session's lock, so a reconnect is seen either way.
+    pub(crate) fn hold_will(&self, generation: u64, will: &Arc<DelayedWill>, delay: u32) -> WillHold {
+        let mut state = self.lock();
+        if state.discarded {
+            return WillHold::PublishNow;
+        }
+        if !state.owned_by(generation) {
+            // Resumed by a newer connection already (MQTT-3.1.2-8: no will then).
+            return WillHold::Cancelled;
+        }
+        let delay = delay.min(state.expiry);
+        if delay == 0 {
+            return WillHold::PublishNow;
+        }
+        if let Some(earlier) = state.pending_will.replace(will.clone()) {
+            earlier.publish_now();
+        }
+        WillHold::Held(delay)
     }
 
     /// Ends the session if it is still detached and due at `deadline`: its filters, for the
     /// caller to take out of the tree and the registry.
     pub(crate) fn expire(&self, deadline: Instant, env: &Env) -> Option<Vec<Box<str>>> {
         let mut state = self.lock();
+        if state.scheduled == Some(deadline) {
+            state.scheduled = None;
+        }
         if state.owner.is_some() || state.discarded || state.expires_at != Some(deadline) {
             return None;
-        }
-        if let Some(will) = state.pending_will.take() {
-            will.publish_now();
         }
         Some(self.discard_locked(&mut state, env))
     }
@@ -332,7 +359,9 @@ impl Session {
                 kick,
                 max_inflight,
             });
-            state.persistent = expiry > 0;
+            // A stored session resumed to end with this connection stays recorded until then, so
+            // that its end removes it from the store.
+            state.persistent |= expiry > 0;
             state.expiry = expiry;
             state.expires_at = None;
             state.full_since = None;
@@ -365,7 +394,13 @@ impl Session {
                 Detached::Discarded(self.discard_locked(&mut state, env))
             } else {
                 state.expires_at = state.deadline(Instant::now());
-                state.expires_at.map_or(Detached::Kept, Detached::Expires)
+                match state.expires_at {
+                    Some(deadline) => Detached::Expires {
+                        deadline,
+                        replaces: state.scheduled.replace(deadline),
+                    },
+                    None => Detached::Kept,
+                }
             };
             (detached, std::mem::take(&mut state.space_waiters))
         };
@@ -381,9 +416,6 @@ impl Session {
             if let Some(owner) = state.owner.take() {
                 owner.kick.take_over(successor.clone());
             }
-            if let Some(will) = state.pending_will.take() {
-                will.publish_now();
-            }
             let filters = self.discard_locked(&mut state, env);
             (filters, std::mem::take(&mut state.space_waiters))
         };
@@ -391,9 +423,13 @@ impl Session {
         filters
     }
 
-    /// Marks the session discarded, counts what it held as dropped; returns its filters.
+    /// Marks the session discarded, counts what it held as dropped, publishes a will waiting
+    /// out its delay; returns its filters.
     fn discard_locked(&self, state: &mut State, env: &Env) -> Vec<Box<str>> {
         state.discarded = true;
+        if let Some(will) = state.pending_will.take() {
+            will.publish_now();
+        }
         if let (true, Some(store)) = (state.persistent, &env.store) {
             let held = state.queue.iter().chain(state.inflight.iter().map(|e| &e.delivery));
             let (ids, bytes) = held.filter_map(|d| d.stored.map(|id| (id, d.message.size()))).fold(
@@ -593,7 +629,7 @@ impl Session {
         }
         let mut popped = 0;
         let mut expired = 0;
-        let now = unix_now();
+        let now = unix_millis();
         while handed < budget {
             let Some(front) = state.queue.front() else { break };
             if front.qos != QoS::AtMostOnce && state.inflight.len() >= max_inflight && !front.message.is_expired(now) {
@@ -873,10 +909,26 @@ impl Session {
 pub(crate) enum Detached {
     /// It ended with the connection: its filters, to take out of the tree.
     Discarded(Vec<Box<str>>),
-    /// It waits for its next connection until then.
-    Expires(Instant),
+    /// It waits for its next connection until `deadline`; the schedule's entry for it moves
+    /// from `replaces`, if it had one.
+    Expires {
+        deadline: Instant,
+        replaces: Option<Instant>,
+    },
     /// It waits without an end (or another connection owns it).
     Kept,
+}
+
+/// What becomes of a will that has a delay, when its connection ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WillHold {
+    /// The session holds it for this many seconds (the delay, or the session's expiry if
+    /// shorter).
+    Held(u32),
+    /// Publish it now: no delay is left, or the session has ended.
+    PublishNow,
+    /// Never: a newer connection resumed the session.
+    Cancelled,
 }
 
 impl State {

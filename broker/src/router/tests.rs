@@ -594,3 +594,20 @@ mod properties {
         }
     }
 }
+
+/// A client that reconnects in a loop to a session with an expiry leaves one entry at most in
+/// the expiry schedule, however often it comes and goes.
+#[test]
+fn the_expiry_schedule_holds_one_entry_per_session() {
+    let router = router();
+    for _ in 0..50 {
+        let attached = router.attach(key("looping"), false, 3600, Arc::new(Kick::default()), 5);
+        drop(attached);
+    }
+    assert_eq!(router.expiring().len(), 1);
+    let attached = router.attach(key("looping"), false, 3600, Arc::new(Kick::default()), 5);
+    assert_eq!(router.expiring().len(), 0, "resumed: off the schedule");
+    drop(attached);
+    assert_eq!(router.expire_sessions(Instant::now() + Duration::from_secs(3601)), 1);
+    assert_eq!(router.expiring().len(), 0);
+}

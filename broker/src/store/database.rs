@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     retain   INTEGER NOT NULL,
     pkid     INTEGER,
     released INTEGER NOT NULL DEFAULT 0,
-    -- MQTT 5 properties as received; expiry in seconds since the Unix epoch; subscription
+    -- MQTT 5 properties as received; expiry in milliseconds since the Unix epoch; subscription
     -- identifiers as 4-byte big-endian numbers.
     properties       BLOB,
     expires_at       INTEGER,

@@ -384,7 +384,7 @@ fn read(database: &mut Database) -> Result<(Recovered, Vec<Damage>), rusqlite::E
                 let at = session_of(session, &mut sessions)?;
                 let qos = QoS::from_u8(qos).ok_or(format!("filter {filter:?}: qos {qos} is not 0, 1 or 2"))?;
                 crate::topic::SubscriptionFilter::parse(&filter).map_err(|e| format!("filter {filter:?}: {e}"))?;
-                if flags > 0b11 || identifier == Some(0) {
+                if flags > 0b11 || identifier.is_some_and(|id| id == 0 || id > MAX_SUBSCRIPTION_ID) {
                     return Err(format!(
                         "filter {filter:?}: options {flags} or identifier {identifier:?} out of range"
                     ));
@@ -445,17 +445,22 @@ fn read(database: &mut Database) -> Result<(Recovered, Vec<Damage>), rusqlite::E
                     None => None,
                     Some(p) => Some(packet_id(p).map_err(|e| format!("delivery {id}: {e}"))?),
                 };
-                let subscription_ids = match ids {
+                let subscription_ids: Box<[u32]> = match ids {
                     None => Box::default(),
                     Some(bytes) => super::database::decode_ids(&bytes)
-                        .ok_or(format!("delivery {id}: subscription ids of {} bytes", bytes.len()))?,
+                        .filter(|ids| ids.iter().all(|&id| (1..=MAX_SUBSCRIPTION_ID).contains(&id)))
+                        .ok_or(format!(
+                            "delivery {id}: subscription ids unreadable ({} bytes)",
+                            bytes.len()
+                        ))?,
                 };
+                let properties = stored_properties(properties).map_err(|e| format!("delivery {id}: {e}"))?;
                 let message = Arc::new(Message {
                     topic: topic.into(),
                     payload: Bytes::from(payload),
                     qos,
                     retain: false,
-                    properties: properties.map(Bytes::from).unwrap_or_default(),
+                    properties,
                     expires_at: expires_at.map(|at| at.max(0) as u64),
                 });
                 sessions[at].1.deliveries.push(StoredDelivery {
@@ -485,12 +490,13 @@ fn read(database: &mut Database) -> Result<(Recovered, Vec<Damage>), rusqlite::E
             Ok((|| {
                 let qos = QoS::from_u8(qos).ok_or(format!("topic {topic:?}: qos {qos} is not 0, 1 or 2"))?;
                 crate::topic::validate_topic_name(&topic).map_err(|e| format!("topic {topic:?}: {e}"))?;
+                let properties = stored_properties(properties).map_err(|e| format!("topic {topic:?}: {e}"))?;
                 retained.push(Arc::new(Message {
                     topic: topic.into(),
                     payload: Bytes::from(payload),
                     qos,
                     retain: true,
-                    properties: properties.map(Bytes::from).unwrap_or_default(),
+                    properties,
                     expires_at: expires_at.map(|at| at.max(0) as u64),
                 }));
                 Ok(())
@@ -511,6 +517,16 @@ fn read(database: &mut Database) -> Result<(Recovered, Vec<Damage>), rusqlite::E
 }
 
 /// A stored topic can be sent: MQTT frames a topic with a 16-bit length.
+/// The largest Subscription Identifier (a four-byte Variable Byte Integer).
+const MAX_SUBSCRIPTION_ID: u32 = 268_435_455;
+
+/// A `properties` column read back: only properties a PUBLISH may carry on to subscribers.
+fn stored_properties(column: Option<Vec<u8>>) -> Result<Bytes, String> {
+    let bytes = Bytes::from(column.unwrap_or_default());
+    crate::codec::check_forwarded_properties(&bytes).map_err(|e| format!("properties: {e}"))?;
+    Ok(bytes)
+}
+
 fn topic_fits(topic: &str) -> Result<(), String> {
     if topic.len() > usize::from(u16::MAX) {
         return Err(format!(
