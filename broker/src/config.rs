@@ -49,6 +49,9 @@ pub struct BrokerConfig {
     /// and a restart loses them (said at start).
     #[serde(default)]
     pub persistence: Option<PersistenceConfig>,
+    /// The uplink to a central broker. Absent: no bridge.
+    #[serde(default)]
+    pub bridge: Option<crate::bridge::BridgeConfig>,
 }
 
 /// `[persistence]`: where persistent sessions and retained messages survive restarts.
@@ -247,6 +250,9 @@ impl BrokerConfig {
         if let Some(persistence) = &mut loaded.persistence {
             persistence.dir = base.join(&persistence.dir);
         }
+        if let Some(bridge) = &mut loaded.bridge {
+            bridge.resolve_paths(base);
+        }
         loaded.validate(path)?;
         Ok(loaded)
     }
@@ -301,6 +307,21 @@ impl BrokerConfig {
             }
             if persistence.max_bytes == 0 {
                 return Err(invalid("persistence.max_bytes", "must be at least 1"));
+            }
+        }
+        if let Some(bridge) = &self.bridge {
+            bridge.validate().map_err(|e| ConfigError::Invalid {
+                path: path.to_owned(),
+                field: e.field,
+                reason: e.reason,
+            })?;
+            if let Some(persistence) = &self.persistence {
+                if bridge.outbox_max_bytes as u64 > persistence.max_bytes {
+                    return Err(invalid(
+                        "bridge.outbox_max_bytes",
+                        "is larger than persistence.max_bytes, which the outbox shares with offline sessions",
+                    ));
+                }
             }
         }
         self.acl.validate().map_err(|e| ConfigError::Invalid {

@@ -224,13 +224,17 @@ fn session_key(identity: &Identity, requested: &str) -> (SessionKey, String) {
     let id = identity.id.as_str();
     let (client, scope, client_id) = match identity.role {
         Role::Device => (format!("device:{id}"), format!("device:{id}"), id.to_owned()),
-        Role::Service => {
+        Role::Service | Role::Gateway => {
             let client_id = if requested.is_empty() {
                 format!("{id}-auto-{}", random_suffix())
             } else {
                 requested.to_owned()
             };
-            (format!("service:{id}:{client_id}"), "services".to_owned(), client_id)
+            (
+                format!("{}:{id}:{client_id}", identity.role),
+                "services".to_owned(),
+                client_id,
+            )
         }
     };
     let key = SessionKey {
@@ -278,14 +282,14 @@ fn check_connect(identity: &Identity, connect: &Connect, rules: &TopicRules) -> 
         }
         // MQTT 5 lets a client without an id ask for a session that outlives the connection
         // (it learns its id from CONNACK); 3.1.1 does not (MQTT-3.1.3-7).
-        Role::Service if requested.is_empty() && !connect.clean_start && !v5 => {
+        Role::Service | Role::Gateway if requested.is_empty() && !connect.clean_start && !v5 => {
             return Err(Refusal {
                 code: ReasonCode::ClientIdentifierNotValid,
                 reason: RejectReason::ClientIdRequired,
                 detail: "a persistent session (clean_session = false) needs a client id".into(),
             });
         }
-        Role::Service if requested.chars().any(|c| "+$#/".contains(c) || c.is_control()) => {
+        Role::Service | Role::Gateway if requested.chars().any(|c| "+$#/".contains(c) || c.is_control()) => {
             return Err(Refusal {
                 code: ReasonCode::ClientIdentifierNotValid,
                 reason: RejectReason::ProtocolError,

@@ -29,6 +29,9 @@ pub enum RejectReason {
     CaCertAsLeaf,
     /// The certificate does not carry exactly one valid identity.
     BadIdentity,
+    /// The certificate is a gateway's (`urn:gateway:`): it identifies a bridge to an upstream
+    /// broker, and a gateway broker has no topics for one.
+    GatewayIdentity,
     /// The CONNECT client id is not the certificate's device id, or is not usable.
     ClientIdMismatch,
     /// A service asked for a persistent session without naming it (empty client id with
@@ -56,7 +59,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, for documentation and metrics.
-    pub const ALL: [RejectReason; 19] = [
+    pub const ALL: [RejectReason; 20] = [
         RejectReason::NoClientCert,
         RejectReason::UnknownIssuer,
         RejectReason::Expired,
@@ -66,6 +69,7 @@ impl RejectReason {
         RejectReason::WrongPurpose,
         RejectReason::CaCertAsLeaf,
         RejectReason::BadIdentity,
+        RejectReason::GatewayIdentity,
         RejectReason::ClientIdMismatch,
         RejectReason::ClientIdRequired,
         RejectReason::WillDenied,
@@ -90,6 +94,7 @@ impl RejectReason {
             RejectReason::WrongPurpose => "wrong_purpose",
             RejectReason::CaCertAsLeaf => "ca_cert_as_leaf",
             RejectReason::BadIdentity => "bad_identity",
+            RejectReason::GatewayIdentity => "gateway_identity",
             RejectReason::ClientIdMismatch => "client_id_mismatch",
             RejectReason::ClientIdRequired => "client_id_required",
             RejectReason::WillDenied => "will_denied",

@@ -8,16 +8,11 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use device_agent::config::Agent;
-use device_agent::queue::Queue;
-use device_agent::session::{Outbound, Runner};
-use device_agent::trust::{load_credentials, Credentials, FlooredClock};
-use e2e::{run_ok, workspace_bin, BrokerProcess, ClientFiles};
+use e2e::{free_port, run_ok, workspace_bin, BrokerProcess, ClientFiles, RunningAgent};
 use rumqttc::{Event, Packet, QoS};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 const DEVICES: usize = 200;
 
@@ -33,38 +28,14 @@ fn provision(pki: &Path) -> impl Fn(&[&str]) -> String + '_ {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
-
-/// One in-process agent.
-struct RunningAgent {
-    input: mpsc::Sender<Outbound>,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
+/// One in-process agent: reconnects slowly enough that the service is back and subscribed
+/// before any device returns after the broker restart (asserted below from the broker's log),
+/// fast enough for CI.
 fn start_agent(bundle: &Path) -> RunningAgent {
-    let mut agent = Agent::load(&bundle.join("agent.toml")).expect("agent.toml from provision");
-    // Long enough that the service is back and subscribed before any device returns after the
-    // broker restart (asserted below from the broker's log), short enough for CI.
-    agent.config.backoff_min_ms = 1_500;
-    agent.config.backoff_max_ms = 3_000;
-    agent.config.heartbeat_s = 0;
-    let Credentials { identity, tls, .. } = load_credentials(&agent, Arc::new(FlooredClock::system())).unwrap();
-    let queue = Queue::open(&agent.config.queue_dir, agent.config.queue_max_messages).unwrap();
-    let (input, input_rx) = mpsc::channel(64);
-    let (commands, _) = mpsc::unbounded_channel();
-    let (stop, stop_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(
-        Runner::new(agent, identity, tls, queue, commands).run(input_rx, async move {
-            let _ = stop_rx.await;
-        }),
-    );
-    RunningAgent { input, stop, task }
+    e2e::start_agent(bundle, |agent| {
+        agent.config.backoff_min_ms = 1_500;
+        agent.config.backoff_max_ms = 3_000;
+    })
 }
 
 /// The service: subscribes (again after every reconnect) and reports every (device, payload).

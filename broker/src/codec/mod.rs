@@ -17,6 +17,7 @@ mod wire;
 use bytes::{Bytes, BytesMut};
 
 pub use properties::PublishProperties;
+pub use v4::{decode_from_server, encode_from_client, FromServer};
 
 use crate::message::QoS;
 

@@ -44,9 +44,10 @@
 //!   Retain As Published and an identifier ([`SubscriptionOptions`]); the owner's inflight
 //!   bound is per connection (the client's Receive Maximum); a detached session with a finite
 //!   expiry is discarded by [`Router::expire_sessions`], run every second by the listener.
-//! - **A bridge**: an uplink is one more attached session whose owner writes to an upstream
-//!   broker instead of a device; its queue, bounds and drop accounting are the same, and as a
-//!   persistent session its outbox is the durable store's.
+//! - **A bridge** is in ([`crate::bridge`]): one more attached persistent session, under a key
+//!   no client can name, that its owner drains at once into an outbox of its own in the store.
+//!   The outbox, not this queue, holds an outage's backlog: its bounds are the bridge's, since
+//!   the per-session limits here are sized for a device.
 
 mod retained;
 mod session;
@@ -70,7 +71,8 @@ use crate::store::{Recovered, Store, Ticket};
 use crate::topic::SubscriptionFilter;
 use crate::will::DelayedWill;
 use retained::RetainedStore;
-use session::{Detached, Offered, Policy, Reporter, Session};
+pub(crate) use session::Reporter;
+use session::{Detached, Offered, Policy, Session};
 use subscriptions::SubscriptionTree;
 
 /// What the router bounds, per session and overall.
@@ -610,6 +612,16 @@ impl Attached {
     /// Routes `message`, published by this session's client (its No Local subscriptions skip it).
     pub fn publish(&self, message: Arc<Message>) -> Publication {
         self.router.route(message, Some(&self.session))
+    }
+
+    /// The filters this session is subscribed to (as named, `$share/` prefix included), e.g. a
+    /// persistent session resumed with subscriptions its owner no longer wants.
+    pub fn subscriptions(&self) -> Vec<Box<str>> {
+        self.session
+            .subscriptions()
+            .into_iter()
+            .map(|(filter, _)| filter)
+            .collect()
     }
 
     /// The retained messages that new subscriptions to `granted` (filter, options) match, as
