@@ -14,8 +14,9 @@ use std::task::Poll;
 
 use super::Shared;
 use crate::kick::Kick;
-use crate::message::SubscriptionOptions;
-use crate::router::{Attached, Message, Outgoing, QoS, Router, SessionKey, SubscribeRefused, NEVER_EXPIRES};
+use crate::router::{
+    Attached, Message, Outgoing, QoS, Router, SessionKey, SubscribeRefused, SubscriptionOptions, NEVER_EXPIRES,
+};
 
 /// Deliveries taken from the router per round.
 const BATCH: usize = 512;

@@ -79,7 +79,6 @@ impl Outbox {
     ) -> Self {
         let client = Self::store_key(name);
         if let Some(store) = &store {
-            // Never expires: only the bridge empties it.
             store.session(&client, &client, NEVER_EXPIRES);
         }
         let mut outbox = Self {
@@ -111,7 +110,7 @@ impl Outbox {
                 qos: QoS::AtLeastOnce,
                 retain: false,
                 stored: None,
-                subscription_ids: Box::new([]),
+                subscription_ids: Box::default(),
             };
             store.enqueue(&self.client, &delivery).0
         });

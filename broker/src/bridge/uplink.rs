@@ -433,7 +433,19 @@ impl Connection {
         while self.inflight.len() < max_inflight {
             let Some(entry) = outbox.next_unsent() else { break };
             let pkid = self.issue_pkid();
-            let publish = OutgoingPublish::plain(&entry.message.topic, &entry.message.payload, QoS::AtLeastOnce, pkid);
+            let publish = OutgoingPublish {
+                topic: &entry.message.topic,
+                payload: &entry.message.payload,
+                qos: QoS::AtLeastOnce,
+                pkid,
+                dup: false,
+                retain: false,
+                // The uplink speaks MQTT 3.1.1: MQTT 5 properties do not travel upstream.
+                topic_alias: None,
+                message_expiry: None,
+                subscription_ids: &[],
+                properties: &[],
+            };
             if encode_publish(&publish, Version::V311, &mut self.wbuf).is_err() {
                 // Cannot happen: the intake keeps topics MQTT can frame, and the local broker took
                 // no packet larger than MQTT can frame. Were it to, the entry stays in the outbox,
@@ -473,10 +485,6 @@ impl Connection {
                 let Ok(topic) = std::str::from_utf8(&publish.topic) else {
                     return Err(protocol(&self.url, "a PUBLISH topic is not UTF-8".into()));
                 };
-                if publish.qos == QoS::ExactlyOnce {
-                    // Subscribed at QoS 1: a server may not send more (MQTT-3.8.4-6).
-                    return Err(protocol(&self.url, "a QoS 2 PUBLISH on QoS 1 subscriptions".into()));
-                }
                 return Ok(Some(Downstream {
                     topic: topic.into(),
                     payload: publish.payload,

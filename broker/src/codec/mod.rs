@@ -8,10 +8,7 @@
 //! `unreachable!` on CONNACK, UNSUBACK and AUTH from a client, and has no AUTH packet at all.
 //! Each of those is a hostile client's lever; a parser that checks them is smaller than the
 //! guards it would need.
-//!
-//! The bridge's uplink is a client of another broker: [`client`] is that side of 3.1.1.
 
-mod client;
 mod properties;
 mod v4;
 mod v5;
@@ -19,8 +16,8 @@ mod wire;
 
 use bytes::{Bytes, BytesMut};
 
-pub use client::{decode_from_server, encode_from_client, FromServer};
 pub use properties::PublishProperties;
+pub use v4::{decode_from_server, encode_from_client, FromServer};
 
 use crate::message::QoS;
 
@@ -379,24 +376,6 @@ pub struct OutgoingPublish<'a> {
     pub subscription_ids: &'a [u32],
     /// MQTT 5: the message's forwarded properties, encoded as they arrived.
     pub properties: &'a [u8],
-}
-
-impl<'a> OutgoingPublish<'a> {
-    /// A PUBLISH with nothing of MQTT 5's, no DUP and no RETAIN (what the bridge's uplink sends).
-    pub fn plain(topic: &'a str, payload: &'a [u8], qos: QoS, pkid: u16) -> Self {
-        Self {
-            topic,
-            payload,
-            qos,
-            pkid,
-            dup: false,
-            retain: false,
-            topic_alias: None,
-            message_expiry: None,
-            subscription_ids: &[],
-            properties: &[],
-        }
-    }
 }
 
 /// Takes the next complete packet out of `buf`, or `None` if more bytes are needed. Before the

@@ -4,8 +4,16 @@ use super::*;
 
 fn publish_of<'a>(topic: &'a str, payload: &'a [u8], qos: QoS, pkid: u16, properties: &'a [u8]) -> OutgoingPublish<'a> {
     OutgoingPublish {
+        topic,
+        payload,
+        qos,
+        pkid,
+        dup: false,
+        retain: false,
+        topic_alias: None,
+        message_expiry: None,
+        subscription_ids: &[],
         properties,
-        ..OutgoingPublish::plain(topic, payload, qos, pkid)
     }
 }
 

@@ -5,6 +5,10 @@
 //! PUBLISH by serialising and re-parsing it (a copy of the payload per message). So those three
 //! fields are read from the frame's own header bytes on the way in, and PUBLISH is the one
 //! packet this module encodes itself on the way out. Everything else is rumqttd's.
+//!
+//! The bridge's uplink is a 3.1.1 client of an upstream broker: the packets a server sends are
+//! read here too ([`decode_from_server`]), and those a client sends written
+//! ([`encode_from_client`]).
 
 use bytes::{BufMut, BytesMut};
 use rumqttd::protocol::v4::{self, V4};
@@ -20,11 +24,11 @@ use super::{
 use crate::message::QoS;
 
 /// A PUBLISH's QoS, packet id and DUP flag, read from its header.
-pub(super) type PublishHeader = (QoS, u16, bool);
+type PublishHeader = (QoS, u16, bool);
 
-/// Takes the next complete packet out of `buf`, with a PUBLISH's header fields, or `None` if
-/// more bytes are needed; whichever side sent it.
-pub(super) fn read_frame(
+/// Takes the next complete packet out of `buf`, with a PUBLISH's header fields; `None` if more
+/// bytes are needed.
+fn read_frame(
     buf: &mut BytesMut,
     max_packet_bytes: usize,
 ) -> Result<Option<(Packet, Option<PublishHeader>)>, FrameError> {
@@ -43,8 +47,8 @@ pub(super) fn read_frame(
     Ok(Some((packet, publish_header)))
 }
 
-/// rumqttd's PUBLISH with the header fields it keeps private.
-pub(super) fn inbound_publish(publish: protocol::Publish, (qos, pkid, dup): PublishHeader) -> InboundPublish {
+/// rumqttd's PUBLISH with the header fields it keeps private (3.1.1 has no properties).
+fn inbound_publish(publish: protocol::Publish, (qos, pkid, dup): PublishHeader) -> InboundPublish {
     InboundPublish {
         topic: publish.topic,
         payload: publish.payload,
@@ -113,6 +117,52 @@ pub(super) fn decode(buf: &mut BytesMut, max_packet_bytes: usize) -> Result<Opti
         (Packet::Disconnect(..), _) => Inbound::Disconnect(Disconnect::default()),
         (other, _) => Inbound::ServerOnly(packet_name(&other)),
     }))
+}
+
+/// A packet from a server, as the bridge's uplink client reads it.
+#[derive(Debug)]
+pub enum FromServer {
+    /// CONNACK: the session present flag, and the return code.
+    ConnAck(bool, ConnectReturnCode),
+    /// PUBLISH, with the fields rumqttd does not expose.
+    Publish(InboundPublish),
+    /// PUBACK for a packet id.
+    PubAck(u16),
+    /// SUBACK: the packet id, and per filter whether it was granted.
+    SubAck(u16, Vec<bool>),
+    /// PINGRESP.
+    PingResp,
+    /// Anything a server may not send a 3.1.1 client that subscribes at QoS 1 at most.
+    Unexpected(&'static str),
+}
+
+/// Takes the next complete packet a server sent out of `buf`, or `None` if more bytes are needed.
+pub fn decode_from_server(buf: &mut BytesMut, max_packet_bytes: usize) -> Result<Option<FromServer>, FrameError> {
+    let Some((packet, publish_header)) = read_frame(buf, max_packet_bytes)? else {
+        return Ok(None);
+    };
+    Ok(Some(match (packet, publish_header) {
+        (Packet::ConnAck(ack, _), _) => FromServer::ConnAck(ack.session_present, ack.code),
+        (Packet::Publish(publish, _), Some(header)) => FromServer::Publish(inbound_publish(publish, header)),
+        (Packet::PubAck(ack, _), _) => FromServer::PubAck(ack.pkid),
+        (Packet::SubAck(ack, _), _) => FromServer::SubAck(
+            ack.pkid,
+            ack.return_codes
+                .iter()
+                .map(|code| matches!(code, SubscribeReasonCode::Success(_)))
+                .collect(),
+        ),
+        (Packet::PingResp(_), _) => FromServer::PingResp,
+        (other, _) => FromServer::Unexpected(packet_name(&other)),
+    }))
+}
+
+/// Encodes a packet a client sends (CONNECT, SUBSCRIBE, PUBACK, PINGREQ, DISCONNECT) with
+/// rumqttd's codec; PUBLISH goes through [`encode_publish`].
+pub fn encode_from_client(packet: Packet, buf: &mut BytesMut) -> Result<(), FrameError> {
+    V4.write(packet, buf)
+        .map(|_| ())
+        .map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
 /// QoS, packet id and DUP of the complete PUBLISH frame at the start of `buf`.
@@ -257,7 +307,7 @@ pub(super) fn encode_publish(publish: &OutgoingPublish<'_>, buf: &mut BytesMut) 
 }
 
 /// The packet's name as the MQTT specification writes it, for logs.
-pub(super) fn packet_name(packet: &Packet) -> &'static str {
+fn packet_name(packet: &Packet) -> &'static str {
     match packet {
         Packet::Connect(..) => "CONNECT",
         Packet::ConnAck(..) => "CONNACK",

@@ -609,6 +609,11 @@ impl Attached {
             })
     }
 
+    /// Routes `message`, published by this session's client (its No Local subscriptions skip it).
+    pub fn publish(&self, message: Arc<Message>) -> Publication {
+        self.router.route(message, Some(&self.session))
+    }
+
     /// The filters this session is subscribed to (as named, `$share/` prefix included), e.g. a
     /// persistent session resumed with subscriptions its owner no longer wants.
     pub fn subscriptions(&self) -> Vec<Box<str>> {
@@ -617,11 +622,6 @@ impl Attached {
             .into_iter()
             .map(|(filter, _)| filter)
             .collect()
-    }
-
-    /// Routes `message`, published by this session's client (its No Local subscriptions skip it).
-    pub fn publish(&self, message: Arc<Message>) -> Publication {
-        self.router.route(message, Some(&self.session))
     }
 
     /// The retained messages that new subscriptions to `granted` (filter, options) match, as
