@@ -485,6 +485,10 @@ impl Connection {
                 let Ok(topic) = std::str::from_utf8(&publish.topic) else {
                     return Err(protocol(&self.url, "a PUBLISH topic is not UTF-8".into()));
                 };
+                if publish.qos == QoS::ExactlyOnce {
+                    // Subscribed at QoS 1: a server may not send more (MQTT-3.8.4-6).
+                    return Err(protocol(&self.url, "a QoS 2 PUBLISH on QoS 1 subscriptions".into()));
+                }
                 return Ok(Some(Downstream {
                     topic: topic.into(),
                     payload: publish.payload,
