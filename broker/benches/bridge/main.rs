@@ -17,7 +17,7 @@
 //!   (`broker_bridge_forwarded_total`), so what is measured is the uplink, not the intake.
 //! - drain: node 1 is killed, `BENCH_BACKLOG` messages are published to the gateway (all
 //!   acknowledged: they are in the outbox on disk), node 1 is started again; time from the
-//!   bridge's reconnection to an empty outbox.
+//!   bridge's reconnection to an empty outbox; the gateway's RSS with the backlog and after it.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -126,8 +126,9 @@ fn main() {
         runtime.block_on(publish_from_devices(gateway.port(), &bundles, &ids, backlog));
         let depth = gateway.metric("broker_bridge_outbox_messages ").unwrap_or(0.0);
         println!(
-            "backlog: {backlog} messages acknowledged to devices in {:.1} s with the uplink down; outbox {depth:.0}",
-            filled.elapsed().as_secs_f64()
+            "backlog: {backlog} messages acknowledged to devices in {:.1} s with the uplink down; outbox {depth:.0}; gateway RSS {} MiB",
+            filled.elapsed().as_secs_f64(),
+            gateway.rss_kib() / 1024
         );
         let connects_before = connects(&gateway);
         cluster.restart(0);
@@ -151,7 +152,12 @@ fn main() {
             std::thread::sleep(Duration::from_millis(100));
         }
         let took = started.elapsed().as_secs_f64();
-        println!("drain: {depth:.0} messages in {took:.1} s = {:.0} msg/s", depth / took);
+        println!(
+            "drain: {depth:.0} messages in {took:.1} s = {:.0} msg/s; gateway RSS after it {} MiB (peak {} MiB)",
+            depth / took,
+            gateway.rss_kib() / 1024,
+            gateway.peak_rss_kib() / 1024
+        );
     }
 }
 

@@ -179,6 +179,10 @@ impl Outbox {
             self.forget(&entry);
             self.sent -= 1;
         }
+        if self.entries.is_empty() && self.entries.capacity() > 1024 {
+            // An outage's backlog is given back once it has drained; an idle outbox holds none.
+            self.entries = VecDeque::new();
+        }
         true
     }
 
