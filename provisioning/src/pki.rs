@@ -174,6 +174,9 @@ impl Pki {
         validate_next_update_days(next_update_days)?;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let serials = self.registry.revoke(target, reason.as_str(), now)?;
+        if serials.is_empty() {
+            return Ok(serials);
+        }
         fault::point("revoke-after-commit");
         self.write_committed_crl(next_update_days)
             .map_err(|source| Error::CrlNotPublished {

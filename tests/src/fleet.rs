@@ -86,7 +86,7 @@ impl TestFleet {
         let ids: Vec<DeviceId> = ids.iter().map(|id| id.parse().expect("a valid id")).collect();
         let options = IssueOptions {
             broker_url: "mqtts://localhost:8883".parse().expect("a URL"),
-            validity_days: 30,
+            validity: provisioning::validity::Validity::days(30),
             key_type: KeyType::EcdsaP256,
             jobs: 2,
             overwrite: Overwrite::Refuse,
@@ -101,7 +101,14 @@ impl TestFleet {
     pub fn service(&self, name: &str) -> PathBuf {
         let out = self.path().join("services");
         let id: DeviceId = name.parse().expect("a valid name");
-        issue_service(&mut self.pki(), &id, &out, 30, Overwrite::Refuse).expect("issue service");
+        issue_service(
+            &mut self.pki(),
+            &id,
+            &out,
+            provisioning::validity::Validity::days(30),
+            Overwrite::Refuse,
+        )
+        .expect("issue service");
         out.join(name)
     }
 
@@ -124,7 +131,9 @@ impl TestFleet {
             role: Role::Device,
             id: name.parse().expect("a valid id"),
         };
-        let mut params = provisioning::profile::client(&identity, &pki.fleet, 30).expect("a profile");
+        let mut params =
+            provisioning::profile::client(&identity, &pki.fleet, provisioning::validity::Validity::days(30))
+                .expect("a profile");
         adjust(&mut params);
         let key = rcgen::KeyPair::generate().expect("a key");
         let cert = params.signed_by(&key, &pki.device_ca.issuer).expect("signed");

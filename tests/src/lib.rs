@@ -7,12 +7,16 @@
 //! command when the program is missing, so a test never silently skips.
 
 mod broker_process;
+mod event_log;
 mod fleet;
+mod issuer_process;
 mod mqtt;
 pub mod raw;
 mod tools;
 
 pub use broker_process::{proc_status_kib, BrokerProcess};
+pub use event_log::EventLog;
 pub use fleet::TestFleet;
+pub use issuer_process::IssuerProcess;
 pub use mqtt::{connect, connect_with, next_publish, tls_config, wait_for_incoming, ClientFiles};
 pub use tools::{require_tool, run, run_err, run_ok, target_dir, workspace_bin};

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use device_agent::config::Agent;
 use device_agent::queue::Queue;
-use device_agent::session::{Outbound, Runner};
-use device_agent::trust::{load_credentials, Credentials, FlooredClock};
+use device_agent::session::{Mode, Outbound, Outcome, Runner};
+use device_agent::trust::{load_credentials, FlooredClock};
 use e2e::{run_ok, workspace_bin, BrokerProcess, ClientFiles};
 use rumqttc::{Event, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
@@ -44,7 +44,7 @@ fn free_port() -> u16 {
 struct RunningAgent {
     input: mpsc::Sender<Outbound>,
     stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Outcome>,
 }
 
 fn start_agent(bundle: &Path) -> RunningAgent {
@@ -54,16 +54,18 @@ fn start_agent(bundle: &Path) -> RunningAgent {
     agent.config.backoff_min_ms = 1_500;
     agent.config.backoff_max_ms = 3_000;
     agent.config.heartbeat_s = 0;
-    let Credentials { identity, tls, .. } = load_credentials(&agent, Arc::new(FlooredClock::system())).unwrap();
+    let clock = Arc::new(FlooredClock::system());
+    let credentials = load_credentials(&agent, clock.clone()).unwrap();
     let queue = Queue::open(&agent.config.queue_dir, agent.config.queue_max_messages).unwrap();
     let (input, input_rx) = mpsc::channel(64);
     let (commands, _) = mpsc::unbounded_channel();
     let (stop, stop_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(
-        Runner::new(agent, identity, tls, queue, commands).run(input_rx, async move {
+    let task = tokio::spawn(Runner::new(agent, &credentials, clock, queue, commands, Mode::Run).run(
+        input_rx,
+        async move {
             let _ = stop_rx.await;
-        }),
-    );
+        },
+    ));
     RunningAgent { input, stop, task }
 }
 
