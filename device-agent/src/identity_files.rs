@@ -85,13 +85,15 @@ impl IdentityFiles {
         let (pending_cert, pending_key) = (self.pending_cert(), self.pending_key());
         match (pending_cert.exists(), pending_key.exists()) {
             (false, true) => {
+                // Judged by the current pair, never by the pending key alone: a pending key is
+                // removed only while the current pair still fits together without it.
                 let cert = fleet_identity::pem::load_certs(&self.cert).map_err(io::Error::other)?;
-                if key_matches(&pending_key, &self.cert, &cert[0]).is_ok() {
-                    rename_synced(&pending_key, &self.key)?;
-                    Ok(Some("finished a renewal interrupted while it was being committed"))
-                } else {
+                if key_matches(&self.key, &self.cert, &cert[0]).is_ok() {
                     remove_synced(&pending_key)?;
                     Ok(Some("removed the key of a renewal whose certificate never arrived"))
+                } else {
+                    rename_synced(&pending_key, &self.key)?;
+                    Ok(Some("finished a renewal interrupted while it was being committed"))
                 }
             }
             (true, false) => {

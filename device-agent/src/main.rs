@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use device_agent::config::Agent;
 use device_agent::diagnosis::Diagnosis;
+use device_agent::identity_files::IdentityFiles;
 use device_agent::input::read_messages;
 use device_agent::keygen::{self, KeyType};
 use device_agent::outbound::MessageRules;
@@ -219,6 +220,15 @@ async fn run(config: &Path, input: Input, mode: Mode) -> ExitCode {
         Ok(lock) => lock,
         Err(why) => return report(&Diagnosis::LocalProblem(why)),
     };
+    // Before the files are read: a crash in the middle of a certificate swap is finished or
+    // undone first.
+    match IdentityFiles::new(agent.config.cert.clone(), agent.config.key.clone()).recover() {
+        Ok(Some(what)) => info!(event = "renewal_recovered", "{what}"),
+        Ok(None) => {}
+        Err(e) => {
+            warn!(event = "renewal_recovery_failed", error = %e, "cannot tidy an interrupted certificate swap: {e}")
+        }
+    }
     let credentials = match load_credentials(&agent, clock.clone()) {
         Ok(credentials) => credentials,
         Err(e) => return report(&Diagnosis::LocalProblem(e.to_string())),

@@ -134,6 +134,8 @@ pub struct Runner {
     mode: Mode,
     /// When to renew next.
     schedule: Schedule,
+    /// Whether this start has yet to confirm its certificate to the issuer.
+    confirm_on_connect: bool,
     queue: Queue,
     started: Instant,
     heartbeats: u64,
@@ -173,6 +175,7 @@ impl Runner {
             clock,
             mode,
             schedule,
+            confirm_on_connect: true,
             queue,
             started: Instant::now(),
             heartbeats: 0,
@@ -198,9 +201,6 @@ impl Runner {
     pub async fn run(mut self, mut input: mpsc::Receiver<Outbound>, stop: impl Future<Output = ()>) -> Outcome {
         let mut stop = std::pin::pin!(stop);
         let mut backoff = Backoff::new(self.agent.config.backoff_min_ms, self.agent.config.backoff_max_ms);
-        if let Ok(Some(what)) = self.files.recover() {
-            info!(event = "renewal_recovered", "{what}");
-        }
         loop {
             let delay = match self.connection(&mut input, &mut stop, &mut backoff).await {
                 End::Stopped => return Outcome::Stopped,
@@ -324,6 +324,8 @@ impl Runner {
                     info!(event = "connected", broker = %self.agent.broker, device_id = %self.identity.id, queued = self.queue.len(), "connected to {}", self.agent.broker);
                     if slot == Slot::Pending {
                         confirm_sent = self.commit(&client, &mut flight, &credentials.cert);
+                    } else if self.confirm_on_connect && !renewal_only {
+                        self.confirm(&client, &mut flight, &credentials.cert);
                     }
                     renew_wakeup.as_mut().reset(self.wakeup(None));
                     if renewal_only {
@@ -491,10 +493,18 @@ impl Runner {
         }
         let (not_before, not_after) = validity(cert);
         self.schedule.restart(not_before, not_after);
+        info!(event = "renewed", device_id = %self.identity.id, next_renewal_unix = self.schedule.next_at(), "now using the renewed certificate");
+        self.confirm(client, flight, cert)
+    }
+
+    /// Tells the issuer which certificate this device connects with (see [`Runner::commit`]).
+    /// Also sent on the first connection of every start: a crash between a commit and its
+    /// confirmation would otherwise leave the superseded certificate valid until it expires.
+    fn confirm(&mut self, client: &AsyncClient, flight: &mut Flight, cert: &CertificateDer<'_>) -> bool {
+        self.confirm_on_connect = false;
         let serial = fleet_identity::CertificateSummary::from_der(cert)
             .map(|summary| summary.serial.to_string())
             .unwrap_or_default();
-        info!(event = "renewed", device_id = %self.identity.id, serial = %serial, next_renewal_unix = self.schedule.next_at(), "now using the renewed certificate (serial {serial})");
         let confirm = serde_json::to_vec(&RenewConfirm { serial }).unwrap_or_default();
         let topic = RenewalTopic::Confirm.topic(self.identity.id.as_str());
         let handed = client.try_publish(topic, QoS::AtLeastOnce, true, confirm).is_ok();
