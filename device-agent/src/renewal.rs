@@ -202,3 +202,70 @@ fn parse<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, ReplyProb
 fn pem_certificate(der: &[u8]) -> String {
     keygen::pem("CERTIFICATE", der)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_identity::DeviceId;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+
+    fn ca(name: &str) -> (Issuer<'static, KeyPair>, String) {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (Issuer::new(params, key), cert.pem())
+    }
+
+    /// A device certificate for `id` and `key`, signed by `issuer`: DER and PEM.
+    fn leaf(issuer: &Issuer<'_, KeyPair>, id: &str, key: &impl rcgen::PublicKeyData) -> (Vec<u8>, String) {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, id);
+        params.subject_alt_names = vec![SanType::URI(format!("urn:device:{id}").as_str().try_into().unwrap())];
+        let cert = params.signed_by(key, issuer).unwrap();
+        (cert.der().to_vec(), cert.pem())
+    }
+
+    fn reply(request_id: &str, chain: &str) -> Vec<u8> {
+        serde_json::to_vec(&RenewReply {
+            request_id: request_id.into(),
+            certificate: Some(chain.into()),
+            error: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn only_a_certificate_for_the_new_key_and_this_device_from_its_own_ca_is_taken() {
+        let identity = Identity {
+            role: Role::Device,
+            id: DeviceId::parse("dev-1").unwrap(),
+        };
+        let (fleet_ca, fleet_ca_pem) = ca("fleet CA");
+        let (current, _) = leaf(&fleet_ca, "dev-1", &KeyPair::generate().unwrap());
+        let current = CertificateDer::from(current);
+        let (request, _) = new_request(keygen::KeyType::EcdsaP256, &identity).unwrap();
+        let new_key = KeyPair::from_pem(&request.key.key_pem).unwrap();
+        let read = |payload: Vec<u8>| read_reply(&payload, &request, &identity, &current);
+
+        let (_, good) = leaf(&fleet_ca, "dev-1", &new_key);
+        let answer = read(reply(&request.request_id, &format!("{good}{fleet_ca_pem}"))).unwrap();
+        assert!(matches!(answer, Answer::Certificate(pem) if pem.starts_with("-----BEGIN CERTIFICATE-----")));
+        assert!(matches!(read(reply("another", &good)).unwrap(), Answer::NotOurs));
+
+        let (_, other_key) = leaf(&fleet_ca, "dev-1", &KeyPair::generate().unwrap());
+        let (_, other_id) = leaf(&fleet_ca, "dev-2", &new_key);
+        let (rogue_ca, rogue_ca_pem) = ca("fleet CA");
+        let (_, rogue) = leaf(&rogue_ca, "dev-1", &new_key);
+        for (chain, why) in [
+            (format!("{other_key}{fleet_ca_pem}"), "does not hold the key"),
+            (format!("{other_id}{fleet_ca_pem}"), "not device dev-1"),
+            (format!("{rogue}{rogue_ca_pem}"), "did not sign the current certificate"),
+            (good.clone(), "its CA's certificate"),
+        ] {
+            let problem = read(reply(&request.request_id, &chain)).unwrap_err().to_string();
+            assert!(problem.contains(why), "{problem}");
+        }
+    }
+}
