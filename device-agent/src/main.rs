@@ -266,7 +266,8 @@ async fn run(config: &Path, input: Input, mode: Mode) -> ExitCode {
         Input::Stdin => {
             tokio::spawn(read_messages(BufReader::new(tokio::io::stdin()), tx, max_line_bytes));
         }
-        Input::None => std::mem::forget(tx),
+        // A closed input is one that never brings anything: the run loop does not wait on it.
+        Input::None => drop(tx),
     }
     let (commands_tx, commands) = mpsc::unbounded_channel::<device_agent::session::Command>();
     tokio::spawn(print_commands(commands));

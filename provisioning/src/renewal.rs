@@ -140,8 +140,6 @@ pub struct Counters {
     pub issued: u64,
     /// Requests refused, by code.
     pub refused: HashMap<ErrorCode, u64>,
-    /// Confirmations that retired at least one certificate.
-    pub confirmed: u64,
     /// Certificates revoked as superseded.
     pub superseded: u64,
 }
@@ -470,7 +468,6 @@ impl Issuer {
             .pki
             .revoke_and_publish(&target, Reason::Superseded, DEFAULT_NEXT_UPDATE_DAYS)?;
         if !revoked.is_empty() {
-            self.counters.confirmed += 1;
             self.counters.superseded += revoked.len() as u64;
             info!(
                 event = "renewal",

@@ -6,6 +6,7 @@
 //! A test that needs an external program calls [`require_tool`]: it panics with the install
 //! command when the program is missing, so a test never silently skips.
 
+mod agent;
 mod broker_process;
 mod event_log;
 mod fleet;
@@ -14,9 +15,10 @@ mod mqtt;
 pub mod raw;
 mod tools;
 
+pub use agent::{start_agent, RunningAgent};
 pub use broker_process::{proc_status_kib, BrokerProcess};
 pub use event_log::EventLog;
 pub use fleet::TestFleet;
 pub use issuer_process::IssuerProcess;
 pub use mqtt::{connect, connect_with, next_publish, tls_config, wait_for_incoming, ClientFiles};
-pub use tools::{require_tool, run, run_err, run_ok, target_dir, workspace_bin};
+pub use tools::{openssl_csr, require_tool, run, run_err, run_ok, target_dir, workspace_bin};

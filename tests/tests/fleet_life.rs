@@ -8,16 +8,12 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use device_agent::config::Agent;
-use device_agent::queue::Queue;
-use device_agent::session::{Mode, Outbound, Outcome, Runner};
-use device_agent::trust::{load_credentials, FlooredClock};
-use e2e::{run_ok, workspace_bin, BrokerProcess, ClientFiles};
+use e2e::{run_ok, workspace_bin, BrokerProcess, ClientFiles, RunningAgent};
 use rumqttc::{Event, Packet, QoS};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 const DEVICES: usize = 200;
 
@@ -40,13 +36,6 @@ fn free_port() -> u16 {
         .unwrap()
 }
 
-/// One in-process agent.
-struct RunningAgent {
-    input: mpsc::Sender<Outbound>,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Outcome>,
-}
-
 fn start_agent(bundle: &Path) -> RunningAgent {
     let mut agent = Agent::load(&bundle.join("agent.toml")).expect("agent.toml from provision");
     // Long enough that the service is back and subscribed before any device returns after the
@@ -54,19 +43,7 @@ fn start_agent(bundle: &Path) -> RunningAgent {
     agent.config.backoff_min_ms = 1_500;
     agent.config.backoff_max_ms = 3_000;
     agent.config.heartbeat_s = 0;
-    let clock = Arc::new(FlooredClock::system());
-    let credentials = load_credentials(&agent, clock.clone()).unwrap();
-    let queue = Queue::open(&agent.config.queue_dir, agent.config.queue_max_messages).unwrap();
-    let (input, input_rx) = mpsc::channel(64);
-    let (commands, _) = mpsc::unbounded_channel();
-    let (stop, stop_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(Runner::new(agent, &credentials, clock, queue, commands, Mode::Run).run(
-        input_rx,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    RunningAgent { input, stop, task }
+    e2e::start_agent(agent)
 }
 
 /// The service: subscribes (again after every reconnect) and reports every (device, payload).

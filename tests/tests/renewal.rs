@@ -6,17 +6,14 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use device_agent::config::Agent;
-use device_agent::queue::Queue;
-use device_agent::session::{Mode, Outbound, Outcome, Runner};
-use device_agent::trust::{load_credentials, FlooredClock};
-use e2e::{require_tool, run_ok, workspace_bin, BrokerProcess, ClientFiles, EventLog, IssuerProcess};
+use device_agent::session::Outcome;
+use e2e::{require_tool, run_ok, workspace_bin, BrokerProcess, ClientFiles, EventLog, IssuerProcess, RunningAgent};
 use rumqttc::{Event, Packet, QoS};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// A PKI, a broker and an issuer on a free port.
 struct Site {
@@ -152,28 +149,8 @@ fn agent_config(bundle: &Path) -> PathBuf {
     path
 }
 
-/// One in-process agent.
-struct RunningAgent {
-    input: mpsc::Sender<Outbound>,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Outcome>,
-}
-
 fn start_agent(bundle: &Path) -> RunningAgent {
-    let agent = Agent::load(&agent_config(bundle)).expect("agent.toml");
-    let clock = Arc::new(FlooredClock::system());
-    let credentials = load_credentials(&agent, clock.clone()).unwrap();
-    let queue = Queue::open(&agent.config.queue_dir, agent.config.queue_max_messages).unwrap();
-    let (input, input_rx) = mpsc::channel(64);
-    let (commands, _) = mpsc::unbounded_channel();
-    let (stop, stop_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(Runner::new(agent, &credentials, clock, queue, commands, Mode::Run).run(
-        input_rx,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    RunningAgent { input, stop, task }
+    e2e::start_agent(Agent::load(&agent_config(bundle)).expect("agent.toml"))
 }
 
 /// A service that reports every (device, payload) on `devices/+/telemetry`, and when it has
@@ -343,24 +320,8 @@ fn tampered_csr(cn: &str) -> String {
 
 /// An RSA CSR for `cn`, made by `openssl req`.
 fn rsa_csr(dir: &Path, cn: &str) -> String {
-    let openssl = require_tool("openssl", "openssl");
     let (key, csr) = (dir.join(format!("{cn}.rsa.key")), dir.join(format!("{cn}.rsa.csr")));
-    run_ok(
-        Command::new(openssl)
-            .args([
-                "req",
-                "-new",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                &format!("/CN={cn}"),
-                "-keyout",
-            ])
-            .arg(&key)
-            .arg("-out")
-            .arg(&csr),
-    );
+    e2e::openssl_csr(&["-newkey", "rsa:2048"], cn, &key, &csr);
     std::fs::read_to_string(csr).unwrap()
 }
 
@@ -662,21 +623,11 @@ fn the_protocol_works_with_plain_mqtt_tools_openssl_and_mosquitto() {
     run_ok(mqtt(&mosquitto_sub, &cert, &key).args(["-E", "-t", &reply_topic]));
     // 2. A new key and CSR with openssl; the request with mosquitto_pub.
     let (new_key, new_csr) = (bundle.join("tool.key"), bundle.join("tool.csr"));
-    run_ok(
-        Command::new(&openssl)
-            .args([
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-            ])
-            .args(["-subj", &format!("/CN={id}"), "-keyout"])
-            .arg(&new_key)
-            .arg("-out")
-            .arg(&new_csr),
+    e2e::openssl_csr(
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"],
+        id,
+        &new_key,
+        &new_csr,
     );
     let request = serde_json::json!({ "request_id": "tool-1", "csr": std::fs::read_to_string(&new_csr).unwrap() });
     run_ok(mqtt(&mosquitto_pub, &cert, &key).args([

@@ -1,6 +1,5 @@
 use super::*;
-use crate::pki::InitOptions;
-use crate::registry::Issued;
+use crate::pki::tests::{test_device, test_pki};
 
 fn policy() -> Policy {
     Policy {
@@ -14,22 +13,8 @@ fn policy() -> Policy {
 
 /// An issuer whose registry holds device `dev-1`, valid from 0 to 3000 (Unix seconds).
 fn issuer(dir: &std::path::Path) -> Issuer {
-    let options = InitOptions {
-        fleet: "acme".into(),
-        key_type: KeyType::EcdsaP256,
-        ca_validity_days: 1,
-    };
-    Pki::init(dir, &options).unwrap();
-    let mut pki = Pki::open(dir).unwrap();
-    let issued = Issued {
-        id: "dev-1".into(),
-        role: "device",
-        serial: "1a2b".into(),
-        fingerprint: "00".into(),
-        not_before: 0,
-        not_after: 3000,
-    };
-    pki.registry.record(&[issued], false, 0).unwrap();
+    let mut pki = test_pki(dir);
+    pki.registry.record(&[test_device(3000)], false, 0).unwrap();
     Issuer::new(pki, policy())
 }
 
