@@ -118,13 +118,29 @@ impl IdentityFiles {
         Ok(())
     }
 
-    /// Makes the pending pair the current one (the broker accepted it).
+    /// The marker of a committed renewal the issuer has not yet acknowledged hearing of:
+    /// `device.unconfirmed` beside `device.crt`.
+    pub fn unconfirmed(&self) -> PathBuf {
+        self.cert.with_extension("unconfirmed")
+    }
+
+    /// Makes the pending pair the current one (the broker accepted it). The marker
+    /// [`IdentityFiles::unconfirmed`] is written first, so the confirmation survives a crash.
     pub fn commit(&self) -> io::Result<()> {
+        write_synced(&self.unconfirmed(), b"", 0o644)?;
         rename_synced(&self.pending_cert(), &self.cert)?;
         fault::point("renew-commit-half");
         rename_synced(&self.pending_key(), &self.key)?;
         fault::point("renew-committed");
         Ok(())
+    }
+
+    /// The issuer acknowledged the confirmation: the marker goes.
+    pub fn confirmed(&self) -> io::Result<()> {
+        match remove_synced(&self.unconfirmed()) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
     }
 
     /// Removes the pending pair (the broker refused it, or the renewal was abandoned).

@@ -134,8 +134,6 @@ pub struct Runner {
     mode: Mode,
     /// When to renew next.
     schedule: Schedule,
-    /// Whether this start has yet to confirm its certificate to the issuer.
-    confirm_on_connect: bool,
     queue: Queue,
     started: Instant,
     heartbeats: u64,
@@ -175,7 +173,6 @@ impl Runner {
             clock,
             mode,
             schedule,
-            confirm_on_connect: true,
             queue,
             started: Instant::now(),
             heartbeats: 0,
@@ -264,8 +261,6 @@ impl Runner {
         let mut in_flight: Option<(InFlight, tokio::time::Instant)> = None;
         let renew_wakeup = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(renew_wakeup);
-        // With `renew`: the confirmation was published; its PUBACK ends the run.
-        let mut confirm_sent = false;
         let heartbeat_period = Duration::from_secs(self.agent.config.heartbeat_s.max(1));
         let mut heartbeat = tokio::time::interval(heartbeat_period);
         let mut connected = false;
@@ -323,8 +318,9 @@ impl Runner {
                     backoff.reset();
                     info!(event = "connected", broker = %self.agent.broker, device_id = %self.identity.id, queued = self.queue.len(), "connected to {}", self.agent.broker);
                     if slot == Slot::Pending {
-                        confirm_sent = self.commit(&client, &mut flight, &credentials.cert);
-                    } else if self.confirm_on_connect && !renewal_only {
+                        self.commit(&client, &mut flight, &credentials.cert);
+                    } else if self.files.unconfirmed().exists() && !renewal_only {
+                        // Committed by an earlier run that stopped before the issuer heard of it.
                         self.confirm(&client, &mut flight, &credentials.cert);
                     }
                     renew_wakeup.as_mut().reset(self.wakeup(None));
@@ -389,17 +385,21 @@ impl Runner {
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => flight.sent(pkid),
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     match flight.acked(ack.pkid) {
-                        Some(seq) => {
+                        Some(Handed::Queued(seq)) => {
                             if let Err(e) = self.queue.ack(seq) {
                                 warn!(error = %e, "cannot remove an acknowledged message from the queue; it may be sent again");
                             }
                         }
-                        // Nothing else is QoS 1 on a `renew` connection with the new certificate.
-                        None if confirm_sent && self.mode == Mode::RenewOnce => {
-                            disconnect(&client, &mut eventloop).await;
-                            return End::Done(Outcome::Renewed);
+                        Some(Handed::Confirm) => {
+                            if let Err(e) = self.files.confirmed() {
+                                warn!(error = %e, "cannot remove {}: the confirmation is sent again on the next start", self.files.unconfirmed().display());
+                            }
+                            if self.mode == Mode::RenewOnce {
+                                disconnect(&client, &mut eventloop).await;
+                                return End::Done(Outcome::Renewed);
+                            }
                         }
-                        None => {}
+                        Some(Handed::Untracked) | None => {}
                     }
                     if !renewal_only {
                         self.fill(&client, &mut flight);
@@ -460,7 +460,7 @@ impl Runner {
             .try_publish(RenewalTopic::Request.topic(id), QoS::AtLeastOnce, false, payload)
             .is_ok()
         {
-            flight.handed(None);
+            flight.handed(Handed::Untracked);
         }
         info!(event = "renewal_requested", device_id = %self.identity.id, request_id = %request.request_id, "asked the issuer for a renewed certificate");
         Some((request, tokio::time::Instant::now() + self.schedule.reply_timeout()))
@@ -498,10 +498,10 @@ impl Runner {
     }
 
     /// Tells the issuer which certificate this device connects with (see [`Runner::commit`]).
-    /// Also sent on the first connection of every start: a crash between a commit and its
-    /// confirmation would otherwise leave the superseded certificate valid until it expires.
+    /// Until its PUBACK, the commit's marker ([`IdentityFiles::unconfirmed`]) stays, and a
+    /// later start sends it again: a crash between a commit and its confirmation would otherwise
+    /// leave the superseded certificate valid until it expires.
     fn confirm(&mut self, client: &AsyncClient, flight: &mut Flight, cert: &CertificateDer<'_>) -> bool {
-        self.confirm_on_connect = false;
         let serial = fleet_identity::CertificateSummary::from_der(cert)
             .map(|summary| summary.serial.to_string())
             .unwrap_or_default();
@@ -509,7 +509,7 @@ impl Runner {
         let topic = RenewalTopic::Confirm.topic(self.identity.id.as_str());
         let handed = client.try_publish(topic, QoS::AtLeastOnce, true, confirm).is_ok();
         if handed {
-            flight.handed(None);
+            flight.handed(Handed::Confirm);
         }
         handed
     }
@@ -577,7 +577,7 @@ impl Runner {
             {
                 return;
             }
-            flight.handed(Some(seq));
+            flight.handed(Handed::Queued(seq));
         }
     }
 
@@ -606,7 +606,7 @@ impl Runner {
             .try_publish(self.rules.topic("status"), QoS::AtMostOnce, false, status.to_string())
             .is_ok()
         {
-            flight.handed(None);
+            flight.handed(Handed::Untracked);
         }
     }
 }
@@ -626,34 +626,50 @@ async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
     .await;
 }
 
+/// A publish handed to the client, as far as its PUBACK matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handed {
+    /// A queued message (its sequence number): removed from the queue when acknowledged.
+    Queued(u64),
+    /// The renewal confirmation: its marker goes when acknowledged.
+    Confirm,
+    /// Nothing waits for it (QoS 0, or a renewal request).
+    Untracked,
+}
+
 /// Matches the client's packet ids to queue sequence numbers.
 #[derive(Default)]
 struct Flight {
-    /// Publishes handed to the client, in order, awaiting their packet id (None: QoS 0).
-    handed: VecDeque<Option<u64>>,
-    /// Packet id -> queue sequence number, awaiting PUBACK.
-    unacked: HashMap<u16, u64>,
+    /// Publishes handed to the client, in order, awaiting their packet id.
+    handed: VecDeque<Handed>,
+    /// Packet id -> what awaits its PUBACK.
+    unacked: HashMap<u16, Handed>,
     /// The last queue sequence number handed to this connection.
     last_handed: u64,
 }
 
 impl Flight {
-    fn handed(&mut self, seq: Option<u64>) {
-        self.handed.push_back(seq);
+    fn handed(&mut self, what: Handed) {
+        self.handed.push_back(what);
     }
 
     fn sent(&mut self, pkid: u16) {
-        if let Some(Some(seq)) = self.handed.pop_front() {
-            self.unacked.insert(pkid, seq);
+        match self.handed.pop_front() {
+            Some(Handed::Untracked) | None => {}
+            Some(tracked) => {
+                self.unacked.insert(pkid, tracked);
+            }
         }
     }
 
-    fn acked(&mut self, pkid: u16) -> Option<u64> {
+    fn acked(&mut self, pkid: u16) -> Option<Handed> {
         self.unacked.remove(&pkid)
     }
 
+    /// Queued messages in flight (what the window bounds).
     fn open(&self) -> usize {
-        self.unacked.len() + self.handed.iter().filter(|s| s.is_some()).count()
+        let queued = |h: &&Handed| matches!(h, Handed::Queued(_));
+        self.unacked.values().filter(queued).count() + self.handed.iter().filter(queued).count()
     }
 }
 

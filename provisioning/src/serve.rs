@@ -86,8 +86,9 @@ pub async fn serve(issuer: Issuer, options: ServeOptions, stop: impl std::future
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 retry = Duration::from_millis(250);
                 // A clean session: subscribe on every connection.
+                // Never awaited here: the channel drains only while this loop polls.
                 for filter in [REQUEST_FILTER, CONFIRM_FILTER] {
-                    if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
+                    if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
                         warn!(event = "subscribe_failed", filter, error = %e, "cannot subscribe to {filter}: {e}");
                     }
                 }

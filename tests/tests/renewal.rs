@@ -505,6 +505,39 @@ fn an_agent_killed_at_every_step_of_the_swap_connects_again_and_finishes_the_ren
             "{point}"
         );
     }
+    // Not killed, `renew` exits 0 once the broker accepted the new certificate.
+    let output = e2e::run(
+        Command::new(workspace_bin("device-agent"))
+            .arg("renew")
+            .arg("--config")
+            .arg(agent_config(&bundles[0])),
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("renewed"));
+    assert_eq!(check_chain(&site, "kill-00001"), 2);
+    assert!(!bundles[0].join("device.unconfirmed").exists());
+}
+
+#[test]
+fn a_renewed_certificate_the_broker_refuses_is_rolled_back_to_the_old_one() {
+    let site = Site::new(&[]);
+    let bundle = site.devices("back-", 1, "1d").remove(0);
+    // A pending pair the broker will refuse: a key and certificate of no CA it trusts.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "back-00001");
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(bundle.join("device.next.crt"), cert.pem()).unwrap();
+    std::fs::write(bundle.join("device.next.key"), key.serialize_pem()).unwrap();
+    let agent = AgentProcess::start("run", &bundle, None);
+    agent.wait_for_line("the rollback", "renewal_rolled_back");
+    agent.wait_for_line("a connection with the old certificate", "connected to");
+    let current = site.certificates_of("back-00001").remove(0);
+    site.broker
+        .wait_for("the old certificate accepted", Duration::from_secs(10), |e| {
+            e["event"] == "accept" && e["serial"] == current["serial"]
+        });
+    assert!(!bundle.join("device.next.crt").exists() && !bundle.join("device.next.key").exists());
 }
 
 #[test]
