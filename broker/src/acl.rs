@@ -108,6 +108,19 @@ pub struct TopicRules {
     subscribe: Vec<String>,
 }
 
+impl TopicRules {
+    /// The rules of a device admitted under `renewal_grace_days` with an expired certificate:
+    /// its renewal request and reply topics, nothing else (whatever the configured templates).
+    pub fn renewal_only(identity: &Identity) -> Self {
+        use fleet_identity::renewal::RenewalTopic;
+        let id = identity.id.as_str();
+        Self {
+            publish: vec![RenewalTopic::Request.topic(id)],
+            subscribe: vec![RenewalTopic::Reply.topic(id)],
+        }
+    }
+}
+
 /// The outcome of an ACL check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -247,6 +260,27 @@ mod tests {
             s.may_subscribe("$share//a"),
             Verdict::Invalid(FilterError::BadSharedSubscription)
         );
+    }
+
+    #[test]
+    fn a_device_in_its_renewal_grace_may_only_renew() {
+        let identity = Identity {
+            role: Role::Device,
+            id: "dev-1".parse().unwrap(),
+        };
+        let d = TopicRules::renewal_only(&identity);
+        assert_eq!(d.may_publish("devices/dev-1/renew/request"), Verdict::Allowed);
+        assert_eq!(d.may_subscribe("devices/dev-1/renew/reply"), Verdict::Allowed);
+        for topic in [
+            "devices/dev-1/telemetry",
+            "devices/dev-1/renew/confirm",
+            "devices/dev-1/renew/reply",
+        ] {
+            assert_eq!(d.may_publish(topic), Verdict::Denied, "{topic}");
+        }
+        for filter in ["devices/dev-1/#", "devices/dev-1/cmd/#", "devices/dev-1/renew/+"] {
+            assert_eq!(d.may_subscribe(filter), Verdict::Denied, "{filter}");
+        }
     }
 
     #[test]

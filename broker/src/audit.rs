@@ -1,7 +1,7 @@
 //! The audit trail: one structured `tracing` event per decision, and the metric it moves.
 //!
 //! Every event carries `event` (accept, reject, disconnect, acl_denied, subscription_refused,
-//! revoked_kick, slow_subscriber, queue_overflow, qos0_dropped, retain_refused, reload,
+//! revoked_kick, expired_grace, slow_subscriber, queue_overflow, qos0_dropped, retain_refused, reload,
 //! reload_failed, crl_stale) so a log pipeline can filter on it; rejects and disconnects carry
 //! `reason`, one of the stable words of [`crate::reason`], which the README's troubleshooting
 //! table explains.
@@ -48,6 +48,19 @@ impl Audit {
             "accepted {} {}",
             identity.role,
             identity.id
+        );
+    }
+
+    /// A device whose certificate expired less than `renewal_grace_days` ago was admitted, to
+    /// its renewal topics only.
+    pub fn expired_grace(&self, peer: SocketAddr, identity: &Identity, cert: &PresentedCert, expired_at: i64) {
+        warn!(
+            event = "expired_grace",
+            device_id = %identity.id,
+            serial = cert.revocation.as_ref().map_or("-", |key| key.serial.as_str()),
+            expired_at,
+            %peer,
+            "admitted {identity} with a certificate expired at {expired_at} (Unix time) to its renewal topics only"
         );
     }
 

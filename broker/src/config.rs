@@ -33,6 +33,11 @@ pub struct BrokerConfig {
     /// Any other client CA without one has its certificates refused (`crl_missing`).
     #[serde(default)]
     pub crl_exempt_cas: Vec<String>,
+    /// Days after expiry during which a device certificate that is otherwise valid and not
+    /// revoked is still admitted, to its renewal topics only (`expired_grace`). 0, the default:
+    /// off. See the README for the threat model.
+    #[serde(default)]
+    pub renewal_grace_days: u32,
     /// Topic ACL templates.
     #[serde(default)]
     pub acl: AclConfig,

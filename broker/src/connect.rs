@@ -64,9 +64,16 @@ pub(crate) async fn establish(
         identity,
         cert,
         tls_version,
+        expired_grace,
     } = session;
     let connect = read_connect(conn, &cert, peer, ctx).await?;
-    let rules = ctx.acl.for_identity(&identity);
+    let rules = match expired_grace {
+        Some(expired_at) => {
+            ctx.audit.expired_grace(peer, &identity, &cert, expired_at);
+            TopicRules::renewal_only(&identity)
+        }
+        None => ctx.acl.for_identity(&identity),
+    };
     if let Err(refusal) = check_connect(&identity, &connect, &rules) {
         if let (RejectReason::WillDenied, Some(will)) = (refusal.reason, &connect.will) {
             ctx.audit

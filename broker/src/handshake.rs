@@ -19,6 +19,8 @@ pub(crate) struct Authenticated {
     pub(crate) identity: Identity,
     pub(crate) cert: PresentedCert,
     pub(crate) tls_version: String,
+    /// When the certificate expired, if it was admitted under `renewal_grace_days`.
+    pub(crate) expired_grace: Option<i64>,
 }
 
 /// Runs the handshake; refusals are logged here.
@@ -53,6 +55,7 @@ pub(crate) async fn handshake(
             let HandshakeNotes {
                 presented: Some(cert),
                 identity: Some(identity),
+                expired_grace,
                 ..
             } = notes
             else {
@@ -71,6 +74,7 @@ pub(crate) async fn handshake(
                     identity,
                     cert,
                     tls_version,
+                    expired_grace,
                 },
             ))
         }

@@ -31,6 +31,9 @@ pub struct TlsFiles {
     pub crl: Vec<PathBuf>,
     /// SHA-256 fingerprints of client CAs accepted without a CRL.
     pub crl_exempt_cas: Vec<String>,
+    /// `renewal_grace_days`, in seconds (0: off). Not a file, but read with them: the verifier
+    /// built from them applies it.
+    pub renewal_grace_s: u64,
 }
 
 impl TlsFiles {
@@ -42,6 +45,7 @@ impl TlsFiles {
             client_ca: config.client_ca.clone(),
             crl: config.crl.clone(),
             crl_exempt_cas: config.crl_exempt_cas.clone(),
+            renewal_grace_s: u64::from(config.renewal_grace_days) * 86_400,
         }
     }
 
@@ -167,6 +171,7 @@ impl TlsMaterial {
         let verifier = Arc::new(AuditingVerifier {
             inner: standard,
             crl: crl.clone(),
+            renewal_grace_s: files.renewal_grace_s,
         });
         let config = fleet_identity::tls::server_config(provider.clone(), verifier, chain, key).map_err(|e| {
             fail(
@@ -232,6 +237,9 @@ pub struct HandshakeNotes {
     pub refused: Option<(RejectReason, String)>,
     /// The identity of an accepted certificate.
     pub identity: Option<Identity>,
+    /// When an accepted certificate expired (Unix seconds), if it was admitted under
+    /// `renewal_grace_days`: to its renewal topics only.
+    pub expired_grace: Option<i64>,
 }
 
 tokio::task_local! {
@@ -246,6 +254,8 @@ struct AuditingVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     /// The CRLs in force: a certificate from a client CA none of them covers is refused.
     crl: Option<CrlInfo>,
+    /// `renewal_grace_days` in seconds; 0: off.
+    renewal_grace_s: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,7 +293,16 @@ impl AuditingVerifier {
             ..Default::default()
         };
         let is_ca = summary.as_ref().is_some_and(|s| s.is_ca);
-        let verdict = self.inner.verify_client_cert(end_entity, intermediates, now);
+        let mut verdict = self.inner.verify_client_cert(end_entity, intermediates, now);
+        if let (Err(e), Some(summary), Ok(identity)) = (&verdict, &summary, &identity) {
+            if let Some(expired_at) = self.within_grace(e, summary, identity, now) {
+                // Everything else is judged as it was the moment before it expired: chain, CA
+                // validity, purpose and the CRL in force now.
+                let then = UnixTime::since_unix_epoch(std::time::Duration::from_secs(expired_at as u64));
+                verdict = self.inner.verify_client_cert(end_entity, intermediates, then);
+                notes.expired_grace = verdict.is_ok().then_some(expired_at);
+            }
+        }
         let uncovered = match (&self.crl, &summary) {
             (Some(crl), Some(summary)) => crl.refuses_issuer(&summary.issuer),
             _ => false,
@@ -317,6 +336,27 @@ impl AuditingVerifier {
         };
         notes.refused = refusal;
         (result, notes)
+    }
+}
+
+impl AuditingVerifier {
+    /// When the certificate expired, if `error` says it expired, it is a device's, and it did
+    /// so less than `renewal_grace_days` before `now`.
+    fn within_grace(
+        &self,
+        error: &rustls::Error,
+        summary: &CertificateSummary,
+        identity: &Identity,
+        now: UnixTime,
+    ) -> Option<i64> {
+        let expired = reason_for(error) == RejectReason::Expired;
+        let since = (now.as_secs() as i64).saturating_sub(summary.not_after);
+        (self.renewal_grace_s > 0
+            && expired
+            && identity.role == fleet_identity::Role::Device
+            && since >= 0
+            && (since as u64) < self.renewal_grace_s)
+            .then_some(summary.not_after)
     }
 }
 

@@ -16,7 +16,7 @@ use audit_capture::{AuditCapture, Decision};
 use clap::Parser;
 use device_agent::config::Agent;
 use device_agent::queue::Queue;
-use device_agent::session::{Outbound, Runner};
+use device_agent::session::{Mode, Outbound, Runner};
 use fleet_identity::{pem, tls, DeviceId, Role};
 use provisioning::batch::{issue_devices, IssueOptions};
 use provisioning::broker_bundle::{issue_broker, BrokerRequest};
@@ -26,6 +26,7 @@ use provisioning::output::Overwrite;
 use provisioning::pki::{InitOptions, Pki};
 use provisioning::registry::RevokeTarget;
 use provisioning::revocation::Reason;
+use provisioning::validity::Validity;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tracing_subscriber::layer::SubscriberExt;
@@ -89,7 +90,7 @@ fn prepare_pki(dir: &Path) -> Result<()> {
             Role::Service,
             &"dashboard".parse()?,
             &dir.join("services"),
-            365,
+            Validity::days(365),
             Overwrite::Refuse,
         )?;
     } else {
@@ -109,7 +110,7 @@ fn prepare_pki(dir: &Path) -> Result<()> {
 fn issue_options(overwrite: Overwrite) -> IssueOptions {
     IssueOptions {
         broker_url: "mqtts://localhost:8883".parse().expect("a valid URL"),
-        validity_days: 365,
+        validity: Validity::days(365),
         key_type: KeyType::EcdsaP256,
         jobs: 2,
         overwrite,
@@ -179,7 +180,7 @@ fn start_agent(dir: &Path, id: &str, port: u16, queues: &Path, reading: &Outboun
     agent.config.queue_dir = queues.join(id);
     agent.config.backoff_max_ms = 5_000;
     let clock = Arc::new(device_agent::trust::FlooredClock::system());
-    let device_agent::trust::Credentials { identity, tls, .. } = device_agent::trust::load_credentials(&agent, clock)?;
+    let credentials = device_agent::trust::load_credentials(&agent, clock.clone())?;
     let mut queue = Queue::open(&agent.config.queue_dir, agent.config.queue_max_messages)?;
     queue.push(&reading.0, &reading.1)?;
     let (input, input_rx) = mpsc::channel(64);
@@ -196,7 +197,7 @@ fn start_agent(dir: &Path, id: &str, port: u16, queues: &Path, reading: &Outboun
         }
     });
     tokio::spawn(
-        Runner::new(agent, identity, tls, queue, commands_tx).run(input_rx, async move {
+        Runner::new(agent, &credentials, clock, queue, commands_tx, Mode::Run).run(input_rx, async move {
             let _ = stop_rx.await;
         }),
     );

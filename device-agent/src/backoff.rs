@@ -42,7 +42,8 @@ impl Backoff {
     }
 }
 
-fn random_below(bound: u64) -> u64 {
+/// A uniformly random number below `bound` (0 for a bound of 0 or 1).
+pub fn random_below(bound: u64) -> u64 {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 8];
     let _ = ring::rand::SystemRandom::new().fill(&mut bytes);

@@ -9,7 +9,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::config::Agent;
 use crate::diagnosis::Diagnosis;
 use crate::session::{connect_once, mqtt_options};
-use crate::trust::{crypto_provider, device_identity, load_credentials, Credentials, FlooredClock};
+use crate::trust::{device_identity, load_credentials, Credentials, FlooredClock};
 
 /// Days before expiry from which the agent warns.
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
@@ -107,24 +107,11 @@ pub fn offline(agent: &Agent, clock: &FlooredClock) -> (Vec<Finding>, Option<Dia
 }
 
 fn key_matches(agent: &Agent, cert: &[u8]) -> Result<(), String> {
-    let key = fleet_identity::pem::load_key(&agent.config.key).map_err(|e| e.to_string())?;
-    let signing = crypto_provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| format!("{}: unusable private key: {e}", agent.config.key.display()))?;
-    let public = signing
-        .public_key()
-        .ok_or_else(|| format!("{}: cannot derive the public key", agent.config.key.display()))?;
-    let (_, parsed) = X509Certificate::from_der(cert).map_err(|e| e.to_string())?;
-    if public.as_ref() == parsed.public_key().raw {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} does not belong to {}",
-            agent.config.key.display(),
-            agent.config.cert.display()
-        ))
-    }
+    crate::identity_files::key_matches(
+        &agent.config.key,
+        &agent.config.cert,
+        &rustls::pki_types::CertificateDer::from(cert),
+    )
 }
 
 /// Offline checks, then one connection attempt. Prints the report; returns the diagnosis.

@@ -47,6 +47,44 @@ pub struct AgentConfig {
     /// [`crate::session::mqtt_options`] for how each direction is measured.
     #[serde(default = "defaults::max_packet_bytes")]
     pub max_packet_bytes: usize,
+    /// Certificate renewal ([`crate::renewal`]).
+    #[serde(default)]
+    pub renewal: RenewalConfig,
+}
+
+/// `[renewal]`: when and how the agent renews its certificate by itself.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RenewalConfig {
+    /// Renew once this fraction of the certificate's validity has passed. Default 2/3: the
+    /// issuer's default window opens there.
+    pub renew_after: f64,
+    /// Plus a random share of the validity up to this fraction, drawn once per certificate, so
+    /// a fleet issued together does not ask together. Default 0.1.
+    pub jitter: f64,
+    /// How long to wait for the issuer's reply, seconds. Default 30.
+    pub reply_timeout_s: u64,
+    /// Shortest wait before asking again after a failure, seconds. Default 60 (the issuer's
+    /// default rate limit).
+    pub retry_min_s: u64,
+    /// Longest wait before asking again, seconds; also the wait after a refusal that needs an
+    /// operator. Default 3600.
+    pub retry_max_s: u64,
+    /// The new key's type. Default ecdsa-p256.
+    pub key_type: crate::keygen::KeyType,
+}
+
+impl Default for RenewalConfig {
+    fn default() -> Self {
+        Self {
+            renew_after: 2.0 / 3.0,
+            jitter: 0.1,
+            reply_timeout_s: 30,
+            retry_min_s: 60,
+            retry_max_s: 3600,
+            key_type: crate::keygen::KeyType::EcdsaP256,
+        }
+    }
 }
 
 /// The smallest `max_packet_bytes`: room for the CONNECT, the command subscription and the
@@ -157,6 +195,19 @@ impl Agent {
                     "{} is outside {MIN_PACKET_BYTES}..={MAX_PACKET_BYTES}: set it to the broker's limits.max_packet_bytes",
                     config.max_packet_bytes
                 ),
+            ));
+        }
+        let renewal = &config.renewal;
+        if !(renewal.renew_after > 0.0 && renewal.jitter >= 0.0 && renewal.renew_after + renewal.jitter < 1.0) {
+            return Err(invalid(
+                "renewal.renew_after/renewal.jitter",
+                "need 0 < renew_after and 0 <= jitter with renew_after + jitter < 1 (fractions of the validity)".into(),
+            ));
+        }
+        if renewal.reply_timeout_s == 0 || renewal.retry_min_s == 0 || renewal.retry_max_s < renewal.retry_min_s {
+            return Err(invalid(
+                "renewal.reply_timeout_s/retry_min_s/retry_max_s",
+                "need reply_timeout_s > 0 and 0 < retry_min_s <= retry_max_s".into(),
             ));
         }
         let base = path.parent().unwrap_or(Path::new("."));

@@ -9,7 +9,8 @@ use ring::signature::{
 };
 
 /// Key types a device can generate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum KeyType {
     /// ECDSA P-256 (the default).
     #[default]
@@ -28,12 +29,21 @@ pub enum KeyType {
 #[error("cannot generate the key or CSR: {0}")]
 pub struct KeygenError(String);
 
+impl KeygenError {
+    /// An error with this reason.
+    pub fn new(reason: String) -> Self {
+        Self(reason)
+    }
+}
+
 /// A private key (PKCS#8 PEM) and its CSR (PEM).
 pub struct KeyAndCsr {
     /// `-----BEGIN PRIVATE KEY-----`.
     pub key_pem: String,
     /// `-----BEGIN CERTIFICATE REQUEST-----`.
     pub csr_pem: String,
+    /// The public key's SubjectPublicKeyInfo, DER: what the certificate must carry.
+    pub public_key_info: Vec<u8>,
 }
 
 const OID_EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
@@ -70,7 +80,8 @@ fn bit_string(bytes: &[u8]) -> Vec<u8> {
     der(0x03, &[&[0u8][..], bytes].concat())
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
+/// `der` as a PEM block labelled `label`, 64 characters a line.
+pub fn pem(label: &str, der: &[u8]) -> String {
     use base64::Engine as _;
     let text = base64::engine::general_purpose::STANDARD.encode(der);
     let lines: Vec<&str> = text
@@ -126,12 +137,13 @@ pub fn generate(key_type: KeyType, common_name: &str) -> Result<KeyAndCsr, Keyge
         }
     };
     // CertificationRequestInfo: version 0, subject, SubjectPublicKeyInfo, empty attributes [0].
-    let info = sequence(&[der(0x02, &[0]), subject, spki, der(0xa0, &[])]);
+    let info = sequence(&[der(0x02, &[0]), subject, spki.clone(), der(0xa0, &[])]);
     let signature = signer(&info)?;
     let csr = sequence(&[info, signature_alg, bit_string(&signature)]);
     Ok(KeyAndCsr {
         // In the form every TLS stack reads (Ed25519: PKCS#8 v1), not ring's PKCS#8 v2.
         key_pem: pem("PRIVATE KEY", &fleet_identity::pem::portable_pkcs8(&pkcs8)),
         csr_pem: pem("CERTIFICATE REQUEST", &csr),
+        public_key_info: spki,
     })
 }

@@ -8,11 +8,12 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use device_agent::config::Agent;
 use device_agent::diagnosis::Diagnosis;
+use device_agent::identity_files::IdentityFiles;
 use device_agent::input::read_messages;
 use device_agent::keygen::{self, KeyType};
 use device_agent::outbound::MessageRules;
 use device_agent::queue::Queue;
-use device_agent::session::{connect_once, mqtt_options, Runner};
+use device_agent::session::{connect_once, mqtt_options, Mode, Outcome, Runner};
 use device_agent::trust::{load_credentials, Credentials, FlooredClock};
 use rumqttc::{Event, Packet, QoS};
 use tokio::io::BufReader;
@@ -65,6 +66,15 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Renew this device's certificate now, through the issuing service (`provision serve`):
+    /// a new key on the device, its CSR over MQTT, the new certificate tried and committed once
+    /// the broker accepts it. `run` does the same by itself when the certificate is due. Exit
+    /// codes: 0 renewed, 70 refused by the issuer (the reason is printed), others as `check`.
+    Renew {
+        /// The agent configuration.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Generate this device's key (mode 0600) and a CSR (CN = id) for `provision sign-csr`.
     /// The key never leaves the device.
     Keygen {
@@ -99,7 +109,10 @@ fn main() -> ExitCode {
         }
     };
     match Cli::parse().command {
-        Command::Run { config, listen_socket } => runtime.block_on(run(&config, listen_socket)),
+        Command::Run { config, listen_socket } => {
+            let input = listen_socket.map_or(Input::Stdin, Input::Socket);
+            runtime.block_on(run(&config, input, Mode::Run))
+        }
         Command::Publish {
             config,
             topic,
@@ -107,6 +120,7 @@ fn main() -> ExitCode {
             qos,
         } => runtime.block_on(publish(&config, &topic, message, qos)),
         Command::Check { config } => runtime.block_on(check(&config)),
+        Command::Renew { config } => runtime.block_on(run(&config, Input::None, Mode::RenewOnce)),
         Command::Keygen { id, out, key_type } => generate_key(&id, &out, key_type),
     }
 }
@@ -181,7 +195,15 @@ async fn publish(config: &Path, suffix: &str, message: String, qos: u8) -> ExitC
     }
 }
 
-async fn run(config: &Path, listen_socket: Option<PathBuf>) -> ExitCode {
+/// Where `run` reads the application's messages from.
+enum Input {
+    Stdin,
+    Socket(PathBuf),
+    /// `renew`: no messages.
+    None,
+}
+
+async fn run(config: &Path, input: Input, mode: Mode) -> ExitCode {
     let agent = match load(config) {
         Ok(agent) => agent,
         Err(code) => return code,
@@ -193,7 +215,21 @@ async fn run(config: &Path, listen_socket: Option<PathBuf>) -> ExitCode {
             "the system clock is earlier than this agent's build time: validating certificates against the build time"
         );
     }
-    let Credentials { identity, cert, tls } = match load_credentials(&agent, clock.clone()) {
+    // One process at a time may swap this device's certificate.
+    let _lock = match lock_identity(&agent) {
+        Ok(lock) => lock,
+        Err(why) => return report(&Diagnosis::LocalProblem(why)),
+    };
+    // Before the files are read: a crash in the middle of a certificate swap is finished or
+    // undone first.
+    match IdentityFiles::new(agent.config.cert.clone(), agent.config.key.clone()).recover() {
+        Ok(Some(what)) => info!(event = "renewal_recovered", "{what}"),
+        Ok(None) => {}
+        Err(e) => {
+            warn!(event = "renewal_recovery_failed", error = %e, "cannot tidy an interrupted certificate swap: {e}")
+        }
+    }
+    let credentials = match load_credentials(&agent, clock.clone()) {
         Ok(credentials) => credentials,
         Err(e) => return report(&Diagnosis::LocalProblem(e.to_string())),
     };
@@ -206,12 +242,15 @@ async fn run(config: &Path, listen_socket: Option<PathBuf>) -> ExitCode {
             )))
         }
     };
+    let identity = &credentials.identity;
     info!(event = "starting", device_id = %identity.id, broker = %agent.broker, queued = queue.len(), "device {} starting", identity.id);
-    tokio::spawn(warn_before_expiry(cert.to_vec(), clock));
+    if mode == Mode::Run {
+        tokio::spawn(warn_before_expiry(credentials.cert.to_vec(), clock.clone()));
+    }
     let (tx, rx) = mpsc::channel(1024);
     let max_line_bytes = agent.config.max_packet_bytes;
-    match listen_socket {
-        Some(path) => {
+    match input {
+        Input::Socket(path) => {
             let _ = std::fs::remove_file(&path);
             match tokio::net::UnixListener::bind(&path) {
                 Ok(listener) => {
@@ -224,16 +263,53 @@ async fn run(config: &Path, listen_socket: Option<PathBuf>) -> ExitCode {
                 Err(e) => return report(&Diagnosis::LocalProblem(format!("{}: {e}", path.display()))),
             }
         }
-        None => {
+        Input::Stdin => {
             tokio::spawn(read_messages(BufReader::new(tokio::io::stdin()), tx, max_line_bytes));
         }
+        // A closed input is one that never brings anything: the run loop does not wait on it.
+        Input::None => drop(tx),
     }
     let (commands_tx, commands) = mpsc::unbounded_channel::<device_agent::session::Command>();
     tokio::spawn(print_commands(commands));
-    Runner::new(agent, identity, tls, queue, commands_tx)
-        .run(rx, stop_signal())
-        .await;
-    ExitCode::SUCCESS
+    let runner = Runner::new(agent, &credentials, clock, queue, commands_tx, mode);
+    match runner.run(rx, stop_signal()).await {
+        Outcome::Stopped => ExitCode::SUCCESS,
+        Outcome::Renewed => {
+            println!("renewed: the new certificate is in use");
+            ExitCode::SUCCESS
+        }
+        Outcome::Refused(error) => {
+            eprintln!(
+                "the issuer refused the renewal ({}): {}",
+                error.code.as_str(),
+                error.message
+            );
+            ExitCode::from(RENEWAL_REFUSED)
+        }
+    }
+}
+
+/// The exit code of `renew` when the issuer refused.
+const RENEWAL_REFUSED: u8 = 70;
+
+/// Locks `<cert>.lock` beside the device certificate for as long as the returned file is open:
+/// `run` and `renew` never swap the same certificate at once.
+fn lock_identity(agent: &device_agent::config::Agent) -> Result<std::fs::File, String> {
+    let path = agent.config.cert.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "{}: another device-agent (run or renew) is using this device's certificate; `run` renews by itself",
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("{}: {e}", path.display())),
+    }
 }
 
 /// Commands held for stdout at most: beyond, while nothing reads stdout, the oldest go.
@@ -287,7 +363,7 @@ async fn warn_before_expiry(cert: Vec<u8>, clock: Arc<FlooredClock>) {
     loop {
         let days_left = (not_after - clock.seconds() as i64) / 86_400;
         if days_left <= device_agent::check::EXPIRY_WARNING_DAYS {
-            warn!(event = "certificate_expiring", days_left, "this device's certificate expires in {days_left} days: re-provision it (device-agent keygen + provision sign-csr --rotate)");
+            warn!(event = "certificate_expiring", days_left, "this device's certificate expires in {days_left} days: it renews itself through the issuing service (`provision serve`); check that it runs, or renew by hand (device-agent keygen + provision sign-csr --rotate)");
         }
         tokio::time::sleep(Duration::from_secs(86_400)).await;
     }

@@ -15,11 +15,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fleet_identity::renewal::{RenewConfirm, RenewError, RenewalTopic};
 use fleet_identity::Identity;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, StateError, TlsConfiguration,
     Transport,
 };
+use rustls::pki_types::CertificateDer;
 use rustls::ClientConfig;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -27,8 +29,11 @@ use tracing::{info, warn};
 use crate::backoff::Backoff;
 use crate::config::Agent;
 use crate::diagnosis::Diagnosis;
+use crate::identity_files::{IdentityFiles, Slot};
 use crate::outbound::MessageRules;
 use crate::queue::{Queue, SetAside};
+use crate::renewal::{new_request, read_reply, Answer, InFlight, Schedule};
+use crate::trust::{load_credentials_from, Credentials, FlooredClock};
 
 /// QoS 1 messages handed to the client and not yet acknowledged, at most.
 const WINDOW: usize = 64;
@@ -88,17 +93,47 @@ enum Step {
 enum End {
     /// Asked to stop.
     Stopped,
+    /// Connect again at once: a renewed certificate is waiting to be tried, or a refused one
+    /// was rolled back.
+    Swap,
+    /// `device-agent renew` is done.
+    Done(Outcome),
     /// The connection failed or was refused.
     Failed(Diagnosis),
     /// The broker sent a packet larger than `max_packet_bytes`, of this remaining length.
     CommandTooLarge(usize),
 }
 
+/// What the runner is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `device-agent run`: carry messages, renew when due, until stopped.
+    Run,
+    /// `device-agent renew`: renew now, then stop; no messages are sent or received.
+    RenewOnce,
+}
+
+/// How [`Runner::run`] ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Stopped by the signal.
+    Stopped,
+    /// Renewed: the new certificate is committed and the broker accepted it.
+    Renewed,
+    /// The issuer refused the renewal.
+    Refused(RenewError),
+}
+
 /// The running agent.
 pub struct Runner {
     agent: Agent,
     identity: Identity,
-    tls: Arc<ClientConfig>,
+    /// The current and pending key and certificate: each connection reads the pair it presents.
+    files: IdentityFiles,
+    clock: Arc<FlooredClock>,
+    mode: Mode,
+    /// When to renew next.
+    schedule: Schedule,
     queue: Queue,
     started: Instant,
     heartbeats: u64,
@@ -113,19 +148,31 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// A runner for this device with its queue opened; commands received go to `commands`.
+    /// A runner for this device, whose current certificate is `cert`, with its queue opened;
+    /// commands received go to `commands`.
     pub fn new(
         agent: Agent,
-        identity: Identity,
-        tls: Arc<ClientConfig>,
+        credentials: &Credentials,
+        clock: Arc<FlooredClock>,
         queue: Queue,
         commands: mpsc::UnboundedSender<Command>,
+        mode: Mode,
     ) -> Self {
+        let identity = credentials.identity.clone();
         let rules = MessageRules::new(identity.id.as_str(), agent.config.max_packet_bytes);
+        let (not_before, not_after) = validity(&credentials.cert);
+        let mut schedule = Schedule::new(&agent.config.renewal, not_before, not_after);
+        if mode == Mode::RenewOnce {
+            schedule.now();
+        }
+        info!(event = "renewal_scheduled", device_id = %identity.id, at_unix = schedule.next_at(), "certificate renewal due at {} (Unix time)", schedule.next_at());
         Self {
+            files: IdentityFiles::new(agent.config.cert.clone(), agent.config.key.clone()),
             agent,
             identity,
-            tls,
+            clock,
+            mode,
+            schedule,
             queue,
             started: Instant::now(),
             heartbeats: 0,
@@ -146,13 +193,16 @@ impl Runner {
         }
     }
 
-    /// Runs until `stop` completes. Messages arriving on `input` are queued durably at once.
-    pub async fn run(mut self, mut input: mpsc::Receiver<Outbound>, stop: impl Future<Output = ()>) {
+    /// Runs until `stop` completes (or, for `renew`, the renewal is done). Messages arriving on
+    /// `input` are queued durably at once.
+    pub async fn run(mut self, mut input: mpsc::Receiver<Outbound>, stop: impl Future<Output = ()>) -> Outcome {
         let mut stop = std::pin::pin!(stop);
         let mut backoff = Backoff::new(self.agent.config.backoff_min_ms, self.agent.config.backoff_max_ms);
         loop {
             let delay = match self.connection(&mut input, &mut stop, &mut backoff).await {
-                End::Stopped => return,
+                End::Stopped => return Outcome::Stopped,
+                End::Done(outcome) => return outcome,
+                End::Swap => Duration::ZERO,
                 End::CommandTooLarge(size) => {
                     self.note_command_too_large(size);
                     backoff.next_delay()
@@ -173,7 +223,10 @@ impl Runner {
                 tokio::select! {
                     () = &mut wait => break,
                     Some(message) = input.recv() => self.accept(message),
-                    () = &mut stop => return self.log_stopped(),
+                    () = &mut stop => {
+                        self.log_stopped();
+                        return Outcome::Stopped;
+                    }
                 }
             }
         }
@@ -185,9 +238,29 @@ impl Runner {
         stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
         backoff: &mut Backoff,
     ) -> End {
-        let (client, mut eventloop) =
-            AsyncClient::new(mqtt_options(&self.agent, &self.identity, self.tls.clone()), WINDOW * 4);
+        let slot = self.files.first_choice();
+        let (cert_path, key_path) = self.files.paths(slot);
+        let credentials = match load_credentials_from(&self.agent, self.clock.clone(), &cert_path, &key_path) {
+            Ok(credentials) => credentials,
+            Err(e) if slot == Slot::Pending => {
+                self.roll_back(&format!("it is unusable: {e}"));
+                return End::Swap;
+            }
+            Err(e) => return End::Failed(Diagnosis::LocalProblem(e.to_string())),
+        };
+        // An expired certificate gets in only under the broker's renewal grace, to the renewal
+        // topics alone: nothing else is sent, so no queued message is spent on a denial.
+        let renewal_only = self.mode == Mode::RenewOnce || validity(&credentials.cert).1 <= self.clock.seconds() as i64;
+        let reply_topic = RenewalTopic::Reply.topic(self.identity.id.as_str());
+        let (client, mut eventloop) = AsyncClient::new(
+            mqtt_options(&self.agent, &credentials.identity, credentials.tls.clone()),
+            WINDOW * 4,
+        );
         let mut flight = Flight::default();
+        // The renewal request awaiting its reply, and when to give up on it.
+        let mut in_flight: Option<(InFlight, tokio::time::Instant)> = None;
+        let renew_wakeup = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(renew_wakeup);
         let heartbeat_period = Duration::from_secs(self.agent.config.heartbeat_s.max(1));
         let mut heartbeat = tokio::time::interval(heartbeat_period);
         let mut connected = false;
@@ -213,11 +286,20 @@ impl Runner {
                         }
                         Some(message) = input.recv() => {
                             self.accept(message);
-                            if connected {
+                            if connected && !renewal_only {
                                 self.fill(&client, &mut flight);
                             }
                         }
-                        _ = heartbeat.tick(), if connected && self.agent.config.heartbeat_s > 0 => self.heartbeat(&client, &mut flight),
+                        () = &mut renew_wakeup, if connected => {
+                            if in_flight.take().is_some() {
+                                let delay = self.schedule.failed(self.clock.seconds());
+                                self.abandon_request(&format!("no reply from the issuer within {:?}", self.schedule.reply_timeout()), delay);
+                            } else {
+                                in_flight = self.ask(&client, &mut flight);
+                            }
+                            renew_wakeup.as_mut().reset(self.wakeup(in_flight.as_ref()));
+                        }
+                        _ = heartbeat.tick(), if connected && !renewal_only && self.agent.config.heartbeat_s > 0 => self.heartbeat(&client, &mut flight),
                         () = stop.as_mut() => break Step::Stop,
                     }
                 }
@@ -225,11 +307,7 @@ impl Runner {
             let event = match step {
                 Step::Event(event) => event,
                 Step::Stop => {
-                    let _ = client.try_disconnect();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        while eventloop.poll().await.is_ok() {}
-                    })
-                    .await;
+                    disconnect(&client, &mut eventloop).await;
                     self.log_stopped();
                     return End::Stopped;
                 }
@@ -239,7 +317,16 @@ impl Runner {
                     connected = true;
                     backoff.reset();
                     info!(event = "connected", broker = %self.agent.broker, device_id = %self.identity.id, queued = self.queue.len(), "connected to {}", self.agent.broker);
-                    if self.command_too_large.is_some() {
+                    if slot == Slot::Pending {
+                        self.commit(&client, &mut flight, &credentials.cert);
+                    } else if self.files.unconfirmed().exists() && !renewal_only {
+                        // Committed by an earlier run that stopped before the issuer heard of it.
+                        self.confirm(&client, &mut flight, &credentials.cert);
+                    }
+                    renew_wakeup.as_mut().reset(self.wakeup(None));
+                    if renewal_only {
+                        // Renewal topics only: no commands, no queue, no heartbeat.
+                    } else if self.command_too_large.is_some() {
                         // The longest reconnect delay: a retained command stays until an
                         // operator replaces it, and meanwhile the queue drains.
                         subscribe_later
@@ -251,6 +338,45 @@ impl Runner {
                     }
                     self.fill(&client, &mut flight);
                 }
+                Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == reply_topic => {
+                    let Some((request, deadline)) = in_flight.take() else {
+                        continue;
+                    };
+                    let now = self.clock.seconds();
+                    match read_reply(&publish.payload, &request, &self.identity, &credentials.cert) {
+                        Ok(Answer::NotOurs) => in_flight = Some((request, deadline)),
+                        Ok(Answer::Certificate(pem)) => match self.files.write_pending_cert(&pem) {
+                            Ok(()) => {
+                                info!(event = "renewal_received", device_id = %self.identity.id, request_id = %request.request_id, "received a renewed certificate: connecting with it");
+                                disconnect(&client, &mut eventloop).await;
+                                return End::Swap;
+                            }
+                            Err(e) => {
+                                let delay = self.schedule.failed(now);
+                                self.abandon_request(
+                                    &format!("cannot write {}: {e}", self.files.pending_cert().display()),
+                                    delay,
+                                );
+                            }
+                        },
+                        Ok(Answer::Refused(error)) => {
+                            let delay = self.schedule.refused(now, &error);
+                            self.abandon_request(
+                                &format!("the issuer refused ({}): {}", error.code.as_str(), error.message),
+                                delay,
+                            );
+                            if self.mode == Mode::RenewOnce {
+                                disconnect(&client, &mut eventloop).await;
+                                return End::Done(Outcome::Refused(error));
+                            }
+                        }
+                        Err(problem) => {
+                            let delay = self.schedule.failed(now);
+                            self.abandon_request(&problem.to_string(), delay);
+                        }
+                    }
+                    renew_wakeup.as_mut().reset(self.wakeup(in_flight.as_ref()));
+                }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     // A command got through: whatever was too large is gone (or was not one).
                     self.command_too_large = None;
@@ -258,12 +384,26 @@ impl Runner {
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => flight.sent(pkid),
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(seq) = flight.acked(ack.pkid) {
-                        if let Err(e) = self.queue.ack(seq) {
-                            warn!(error = %e, "cannot remove an acknowledged message from the queue; it may be sent again");
+                    match flight.acked(ack.pkid) {
+                        Some(Handed::Queued(seq)) => {
+                            if let Err(e) = self.queue.ack(seq) {
+                                warn!(error = %e, "cannot remove an acknowledged message from the queue; it may be sent again");
+                            }
                         }
+                        Some(Handed::Confirm) => {
+                            if let Err(e) = self.files.confirmed() {
+                                warn!(error = %e, "cannot remove {}: the confirmation is sent again on the next start", self.files.unconfirmed().display());
+                            }
+                            if self.mode == Mode::RenewOnce {
+                                disconnect(&client, &mut eventloop).await;
+                                return End::Done(Outcome::Renewed);
+                            }
+                        }
+                        Some(Handed::Untracked) | None => {}
                     }
-                    self.fill(&client, &mut flight);
+                    if !renewal_only {
+                        self.fill(&client, &mut flight);
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -274,10 +414,104 @@ impl Runner {
                         // That subscription did not bring the command back.
                         self.command_too_large = None;
                     }
-                    return End::Failed(Diagnosis::of(&e));
+                    let diagnosis = Diagnosis::of(&e);
+                    if slot == Slot::Pending && !connected && diagnosis.identity_refused() {
+                        self.roll_back(&format!("the broker refused it: {diagnosis}"));
+                        return End::Swap;
+                    }
+                    return End::Failed(diagnosis);
                 }
             }
         }
+    }
+
+    /// When the renewal timer fires next: the reply's deadline, or the next attempt.
+    fn wakeup(&self, in_flight: Option<&(InFlight, tokio::time::Instant)>) -> tokio::time::Instant {
+        match in_flight {
+            Some((_, deadline)) => *deadline,
+            None => {
+                let wait = self.schedule.next_at().saturating_sub(self.clock.seconds());
+                tokio::time::Instant::now() + Duration::from_secs(wait)
+            }
+        }
+    }
+
+    /// Starts a renewal: a new key, durably beside the current one, then the request.
+    fn ask(&mut self, client: &AsyncClient, flight: &mut Flight) -> Option<(InFlight, tokio::time::Instant)> {
+        let attempt = new_request(self.agent.config.renewal.key_type, &self.identity)
+            .map_err(|e| e.to_string())
+            .and_then(|(request, payload)| {
+                self.files
+                    .write_pending_key(&request.key.key_pem)
+                    .map_err(|e| format!("cannot write {}: {e}", self.files.pending_key().display()))
+                    .map(|()| (request, payload))
+            });
+        let (request, payload) = match attempt {
+            Ok(made) => made,
+            Err(why) => {
+                let delay = self.schedule.failed(self.clock.seconds());
+                warn!(event = "renewal_failed", device_id = %self.identity.id, retry_in_s = delay.as_secs(), "cannot start a renewal: {why}");
+                return None;
+            }
+        };
+        let id = self.identity.id.as_str();
+        let _ = client.try_subscribe(RenewalTopic::Reply.topic(id), QoS::AtLeastOnce);
+        if client
+            .try_publish(RenewalTopic::Request.topic(id), QoS::AtLeastOnce, false, payload)
+            .is_ok()
+        {
+            flight.handed(Handed::Untracked);
+        }
+        info!(event = "renewal_requested", device_id = %self.identity.id, request_id = %request.request_id, "asked the issuer for a renewed certificate");
+        Some((request, tokio::time::Instant::now() + self.schedule.reply_timeout()))
+    }
+
+    /// A request ended without a certificate: its key goes, the next attempt is scheduled.
+    fn abandon_request(&self, why: &str, retry_in: Duration) {
+        if let Err(e) = self.files.rollback() {
+            warn!(error = %e, "cannot remove {}: {e}", self.files.pending_key().display());
+        }
+        warn!(event = "renewal_failed", device_id = %self.identity.id, retry_in_s = retry_in.as_secs(), "certificate renewal failed: {why}; asking again in {} s", retry_in.as_secs());
+    }
+
+    /// The renewed pair failed: back to the current one, and ask again later.
+    fn roll_back(&mut self, why: &str) {
+        if let Err(e) = self.files.rollback() {
+            warn!(error = %e, "cannot remove the renewed certificate: {e}");
+        }
+        let delay = self.schedule.failed(self.clock.seconds());
+        warn!(event = "renewal_rolled_back", device_id = %self.identity.id, retry_in_s = delay.as_secs(), "the renewed certificate was not used ({why}): back to the current one");
+    }
+
+    /// The broker accepted the renewed pair: it becomes the current one, and the issuer is told
+    /// (retained, so an issuer that is down now learns it when it next subscribes). Returns
+    /// whether the confirmation was handed to the client.
+    fn commit(&mut self, client: &AsyncClient, flight: &mut Flight, cert: &CertificateDer<'_>) -> bool {
+        if let Err(e) = self.files.commit() {
+            warn!(event = "renewal_failed", error = %e, "cannot commit the renewed certificate: {e}; it is tried again on the next connection");
+            return false;
+        }
+        let (not_before, not_after) = validity(cert);
+        self.schedule.restart(not_before, not_after);
+        info!(event = "renewed", device_id = %self.identity.id, next_renewal_unix = self.schedule.next_at(), "now using the renewed certificate");
+        self.confirm(client, flight, cert)
+    }
+
+    /// Tells the issuer which certificate this device connects with (see [`Runner::commit`]).
+    /// Until its PUBACK, the commit's marker ([`IdentityFiles::unconfirmed`]) stays, and a
+    /// later start sends it again: a crash between a commit and its confirmation would otherwise
+    /// leave the superseded certificate valid until it expires.
+    fn confirm(&mut self, client: &AsyncClient, flight: &mut Flight, cert: &CertificateDer<'_>) -> bool {
+        let serial = fleet_identity::CertificateSummary::from_der(cert)
+            .map(|summary| summary.serial.to_string())
+            .unwrap_or_default();
+        let confirm = serde_json::to_vec(&RenewConfirm { serial }).unwrap_or_default();
+        let topic = RenewalTopic::Confirm.topic(self.identity.id.as_str());
+        let handed = client.try_publish(topic, QoS::AtLeastOnce, true, confirm).is_ok();
+        if handed {
+            flight.handed(Handed::Confirm);
+        }
+        handed
     }
 
     fn subscribe_to_commands(&self, client: &AsyncClient) -> bool {
@@ -343,7 +577,7 @@ impl Runner {
             {
                 return;
             }
-            flight.handed(Some(seq));
+            flight.handed(Handed::Queued(seq));
         }
     }
 
@@ -372,39 +606,70 @@ impl Runner {
             .try_publish(self.rules.topic("status"), QoS::AtMostOnce, false, status.to_string())
             .is_ok()
         {
-            flight.handed(None);
+            flight.handed(Handed::Untracked);
         }
     }
+}
+
+/// notBefore and notAfter of a certificate, Unix seconds (0, 0 if it does not parse: renew at
+/// once).
+fn validity(cert: &CertificateDer<'_>) -> (i64, i64) {
+    fleet_identity::CertificateSummary::from_der(cert).map_or((0, 0), |summary| (summary.not_before, summary.not_after))
+}
+
+/// Ends a connection politely: DISCONNECT, then a moment for it to go out.
+async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+}
+
+/// A publish handed to the client, as far as its PUBACK matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handed {
+    /// A queued message (its sequence number): removed from the queue when acknowledged.
+    Queued(u64),
+    /// The renewal confirmation: its marker goes when acknowledged.
+    Confirm,
+    /// Nothing waits for it (QoS 0, or a renewal request).
+    Untracked,
 }
 
 /// Matches the client's packet ids to queue sequence numbers.
 #[derive(Default)]
 struct Flight {
-    /// Publishes handed to the client, in order, awaiting their packet id (None: QoS 0).
-    handed: VecDeque<Option<u64>>,
-    /// Packet id -> queue sequence number, awaiting PUBACK.
-    unacked: HashMap<u16, u64>,
+    /// Publishes handed to the client, in order, awaiting their packet id.
+    handed: VecDeque<Handed>,
+    /// Packet id -> what awaits its PUBACK.
+    unacked: HashMap<u16, Handed>,
     /// The last queue sequence number handed to this connection.
     last_handed: u64,
 }
 
 impl Flight {
-    fn handed(&mut self, seq: Option<u64>) {
-        self.handed.push_back(seq);
+    fn handed(&mut self, what: Handed) {
+        self.handed.push_back(what);
     }
 
     fn sent(&mut self, pkid: u16) {
-        if let Some(Some(seq)) = self.handed.pop_front() {
-            self.unacked.insert(pkid, seq);
+        match self.handed.pop_front() {
+            Some(Handed::Untracked) | None => {}
+            Some(tracked) => {
+                self.unacked.insert(pkid, tracked);
+            }
         }
     }
 
-    fn acked(&mut self, pkid: u16) -> Option<u64> {
+    fn acked(&mut self, pkid: u16) -> Option<Handed> {
         self.unacked.remove(&pkid)
     }
 
+    /// Queued messages in flight (what the window bounds).
     fn open(&self) -> usize {
-        self.unacked.len() + self.handed.iter().filter(|s| s.is_some()).count()
+        let queued = |h: &&Handed| matches!(h, Handed::Queued(_));
+        self.unacked.values().filter(queued).count() + self.handed.iter().filter(queued).count()
     }
 }
 

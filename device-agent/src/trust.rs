@@ -130,10 +130,21 @@ pub struct Credentials {
 /// Loads the device's certificate chain and key, the pinned broker CA(s) and pins: the identity
 /// to connect as and the rustls configuration, validated against `clock`.
 pub fn load_credentials(agent: &Agent, clock: Arc<FlooredClock>) -> Result<Credentials, LocalError> {
-    let chain = pem::load_certs(&agent.config.cert)?;
+    load_credentials_from(agent, clock, &agent.config.cert, &agent.config.key)
+}
+
+/// Like [`load_credentials`], presenting the certificate and key in `cert_path` and `key_path`
+/// (a renewed pair not yet committed).
+pub fn load_credentials_from(
+    agent: &Agent,
+    clock: Arc<FlooredClock>,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<Credentials, LocalError> {
+    let chain = pem::load_certs(cert_path)?;
     let cert = chain[0].clone();
-    let identity = identity_of(&agent.config.cert, &cert)?;
-    let tls = client_config(agent, clock, chain)?;
+    let identity = identity_of(cert_path, &cert)?;
+    let tls = client_config(agent, clock, chain, key_path)?;
     Ok(Credentials { identity, cert, tls })
 }
 
@@ -141,6 +152,7 @@ fn client_config(
     agent: &Agent,
     clock: Arc<FlooredClock>,
     chain: Vec<CertificateDer<'static>>,
+    key_path: &Path,
 ) -> Result<Arc<ClientConfig>, LocalError> {
     let provider = crypto_provider();
     let roots = pem::load_certs(&agent.config.ca)?;
@@ -152,7 +164,7 @@ fn client_config(
         Some(server_name),
         agent.config.pin_sha256.clone(),
     )?);
-    let key = pem::load_key(&agent.config.key)?;
+    let key = pem::load_key(key_path)?;
     Ok(Arc::new(tls::client_config(provider, clock, verifier, chain, key)?))
 }
 

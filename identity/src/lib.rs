@@ -6,6 +6,7 @@
 //! - [`Identity`]: the role and id carried by a certificate, read with [`Identity::from_der`].
 //! - [`pem`]: loading certificates, keys and CRLs with errors that name the file.
 //! - [`tls`]: rustls configurations with this project's security defaults.
+//! - [`renewal`]: the certificate renewal protocol's topics, payloads and error codes.
 //!
 //! ```
 //! use fleet_identity::{DeviceId, Role};
@@ -21,6 +22,7 @@ mod broker_url;
 mod device_id;
 mod identity;
 pub mod pem;
+pub mod renewal;
 mod serial;
 pub mod tls;
 

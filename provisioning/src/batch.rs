@@ -20,6 +20,7 @@ use crate::parallel;
 use crate::pki::Pki;
 use crate::registry::Issued;
 use crate::staging::Staging;
+use crate::validity::Validity;
 
 /// Name of the manifest `batch` writes into its output directory.
 pub const MANIFEST: &str = "manifest.csv";
@@ -30,7 +31,7 @@ pub struct IssueOptions {
     /// Written into each `agent.toml`.
     pub broker_url: BrokerUrl,
     /// Certificate validity.
-    pub validity_days: u32,
+    pub validity: Validity,
     /// Device key type.
     pub key_type: KeyType,
     /// Worker threads.
@@ -44,12 +45,6 @@ pub struct IssueOptions {
 /// Issues a certificate for each id and writes `OUT/<id>/` bundles. Returns what was recorded,
 /// in the order of `ids`.
 pub fn issue_devices(pki: &mut Pki, ids: &[DeviceId], out: &Path, options: &IssueOptions) -> Result<Vec<Issued>> {
-    if options.validity_days == 0 {
-        return Err(Error::BadArgument {
-            flag: "--validity-days",
-            reason: "must be at least 1".into(),
-        });
-    }
     let now = OffsetDateTime::now_utc().unix_timestamp();
     for id in ids {
         ensure_writable(&out.join(id.as_str()), options.overwrite)?;
@@ -71,7 +66,7 @@ pub fn issue_devices(pki: &mut Pki, ids: &[DeviceId], out: &Path, options: &Issu
             role: Role::Device,
             id: id.clone(),
         };
-        let minted = mint_client(device_ca, fleet, identity, options.key_type, options.validity_days);
+        let minted = mint_client(device_ca, fleet, identity, options.key_type, options.validity);
         progress.inc(1);
         minted
     })?;

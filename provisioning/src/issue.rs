@@ -16,6 +16,7 @@ use crate::parallel;
 use crate::pki::{CertificateAuthority, Pki, BROKER_CA_CERT};
 use crate::registry::Issued;
 use crate::staging::Staging;
+use crate::validity::Validity;
 
 /// Default validity of a device or service certificate: three years.
 pub const DEFAULT_LEAF_VALIDITY_DAYS: u32 = 3 * 365;
@@ -38,10 +39,10 @@ pub fn mint_client(
     fleet: &str,
     identity: Identity,
     key_type: KeyType,
-    validity_days: u32,
+    validity: Validity,
 ) -> Result<Minted> {
     let key = key_type.generate()?;
-    let params = crate::profile::client(&identity, fleet, validity_days)?;
+    let params = crate::profile::client(&identity, fleet, validity)?;
     let cert = params
         .signed_by(&key, &ca.issuer)
         .generating(format!("the certificate of {identity}"))?;
@@ -182,7 +183,7 @@ pub fn issue_named(
     role: Role,
     name: &DeviceId,
     out: &Path,
-    validity_days: u32,
+    validity: Validity,
     overwrite: Overwrite,
 ) -> Result<Minted> {
     ensure_writable(&out.join(name.as_str()), overwrite)?;
@@ -196,7 +197,7 @@ pub fn issue_named(
     }
     let identity = Identity { role, id: name.clone() };
     let staging = Staging::new(out)?;
-    let minted = mint_client(&pki.device_ca, &pki.fleet, identity, KeyType::EcdsaP256, validity_days)?;
+    let minted = mint_client(&pki.device_ca, &pki.fleet, identity, KeyType::EcdsaP256, validity)?;
     let bundle = std::slice::from_ref(&minted);
     pki.record_then_write(std::slice::from_ref(&minted.issued), false, |pki| {
         write_bundles(staging, bundle, &pki.broker_ca, None, overwrite, 1)

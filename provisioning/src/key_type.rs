@@ -33,6 +33,29 @@ impl KeyType {
         }
     }
 
+    /// Every key type.
+    pub const ALL: [KeyType; 4] = [
+        KeyType::EcdsaP256,
+        KeyType::EcdsaP384,
+        KeyType::Ed25519,
+        KeyType::Rsa2048,
+    ];
+
+    /// The key type whose signature algorithm is `algorithm` (what a CSR was signed with).
+    pub fn of_algorithm(algorithm: &SignatureAlgorithm) -> Option<Self> {
+        Self::ALL.into_iter().find(|key_type| key_type.algorithm() == algorithm)
+    }
+
+    /// The key type's name, as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyType::EcdsaP256 => "ecdsa-p256",
+            KeyType::EcdsaP384 => "ecdsa-p384",
+            KeyType::Ed25519 => "ed25519",
+            KeyType::Rsa2048 => "rsa-2048",
+        }
+    }
+
     /// Generates a fresh key pair of this type.
     pub fn generate(self) -> Result<KeyPair> {
         KeyPair::generate_for(self.algorithm()).generating(format!("{self:?} key"))

@@ -17,8 +17,11 @@ pub mod parallel;
 pub mod pki;
 pub mod profile;
 pub mod registry;
+pub mod renewal;
 pub mod revocation;
 pub mod serial;
+pub mod serve;
 pub mod staging;
+pub mod validity;
 
 pub use error::{Error, Result};

@@ -15,7 +15,10 @@ use provisioning::key_type::KeyType;
 use provisioning::output::{ensure_writable, write_new, Overwrite, PUBLIC_MODE};
 use provisioning::pki::{InitOptions, Pki};
 use provisioning::registry::{ListFilter, Record, RevokeTarget};
+use provisioning::renewal::{Issuer, Policy, DEFAULT_RENEW_AFTER};
 use provisioning::revocation::{Reason, DEFAULT_NEXT_UPDATE_DAYS};
+use provisioning::serve::ServeOptions;
+use provisioning::validity::Validity;
 use provisioning::{Error, Result};
 use time::OffsetDateTime;
 
@@ -64,8 +67,13 @@ enum Command {
     Revoke(RevokeArgs),
     /// Re-sign crl.pem with the same revoked set and a fresh nextUpdate (run it from cron).
     Crl(CrlArgs),
-    /// List the inventory: a table, or JSON for scripts.
+    /// List the inventory: a table, or JSON for scripts, with each device certificate's
+    /// renewal state (current, renewed, pending, due, overdue, failed).
     List(ListArgs),
+    /// Run the issuing service: connect to the broker as a service, answer every device's
+    /// renewal requests (devices/<id>/renew/request) with a certificate signed by the device CA,
+    /// and revoke (superseded) what a renewal replaced once the device connected with it.
+    Serve(ServeArgs),
 }
 
 #[derive(Args)]
@@ -111,11 +119,28 @@ struct BrokerArgs {
     force: bool,
 }
 
+/// A leaf certificate's validity: `--validity-days`, or `--validity` with a unit.
+#[derive(Args)]
+struct ValidityArgs {
+    /// Certificate validity in days.
+    #[arg(long, default_value_t = DEFAULT_LEAF_VALIDITY_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+    validity_days: u32,
+    /// Certificate validity with a unit (90s, 10m, 12h, 30d), instead of --validity-days: short
+    /// lifetimes are for testing renewal.
+    #[arg(long, value_name = "DURATION", conflicts_with = "validity_days")]
+    validity: Option<Validity>,
+}
+
+impl ValidityArgs {
+    fn validity(&self) -> Validity {
+        self.validity.unwrap_or(Validity::days(self.validity_days))
+    }
+}
+
 #[derive(Args)]
 struct IssueArgs {
-    /// Certificate validity in days.
-    #[arg(long, default_value_t = DEFAULT_LEAF_VALIDITY_DAYS)]
-    validity_days: u32,
+    #[command(flatten)]
+    validity: ValidityArgs,
     /// Device key type.
     #[arg(long, value_enum, default_value_t = KeyType::EcdsaP256)]
     key_type: KeyType,
@@ -175,9 +200,8 @@ struct ServiceArgs {
     /// Output directory; the bundle goes into OUT/<name>/.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Certificate validity in days.
-    #[arg(long, default_value_t = DEFAULT_LEAF_VALIDITY_DAYS)]
-    validity_days: u32,
+    #[command(flatten)]
+    validity: ValidityArgs,
     /// Replace an existing bundle.
     #[arg(long)]
     force: bool,
@@ -193,9 +217,8 @@ struct SignCsrArgs {
     /// Where to write the signed certificate (PEM).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
-    /// Certificate validity in days.
-    #[arg(long, default_value_t = DEFAULT_LEAF_VALIDITY_DAYS)]
-    validity_days: u32,
+    #[command(flatten)]
+    validity: ValidityArgs,
     /// Allow a second active certificate for the id (re-keying): the old one records the new one
     /// as its successor and both stay valid until the old one expires or is revoked.
     #[arg(long)]
@@ -302,6 +325,51 @@ struct ListArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    pki: PkiArg,
+    /// The broker to connect to.
+    #[arg(long, value_name = "mqtts://HOST:PORT")]
+    broker_url: BrokerUrl,
+    /// The name the broker's certificate must carry (default: the URL's host).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// This service's certificate (from `provision service`).
+    #[arg(long, value_name = "FILE")]
+    cert: PathBuf,
+    /// This service's key.
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// The broker CA to trust (default: the PKI's broker-ca.crt).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// The MQTT client id.
+    #[arg(long, default_value = "renewal-issuer")]
+    client_id: String,
+    #[command(flatten)]
+    validity: ValidityArgs,
+    /// The renewal window opens after this fraction of a certificate's validity.
+    #[arg(long, default_value_t = DEFAULT_RENEW_AFTER)]
+    renew_after: f64,
+    /// Sign requests outside the renewal window too (an operator-triggered re-key).
+    #[arg(long)]
+    force: bool,
+    /// Key types signed (repeatable).
+    #[arg(long = "allow-key-type", value_enum, default_values_t = [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::Ed25519])]
+    allowed_key_types: Vec<KeyType>,
+    /// Seconds a device must wait between two requests (beyond: rate_limited).
+    #[arg(long, default_value_t = 60)]
+    min_interval_s: u32,
+    /// Rewrite this file with Prometheus counters every 10 s (node_exporter's textfile
+    /// collector).
+    #[arg(long, value_name = "FILE")]
+    metrics_file: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse().command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -324,6 +392,7 @@ fn run(command: Command) -> Result<()> {
         Command::Revoke(args) => revoke(args),
         Command::Crl(args) => crl(args),
         Command::List(args) => list(args),
+        Command::Serve(args) => serve(args),
     }
 }
 
@@ -384,7 +453,7 @@ fn broker(args: BrokerArgs) -> Result<()> {
 fn issue_options(issue: &IssueArgs, jobs: usize, progress: bool) -> IssueOptions {
     IssueOptions {
         broker_url: issue.broker_url.clone(),
-        validity_days: issue.validity_days,
+        validity: issue.validity.validity(),
         key_type: issue.key_type,
         jobs,
         overwrite: overwrite(issue.force),
@@ -447,7 +516,7 @@ fn named(role: Role, args: ServiceArgs) -> Result<()> {
         role,
         &id,
         &args.out,
-        args.validity_days,
+        args.validity.validity(),
         overwrite(args.force),
     )?;
     println!(
@@ -476,7 +545,7 @@ fn sign_csr(args: SignCsrArgs) -> Result<()> {
     }
     let csr = read_csr(&args.csr)?;
     let mut pki = Pki::open(&args.pki.pki)?;
-    let minted = sign_device_csr(&pki, csr, args.validity_days)?;
+    let minted = sign_device_csr(&pki, csr, args.validity.validity())?;
     pki.record_then_write(std::slice::from_ref(&minted.issued), args.rotate, |_| {
         write_new(&args.out, minted.cert_pem.as_bytes(), PUBLIC_MODE, overwrite)
     })?;
@@ -556,6 +625,71 @@ fn list(args: ListArgs) -> Result<()> {
     }
 }
 
+fn serve(args: ServeArgs) -> Result<()> {
+    if !(args.renew_after > 0.0 && args.renew_after < 1.0) {
+        return Err(Error::BadArgument {
+            flag: "--renew-after",
+            reason: format!(
+                "{} must be between 0 and 1 (a fraction of the validity)",
+                args.renew_after
+            ),
+        });
+    }
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttc=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if args.log_json {
+        subscriber.json().flatten_event(true).init();
+    } else {
+        subscriber.init();
+    }
+    let pki = Pki::open(&args.pki.pki)?;
+    let options = ServeOptions {
+        broker: args.broker_url,
+        server_name: args.server_name,
+        cert: args.cert,
+        key: args.key,
+        ca: args
+            .ca
+            .unwrap_or_else(|| pki.dir.join(provisioning::pki::BROKER_CA_CERT)),
+        client_id: args.client_id,
+        metrics_file: args.metrics_file,
+    };
+    let policy = Policy {
+        renew_after: args.renew_after,
+        force: args.force,
+        allowed_key_types: args.allowed_key_types,
+        min_interval_s: i64::from(args.min_interval_s),
+        validity: args.validity.validity(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            path: "the async runtime".into(),
+            source,
+        })?;
+    runtime.block_on(provisioning::serve::serve(
+        Issuer::new(pki, policy),
+        options,
+        stop_signal(),
+    ))
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+}
+
 fn date(unix: i64) -> String {
     OffsetDateTime::from_unix_timestamp(unix)
         .map(|t| t.date().to_string())
@@ -566,18 +700,19 @@ fn write_table(out: &mut impl Write, records: &[Record]) -> std::io::Result<()> 
     let width = records.iter().map(|r| r.id.len()).max().unwrap_or(2).max(2);
     writeln!(
         out,
-        "{:<7}  {:<width$}  {:<32}  {:<7}  {:<10}  SUCCESSOR",
-        "ROLE", "ID", "SERIAL", "STATUS", "NOT_AFTER"
+        "{:<7}  {:<width$}  {:<32}  {:<7}  {:<10}  {:<8}  SUCCESSOR",
+        "ROLE", "ID", "SERIAL", "STATUS", "NOT_AFTER", "RENEWAL"
     )?;
     for r in records {
         writeln!(
             out,
-            "{:<7}  {:<width$}  {:<32}  {:<7}  {:<10}  {}",
+            "{:<7}  {:<width$}  {:<32}  {:<7}  {:<10}  {:<8}  {}",
             r.role,
             r.id,
             r.serial,
             r.status,
             date(r.not_after),
+            r.renewal.map_or("-", |state| state.as_str()),
             r.successor.as_deref().unwrap_or("-")
         )?;
     }

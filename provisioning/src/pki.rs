@@ -174,6 +174,9 @@ impl Pki {
         validate_next_update_days(next_update_days)?;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let serials = self.registry.revoke(target, reason.as_str(), now)?;
+        if serials.is_empty() {
+            return Ok(serials);
+        }
         fault::point("revoke-after-commit");
         self.write_committed_crl(next_update_days)
             .map_err(|source| Error::CrlNotPublished {
@@ -287,28 +290,38 @@ fn load_ca(cert_path: &Path, key_path: &Path) -> Result<CertificateAuthority> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::registry::ListFilter;
 
-    #[test]
-    fn a_write_that_fails_after_recording_says_the_certificate_is_recorded_and_how_to_revoke_it() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A new PKI in `dir` for the unit tests of this crate.
+    pub(crate) fn test_pki(dir: &Path) -> Pki {
         let options = InitOptions {
             fleet: "acme".into(),
             key_type: KeyType::EcdsaP256,
             ca_validity_days: 1,
         };
-        Pki::init(dir.path(), &options).unwrap();
-        let mut pki = Pki::open(dir.path()).unwrap();
-        let issued = Issued {
+        Pki::init(dir, &options).unwrap();
+        Pki::open(dir).unwrap()
+    }
+
+    /// Device `dev-1`'s certificate of serial `1a2b`, valid until `not_after`, not yet recorded.
+    pub(crate) fn test_device(not_after: i64) -> Issued {
+        Issued {
             id: "dev-1".into(),
             role: "device",
             serial: "1a2b".into(),
             fingerprint: "00".into(),
             not_before: 0,
-            not_after: i64::MAX,
-        };
+            not_after,
+        }
+    }
+
+    #[test]
+    fn a_write_that_fails_after_recording_says_the_certificate_is_recorded_and_how_to_revoke_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pki = test_pki(dir.path());
+        let issued = test_device(i64::MAX);
         let err = pki
             .record_then_write(&[issued], false, |_| {
                 Err(Error::OutputExists(dir.path().join("out/dev-1")))

@@ -4,14 +4,11 @@ use std::net::IpAddr;
 
 use fleet_identity::Identity;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType};
-use time::{Duration, OffsetDateTime};
+use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
 use crate::serial::random_serial;
-
-/// How far back `notBefore` is set, so a device whose clock runs a little slow accepts a fresh
-/// certificate.
-const BACKDATE: Duration = Duration::minutes(5);
+use crate::validity::Validity;
 
 /// Which of the two CAs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,14 +29,14 @@ impl CaKind {
     }
 }
 
-fn base(fleet: &str, common_name: &str, validity_days: u32) -> CertificateParams {
+fn base(fleet: &str, common_name: &str, validity: Validity) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, common_name);
     params.distinguished_name.push(DnType::OrganizationName, fleet);
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - BACKDATE;
-    params.not_after = now + Duration::days(i64::from(validity_days));
+    params.not_before = now - validity.backdate();
+    params.not_after = now + validity.duration();
     params.serial_number = Some(random_serial());
     params
 }
@@ -49,7 +46,11 @@ fn base(fleet: &str, common_name: &str, validity_days: u32) -> CertificateParams
 /// Its subject carries a random `OU=ca-<hex>`, so a new CA made for a rollover never has the
 /// same name as the one it replaces: a broker trusting both must tell them apart.
 pub fn ca(kind: CaKind, fleet: &str, validity_days: u32) -> CertificateParams {
-    let mut params = base(fleet, &format!("{fleet} {}", kind.title()), validity_days);
+    let mut params = base(
+        fleet,
+        &format!("{fleet} {}", kind.title()),
+        Validity::days(validity_days),
+    );
     let generation = hex::encode(&random_serial().to_bytes()[..4]);
     params
         .distinguished_name
@@ -68,8 +69,8 @@ fn leaf(params: &mut CertificateParams, eku: ExtendedKeyUsagePurpose) {
 
 /// A device or service client certificate: CN = id, O = fleet, SAN URI `urn:<role>:<id>`,
 /// EKU clientAuth only.
-pub fn client(identity: &Identity, fleet: &str, validity_days: u32) -> Result<CertificateParams> {
-    let mut params = base(fleet, identity.id.as_str(), validity_days);
+pub fn client(identity: &Identity, fleet: &str, validity: Validity) -> Result<CertificateParams> {
+    let mut params = base(fleet, identity.id.as_str(), validity);
     leaf(&mut params, ExtendedKeyUsagePurpose::ClientAuth);
     let uri = identity.role.san_uri(&identity.id);
     let uri = rcgen::string::Ia5String::try_from(uri.as_str()).map_err(|e| Error::BadArgument {
@@ -90,7 +91,7 @@ pub fn broker(fleet: &str, dns: &[String], ips: &[IpAddr], validity_days: u32) -
             flag: "--dns/--ip",
             reason: "give at least one name or address the devices will use to reach the broker".into(),
         })?;
-    let mut params = base(fleet, &common_name, validity_days);
+    let mut params = base(fleet, &common_name, Validity::days(validity_days));
     leaf(&mut params, ExtendedKeyUsagePurpose::ServerAuth);
     for name in dns {
         let encoded = rcgen::string::Ia5String::try_from(name.as_str()).map_err(|e| Error::BadArgument {

@@ -50,7 +50,13 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );",
     certificates_table!(),
-    "CREATE INDEX IF NOT EXISTS certificates_by_id ON certificates (role, id);"
+    "CREATE INDEX IF NOT EXISTS certificates_by_id ON certificates (role, id);
+CREATE INDEX IF NOT EXISTS certificates_by_successor ON certificates (successor);
+CREATE TABLE IF NOT EXISTS renewal_refusals (
+    id     TEXT PRIMARY KEY,
+    at     INTEGER NOT NULL,
+    code   TEXT NOT NULL
+);"
 );
 
 /// A registry made before gateways existed allows only device, service and broker rows: its
@@ -59,11 +65,13 @@ const ALLOW_GATEWAYS: &str = concat!(
     "
 BEGIN IMMEDIATE;
 ALTER TABLE certificates RENAME TO certificates_before_gateways;
-DROP INDEX IF EXISTS certificates_by_id;",
+DROP INDEX IF EXISTS certificates_by_id;
+DROP INDEX IF EXISTS certificates_by_successor;",
     certificates_table!(),
     "INSERT INTO certificates SELECT * FROM certificates_before_gateways;
 DROP TABLE certificates_before_gateways;
 CREATE INDEX certificates_by_id ON certificates (role, id);
+CREATE INDEX certificates_by_successor ON certificates (successor);
 COMMIT;"
 );
 
@@ -109,6 +117,9 @@ pub struct Record {
     pub reason: Option<String>,
     /// Serial of the certificate that superseded this one by rotation.
     pub successor: Option<String>,
+    /// For a device certificate not revoked: where its renewal stands (see
+    /// [`crate::renewal::RenewalState`]).
+    pub renewal: Option<crate::renewal::RenewalState>,
 }
 
 /// What `revoke` selects.
@@ -123,6 +134,15 @@ pub enum RevokeTarget {
     },
     /// The certificate with this (normalised) serial.
     Serial(String),
+    /// Every active certificate of device `id` issued before its certificate `serial`: what a
+    /// renewal superseded once the device connected with `serial`. Selecting none is not an
+    /// error (a confirmation received twice).
+    PredecessorsOf {
+        /// The device id.
+        id: String,
+        /// The serial of the certificate the device now uses.
+        serial: String,
+    },
 }
 
 /// A revoked certificate as the CRL lists it.
@@ -248,8 +268,10 @@ impl Registry {
         let (tx, path) = self.write_transaction()?;
         let fail = sql_error(&path);
         {
+            // Expired certificates are listed too: a rotation supersedes them as well, so the
+            // chain of successors has no gap when a device renews after its certificate expired.
             let mut active = tx
-                .prepare_cached("SELECT serial FROM certificates WHERE role = ?1 AND id = ?2 AND status = 'active' AND not_after > ?3 AND role != 'broker'")
+                .prepare_cached("SELECT serial, not_after > ?3 FROM certificates WHERE role = ?1 AND id = ?2 AND status = 'active' AND role != 'broker'")
                 .map_err(fail)?;
             let mut insert = tx
                 .prepare_cached("INSERT INTO certificates (serial, id, role, fingerprint, not_before, not_after, status, issued_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'active', ?7)")
@@ -258,17 +280,22 @@ impl Registry {
                 .prepare_cached("UPDATE certificates SET successor = ?1 WHERE serial = ?2")
                 .map_err(fail)?;
             for cert in issued {
-                let existing: Vec<String> = active
-                    .query_map(params![cert.role, cert.id, now], |r| r.get(0))
+                let existing: Vec<(String, bool)> = active
+                    .query_map(params![cert.role, cert.id, now], |r| Ok((r.get(0)?, r.get(1)?)))
                     .and_then(|rows| rows.collect())
                     .map_err(fail)?;
-                if let (Some(serial), false) = (existing.first(), rotate) {
+                if let (Some((serial, _)), false) = (existing.iter().find(|(_, unexpired)| *unexpired), rotate) {
                     return Err(Error::AlreadyActive {
                         role: cert.role.into(),
                         id: cert.id.clone(),
                         serial: serial.clone(),
                     });
                 }
+                let existing: Vec<&String> = if rotate {
+                    existing.iter().map(|(serial, _)| serial).collect()
+                } else {
+                    Vec::new()
+                };
                 insert
                     .execute(params![
                         cert.serial,
@@ -356,6 +383,23 @@ impl Registry {
                     Some(_) => vec![serial.clone()],
                 }
             }
+            RevokeTarget::PredecessorsOf { id, serial } => {
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT serial FROM certificates WHERE role = 'device' AND id = ?1 AND status = 'active'
+                         AND rowid < (SELECT rowid FROM certificates WHERE serial = ?2 AND role = 'device' AND id = ?1 AND status = 'active')",
+                    )
+                    .map_err(fail)?;
+                let serials: Vec<String> = stmt
+                    .query_map(params![id, serial], |r| r.get(0))
+                    .and_then(|rows| rows.collect())
+                    .map_err(fail)?;
+                if serials.is_empty() {
+                    // Nothing to revoke: no CRL number is taken, nothing is published.
+                    return Ok(serials);
+                }
+                serials
+            }
         };
         for serial in &serials {
             tx.execute(
@@ -394,15 +438,17 @@ impl Registry {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT id, role, serial, fingerprint, not_before, not_after,
-                        CASE WHEN status = 'active' AND not_after <= ?1 THEN 'expired' ELSE status END,
-                        issued_at, revoked_at, reason, successor
-                 FROM certificates ORDER BY issued_at, rowid",
+                "SELECT c.id, c.role, c.serial, c.fingerprint, c.not_before, c.not_after,
+                        CASE WHEN c.status = 'active' AND c.not_after <= ?1 THEN 'expired' ELSE c.status END,
+                        c.issued_at, c.revoked_at, c.reason, c.successor,
+                        EXISTS (SELECT 1 FROM certificates p WHERE p.successor = c.serial),
+                        (SELECT r.code FROM renewal_refusals r WHERE r.id = c.id AND r.at >= c.issued_at)
+                 FROM certificates c ORDER BY c.issued_at, c.rowid",
             )
             .map_err(self.fail())?;
         let rows = stmt
             .query_map([now], |r| {
-                Ok(Record {
+                let mut record = Record {
                     id: r.get(0)?,
                     role: r.get(1)?,
                     serial: r.get(2)?,
@@ -414,7 +460,12 @@ impl Registry {
                     revoked_at: r.get(8)?,
                     reason: r.get(9)?,
                     successor: r.get(10)?,
-                })
+                    renewal: None,
+                };
+                let renewed: bool = r.get(11)?;
+                let refusal: Option<String> = r.get(12)?;
+                record.renewal = crate::renewal::RenewalState::of(&record, renewed, refusal.as_deref(), now);
+                Ok(record)
             })
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(self.fail())?;
@@ -427,6 +478,41 @@ impl Registry {
                     .is_none_or(|t| r.status == "active" && r.not_after <= t)
             })
             .collect())
+    }
+}
+
+impl Registry {
+    /// The device's certificates that are not revoked (expired ones included), oldest issue
+    /// first: what a renewal request is judged against.
+    pub fn unrevoked_device_certificates(&self, id: &str) -> Result<Vec<(String, i64, i64)>> {
+        self.sql(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT serial, not_before, not_after FROM certificates WHERE role = 'device' AND id = ?1 AND status = 'active' ORDER BY rowid",
+            )?;
+            let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })
+    }
+
+    /// Whether the registry knows any device certificate of `id`, revoked or not.
+    pub fn knows_device(&self, id: &str) -> Result<bool> {
+        self.sql(|c| {
+            c.prepare_cached("SELECT EXISTS (SELECT 1 FROM certificates WHERE role = 'device' AND id = ?1)")?
+                .query_row([id], |r| r.get(0))
+        })
+    }
+
+    /// Records that the issuer refused device `id` a certificate for `code` (a final refusal:
+    /// `provision list` shows the device as `failed` until a certificate is issued to it).
+    pub fn note_renewal_refusal(&self, id: &str, code: &str, now: i64) -> Result<()> {
+        self.sql(|c| {
+            c.prepare_cached(
+                "INSERT INTO renewal_refusals (id, at, code) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET at = excluded.at, code = excluded.code",
+            )?
+            .execute(params![id, now, code])
+        })
+        .map(drop)
     }
 }
 

@@ -479,23 +479,11 @@ fn sign_csr_certifies_the_devices_own_key_and_rotate_records_the_successor() {
     let fleet = Fleet::new();
     let key = fleet.path("own.key");
     let csr = fleet.path("own.csr");
-    run_ok(
-        openssl()
-            .args([
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-subj",
-                "/CN=dev-7",
-                "-keyout",
-            ])
-            .arg(&key)
-            .arg("-out")
-            .arg(&csr),
+    e2e::openssl_csr(
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "dev-7",
+        &key,
+        &csr,
     );
     let out = fleet.path("dev-7.crt");
     run_ok(fleet.cmd("sign-csr").arg("--csr").arg(&csr).arg("--out").arg(&out));

@@ -1,25 +1,18 @@
 //! The real `broker` binary as a child process, its JSON audit log read as events.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-/// Log events seen so far, and a signal for new ones.
-#[derive(Default)]
-struct Events {
-    lines: Mutex<Vec<Value>>,
-    added: Condvar,
-}
+use crate::event_log::EventLog;
 
 /// A running broker. Killed when dropped.
 pub struct BrokerProcess {
     child: Child,
-    events: Arc<Events>,
+    events: EventLog,
     /// The address it listens on (read from its `listening` event).
     pub addr: SocketAddr,
 }
@@ -71,16 +64,7 @@ impl BrokerProcess {
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", Path::new(&binary).display()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let events = Arc::new(Events::default());
-        let sink = events.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let event = serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "raw": line }));
-                sink.lines.lock().expect("events lock").push(event);
-                sink.added.notify_all();
-            }
-        });
+        let events = EventLog::read(child.stderr.take().expect("piped stderr"));
         let mut broker = Self {
             child,
             events,
@@ -139,44 +123,17 @@ impl BrokerProcess {
 
     /// Every event so far.
     pub fn events(&self) -> Vec<Value> {
-        self.events.lines.lock().expect("events lock").clone()
+        self.events.events()
     }
 
     /// Waits for an event matching `predicate`; panics with the whole log after `limit`.
     pub fn wait_for(&self, what: &str, limit: Duration, predicate: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + limit;
-        let mut lines = self.events.lines.lock().expect("events lock");
-        loop {
-            if let Some(found) = lines.iter().find(|e| predicate(e)) {
-                return found.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no {what} within {limit:?}; broker log:\n{}",
-                render(&lines)
-            );
-            lines = self.events.added.wait_timeout(lines, left).expect("events lock").0;
-        }
+        self.events.wait_for(what, limit, predicate)
     }
 
     /// Waits until `count` events match `predicate`; panics with the whole log after `limit`.
     pub fn wait_for_count(&self, what: &str, limit: Duration, count: usize, predicate: impl Fn(&Value) -> bool) {
-        let deadline = Instant::now() + limit;
-        let mut lines = self.events.lines.lock().expect("events lock");
-        loop {
-            let seen = lines.iter().filter(|e| predicate(e)).count();
-            if seen >= count {
-                return;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "{what}: {seen} of {count} within {limit:?}; broker log:\n{}",
-                render(&lines)
-            );
-            lines = self.events.added.wait_timeout(lines, left).expect("events lock").0;
-        }
+        self.events.wait_for_count(what, limit, count, predicate)
     }
 
     /// Waits for a `reject` event with `reason`.
@@ -216,10 +173,6 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-fn render(lines: &[Value]) -> String {
-    lines.iter().map(Value::to_string).collect::<Vec<_>>().join("\n")
 }
 
 impl Drop for BrokerProcess {

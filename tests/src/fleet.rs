@@ -86,7 +86,7 @@ impl TestFleet {
         let ids: Vec<DeviceId> = ids.iter().map(|id| id.parse().expect("a valid id")).collect();
         let options = IssueOptions {
             broker_url: "mqtts://localhost:8883".parse().expect("a URL"),
-            validity_days: 30,
+            validity: provisioning::validity::Validity::days(30),
             key_type: KeyType::EcdsaP256,
             jobs: 2,
             overwrite: Overwrite::Refuse,
@@ -101,7 +101,15 @@ impl TestFleet {
     pub fn service(&self, name: &str) -> PathBuf {
         let out = self.path().join("services");
         let id: DeviceId = name.parse().expect("a valid name");
-        issue_named(&mut self.pki(), Role::Service, &id, &out, 30, Overwrite::Refuse).expect("issue service");
+        issue_named(
+            &mut self.pki(),
+            Role::Service,
+            &id,
+            &out,
+            provisioning::validity::Validity::days(30),
+            Overwrite::Refuse,
+        )
+        .expect("issue service");
         out.join(name)
     }
 
@@ -110,7 +118,15 @@ impl TestFleet {
     pub fn gateway(&self, name: &str) -> PathBuf {
         let out = self.path().join("gateways");
         let id: DeviceId = name.parse().expect("a valid name");
-        issue_named(&mut self.pki(), Role::Gateway, &id, &out, 30, Overwrite::Refuse).expect("issue gateway");
+        issue_named(
+            &mut self.pki(),
+            Role::Gateway,
+            &id,
+            &out,
+            provisioning::validity::Validity::days(30),
+            Overwrite::Refuse,
+        )
+        .expect("issue gateway");
         out.join(name)
     }
 
@@ -151,7 +167,9 @@ impl TestFleet {
             role: Role::Device,
             id: name.parse().expect("a valid id"),
         };
-        let mut params = provisioning::profile::client(&identity, &pki.fleet, 30).expect("a profile");
+        let mut params =
+            provisioning::profile::client(&identity, &pki.fleet, provisioning::validity::Validity::days(30))
+                .expect("a profile");
         adjust(&mut params);
         let key = rcgen::KeyPair::generate().expect("a key");
         let cert = params.signed_by(&key, &pki.device_ca.issuer).expect("signed");

@@ -9,16 +9,20 @@
 
 mod agent;
 mod broker_process;
+mod event_log;
 mod fleet;
+mod issuer_process;
 mod mqtt;
 pub mod raw;
 pub mod raw5;
 mod tools;
 mod upstream;
 
-pub use agent::{start_agent, RunningAgent};
+pub use agent::{bundle_agent, start_agent, RunningAgent};
 pub use broker_process::{proc_status_kib, BrokerProcess};
+pub use event_log::EventLog;
 pub use fleet::TestFleet;
+pub use issuer_process::IssuerProcess;
 pub use mqtt::{connect, connect_with, next_publish, tls_config, wait_for_incoming, ClientFiles};
-pub use tools::{require_tool, run, run_err, run_ok, target_dir, workspace_bin};
+pub use tools::{openssl_csr, require_tool, run, run_err, run_ok, target_dir, workspace_bin};
 pub use upstream::{free_port, MosquittoUpstream, NatsCluster, NatsUser, UpstreamPki};

@@ -1,5 +1,7 @@
 //! MQTT 5 on top of [`crate::raw`]: packet builders with properties, and parsers for what the
 //! broker sends back (reason codes and properties), so a test can assert every byte MQTT 5 adds.
+//! Written from the specification apart from the broker's codec on purpose: a test that encoded
+//! with the codec under test would agree with it whatever it got wrong.
 
 use crate::raw::{packets::remaining_length, RawPacket};
 

@@ -68,3 +68,18 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     }
     path
 }
+
+/// Makes a new key (`key_spec`: the `-newkey` arguments of `openssl req`, e.g. `["-newkey",
+/// "rsa:2048"]`) and a CSR with subject `CN=<common_name>` with openssl, as a device or an
+/// operator would, into `key` and `csr`.
+pub fn openssl_csr(key_spec: &[&str], common_name: &str, key: &Path, csr: &Path) {
+    run_ok(
+        Command::new(require_tool("openssl", "openssl"))
+            .args(["req", "-new"])
+            .args(key_spec)
+            .args(["-nodes", "-subj", &format!("/CN={common_name}"), "-keyout"])
+            .arg(key)
+            .arg("-out")
+            .arg(csr),
+    );
+}

@@ -136,3 +136,16 @@ fn every_flag_in_the_readme_exists() {
     }
     assert!(checked >= 15, "only {checked} command lines found in the README");
 }
+
+#[test]
+fn the_renewal_protocol_table_covers_every_error_code() {
+    let readme = readme();
+    for code in fleet_identity::renewal::ErrorCode::ALL {
+        assert!(
+            readme.contains(&format!("| `{}` |", code.as_str())),
+            "README's renewal error codes lack `{}`",
+            code.as_str()
+        );
+    }
+    assert!(readme.contains("`expired_grace`") && readme.contains("`renewal_grace_days`"));
+}

@@ -433,19 +433,8 @@ impl Connection {
         while self.inflight.len() < max_inflight {
             let Some(entry) = outbox.next_unsent() else { break };
             let pkid = self.issue_pkid();
-            let publish = OutgoingPublish {
-                topic: &entry.message.topic,
-                payload: &entry.message.payload,
-                qos: QoS::AtLeastOnce,
-                pkid,
-                dup: false,
-                retain: false,
-                // The uplink speaks MQTT 3.1.1: MQTT 5 properties do not travel upstream.
-                topic_alias: None,
-                message_expiry: None,
-                subscription_ids: &[],
-                properties: &[],
-            };
+            // The uplink speaks MQTT 3.1.1: MQTT 5 properties do not travel upstream.
+            let publish = OutgoingPublish::plain(&entry.message.topic, &entry.message.payload, QoS::AtLeastOnce, pkid);
             if encode_publish(&publish, Version::V311, &mut self.wbuf).is_err() {
                 // Cannot happen: the intake keeps topics MQTT can frame, and the local broker took
                 // no packet larger than MQTT can frame. Were it to, the entry stays in the outbox,

@@ -378,6 +378,24 @@ pub struct OutgoingPublish<'a> {
     pub properties: &'a [u8],
 }
 
+impl<'a> OutgoingPublish<'a> {
+    /// A PUBLISH of `payload` on `topic`, first sent, without RETAIN or MQTT 5 properties.
+    pub fn plain(topic: &'a str, payload: &'a [u8], qos: QoS, pkid: u16) -> Self {
+        Self {
+            topic,
+            payload,
+            qos,
+            pkid,
+            dup: false,
+            retain: false,
+            topic_alias: None,
+            message_expiry: None,
+            subscription_ids: &[],
+            properties: &[],
+        }
+    }
+}
+
 /// Takes the next complete packet out of `buf`, or `None` if more bytes are needed. Before the
 /// CONNECT (`version` None) the CONNECT's protocol level picks the decoder.
 pub fn decode(

@@ -2,21 +2,6 @@ use bytes::BytesMut;
 
 use super::*;
 
-fn publish_of<'a>(topic: &'a str, payload: &'a [u8], qos: QoS, pkid: u16, properties: &'a [u8]) -> OutgoingPublish<'a> {
-    OutgoingPublish {
-        topic,
-        payload,
-        qos,
-        pkid,
-        dup: false,
-        retain: false,
-        topic_alias: None,
-        message_expiry: None,
-        subscription_ids: &[],
-        properties,
-    }
-}
-
 /// A CONNECT of `level` with `properties` (MQTT 5 only) and client id "a".
 fn connect_bytes(level: u8, properties: &[u8]) -> BytesMut {
     let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0x02, 0x00, 0x3c];
@@ -160,7 +145,8 @@ fn a_publish_round_trips_with_its_qos_packet_id_dup_and_properties() {
             (QoS::AtLeastOnce, 513, true, false),
             (QoS::ExactlyOnce, 65535, false, true),
         ] {
-            let mut publish = publish_of("devices/dev-1/telemetry", &payload, qos, pkid, &forwarded);
+            let mut publish = OutgoingPublish::plain("devices/dev-1/telemetry", &payload, qos, pkid);
+            publish.properties = &forwarded;
             publish.dup = dup;
             publish.retain = retain;
             publish.message_expiry = Some(59);
