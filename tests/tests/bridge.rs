@@ -117,6 +117,21 @@ async fn wait_for_suback(eventloop: &mut EventLoop) {
 /// Receives until every expected (topic, payload) arrived; checks each topic's payloads (numbers)
 /// first arrived in increasing order. Panics naming what is missing.
 async fn expect_all(received: &mut mpsc::UnboundedReceiver<(String, String)>, expected: &Seen) {
+    expect_every(received, expected, Order::Kept).await;
+}
+
+/// Whether a scenario can expect the upstream to keep each device's order.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// It does: the messages first arrive in the order sent.
+    Kept,
+    /// The upstream itself may reorder when one of its nodes dies (seen once with NATS: one
+    /// early message reached the backend only after the last, about 30 s later, as a
+    /// redelivery after JetStream's ack wait would): only that all of them arrive.
+    UpToTheUpstream,
+}
+
+async fn expect_every(received: &mut mpsc::UnboundedReceiver<(String, String)>, expected: &Seen, order: Order) {
     let mut got: Seen = HashSet::new();
     let mut last: HashMap<String, u64> = HashMap::new();
     let deadline = tokio::time::Instant::now() + LIMIT;
@@ -129,7 +144,7 @@ async fn expect_all(received: &mut mpsc::UnboundedReceiver<(String, String)>, ex
                 if got.insert((topic.clone(), payload)) {
                     let before = last.insert(topic.clone(), n);
                     assert!(
-                        before.is_none_or(|b| b < n),
+                        order == Order::UpToTheUpstream || before.is_none_or(|b| b < n),
                         "{topic}: {n} arrived after {before:?}: out of order"
                     );
                 }
@@ -400,7 +415,9 @@ async fn the_bridge_fails_over_when_its_cluster_node_dies_and_loses_nothing() {
     gateway.wait_for("failover to another node", LIMIT, |e| {
         e["event"] == "bridge_failover" && e["from"] == urls[0].as_str()
     });
-    expect_all(&mut received, &expected).await;
+    // The bridge sends in order (the other scenarios show it), but the node that died may have
+    // held the backend's own consumer.
+    expect_every(&mut received, &expected, Order::UpToTheUpstream).await;
     let disconnect = gateway.wait_for("the disconnect", LIMIT, |e| e["event"] == "bridge_disconnected");
     assert!(disconnect["reason"].is_string(), "{disconnect}");
 }
