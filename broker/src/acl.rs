@@ -86,6 +86,8 @@ impl AclConfig {
         let (publish, subscribe) = match identity.role {
             Role::Device => (&self.device_publish, &self.device_subscribe),
             Role::Service => (&self.service_publish, &self.service_subscribe),
+            // Refused at the handshake (`gateway_identity`); were one to get here, it may nothing.
+            Role::Gateway => return TopicRules::none(),
         };
         let id = identity.id.as_str();
         TopicRules {
@@ -131,6 +133,14 @@ pub enum Verdict {
 }
 
 impl TopicRules {
+    /// Rules that allow nothing.
+    fn none() -> Self {
+        Self {
+            publish: Vec::new(),
+            subscribe: Vec::new(),
+        }
+    }
+
     /// May this peer publish to `topic` (a topic name: no wildcards)?
     pub fn may_publish(&self, topic: &str) -> Verdict {
         if let Err(e) = validate_topic_name(topic) {

@@ -91,6 +91,14 @@ impl Audit {
         info!(event = "disconnect", reason = end.as_str(), device_id = %identity.id, role = %identity.role, client_id, %peer, cause = %end, "{identity} disconnected: {end}");
     }
 
+    /// A detached session's expiry interval ran out: it ended, with what it held.
+    pub fn session_expired(&self, client_id: &str) {
+        info!(
+            event = "session_expired",
+            client_id, "the session of {client_id} expired"
+        );
+    }
+
     /// A SUBSCRIBE filter the ACL allowed but the router did not take.
     pub fn subscription_refused(&self, identity: &Identity, filter: &str, why: &str) {
         warn!(event = "subscription_refused", device_id = %identity.id, role = %identity.role, filter, why, "{identity} may not subscribe to {filter:?}: {why}");
@@ -117,6 +125,56 @@ impl Audit {
             count,
             "dropped {count} deliveries to {client_id} ({})",
             reason.as_str()
+        );
+    }
+
+    /// The bridge is connected (and subscribed) to `upstream`; `refused` are the filters it
+    /// refused; `outbox` messages wait to be forwarded.
+    pub fn bridge_connected(&self, upstream: &str, refused: &[&str], outbox: usize) {
+        if refused.is_empty() {
+            info!(
+                event = "bridge_connected",
+                upstream, outbox, "bridge connected to {upstream}; {outbox} message(s) to forward"
+            );
+        } else {
+            let refused = refused.join(",");
+            warn!(
+                event = "bridge_connected",
+                upstream, outbox, refused, "bridge connected to {upstream}, which refused the subscriptions {refused}"
+            );
+        }
+    }
+
+    /// The bridge moved from one upstream to another.
+    pub fn bridge_failover(&self, from: &str, to: &str) {
+        warn!(
+            event = "bridge_failover",
+            from, to, "bridge failed over from {from} to {to}"
+        );
+    }
+
+    /// The bridge's connection to `upstream` ended (`reason`, a stable word, and the detail).
+    pub fn bridge_disconnected(&self, upstream: &str, reason: &str, detail: &str, outbox: usize) {
+        warn!(
+            event = "bridge_disconnected",
+            upstream, reason, detail, outbox, "bridge lost {upstream}: {detail}"
+        );
+    }
+
+    /// An attempt to connect the bridge to `upstream` failed.
+    pub fn bridge_connect_failed(&self, upstream: &str, reason: &str, detail: &str) {
+        warn!(
+            event = "bridge_connect_failed",
+            upstream, reason, detail, "bridge cannot connect: {detail}"
+        );
+    }
+
+    /// Messages from the upstream were not delivered (`count` since the last report), the last
+    /// on `topic`, for `why`.
+    pub fn bridge_downstream_refused(&self, topic: &str, why: &str, count: u64) {
+        warn!(
+            event = "downstream_refused",
+            topic, why, count, "did not deliver {count} message(s) from the upstream, the last on {topic:?}: {why}"
         );
     }
 

@@ -54,6 +54,9 @@ pub struct BrokerConfig {
     /// and a restart loses them (said at start).
     #[serde(default)]
     pub persistence: Option<PersistenceConfig>,
+    /// The uplink to a central broker. Absent: no bridge.
+    #[serde(default)]
+    pub bridge: Option<crate::bridge::BridgeConfig>,
 }
 
 /// `[persistence]`: where persistent sessions and retained messages survive restarts.
@@ -139,6 +142,18 @@ pub struct Limits {
     pub max_retained_messages: usize,
     /// Topic and payload bytes of all retained messages. Default 64 MiB.
     pub max_retained_bytes: usize,
+    /// The longest Session Expiry Interval an MQTT 5 client gets, seconds: a longer one (or
+    /// "never") is cut to this and said in CONNACK. Default 604800 (7 days). MQTT 3.1.1
+    /// persistent sessions never expire.
+    pub max_session_expiry_secs: u32,
+    /// The longest keepalive an MQTT 5 client gets, seconds: a client asking for more, or for
+    /// none, is told this one in CONNACK (Server Keep Alive). Default 1200 (AWS IoT Core's
+    /// maximum: long enough for battery devices on cellular links).
+    pub max_keep_alive_secs: u16,
+    /// Topic aliases per MQTT 5 connection, each way: how many the client may use (CONNACK
+    /// Topic Alias Maximum) and how many the broker uses towards a client that allows them.
+    /// Default 10; 0 turns them off.
+    pub max_topic_aliases: u16,
 }
 
 impl Default for Limits {
@@ -155,6 +170,9 @@ impl Default for Limits {
             max_subscriptions: 100,
             max_retained_messages: 10_000,
             max_retained_bytes: 64 * 1024 * 1024,
+            max_session_expiry_secs: 7 * 24 * 3600,
+            max_keep_alive_secs: 1200,
+            max_topic_aliases: 10,
         }
     }
 }
@@ -237,6 +255,9 @@ impl BrokerConfig {
         if let Some(persistence) = &mut loaded.persistence {
             persistence.dir = base.join(&persistence.dir);
         }
+        if let Some(bridge) = &mut loaded.bridge {
+            bridge.resolve_paths(base);
+        }
         loaded.validate(path)?;
         Ok(loaded)
     }
@@ -276,6 +297,9 @@ impl BrokerConfig {
         if let Some((field, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
             return Err(invalid(field, "must be at least 1"));
         }
+        if self.limits.max_keep_alive_secs == 0 {
+            return Err(invalid("limits.max_keep_alive_secs", "must be at least 1"));
+        }
         if !(1..=65_000).contains(&self.limits.max_inflight) {
             return Err(invalid(
                 "limits.max_inflight",
@@ -288,6 +312,21 @@ impl BrokerConfig {
             }
             if persistence.max_bytes == 0 {
                 return Err(invalid("persistence.max_bytes", "must be at least 1"));
+            }
+        }
+        if let Some(bridge) = &self.bridge {
+            bridge.validate().map_err(|e| ConfigError::Invalid {
+                path: path.to_owned(),
+                field: e.field,
+                reason: e.reason,
+            })?;
+            if let Some(persistence) = &self.persistence {
+                if bridge.outbox_max_bytes as u64 > persistence.max_bytes {
+                    return Err(invalid(
+                        "bridge.outbox_max_bytes",
+                        "is larger than persistence.max_bytes, which the outbox shares with offline sessions",
+                    ));
+                }
             }
         }
         self.acl.validate().map_err(|e| ConfigError::Invalid {

@@ -14,14 +14,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use rumqttd::protocol::Packet;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use rustls::{ProtocolVersion, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::codec::{self, FrameError, Inbound, OutgoingPublish};
+use crate::codec::{self, FrameError, Inbound, Outbound, OutgoingPublish, Version};
 
 /// The most read from the socket at once: a whole TLS record (at most 16 KiB and its framing).
 const READ_CHUNK: usize = 17 * 1024;
@@ -78,6 +77,8 @@ pub struct Connection {
     /// rustls failed: nothing more is read or sent but its alert.
     failed: bool,
     max_packet_bytes: usize,
+    /// The MQTT version, once the CONNECT has said it.
+    version: Option<Version>,
 }
 
 /// What the handshake needs next.
@@ -106,6 +107,7 @@ impl Connection {
             peer_closed: false,
             failed: false,
             max_packet_bytes,
+            version: None,
         };
         loop {
             let step = match conn.handshake_step() {
@@ -183,13 +185,27 @@ impl Connection {
         self.tls.protocol_version()
     }
 
-    /// The next packet among the bytes already read, if a whole one is there.
+    /// The MQTT version the client's CONNECT named (3.1.1 until then, for refusals).
+    pub fn version(&self) -> Version {
+        self.version.unwrap_or(Version::V311)
+    }
+
+    /// The next packet among the bytes already read, if a whole one is there. A CONNECT fixes
+    /// the version every later packet is read and written in.
     pub fn next_packet(&mut self) -> Result<Option<Inbound>, FrameError> {
-        let packet = codec::decode(&mut self.rbuf, self.max_packet_bytes);
+        let packet = codec::decode(&mut self.rbuf, self.max_packet_bytes, self.version);
+        if let (None, Ok(Some(Inbound::Connect(connect)))) = (self.version, &packet) {
+            self.version = Some(connect.version);
+        }
         if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
             self.rbuf = BytesMut::new();
         }
         packet
+    }
+
+    /// Whether the next packet among the bytes read is a PUBLISH (by its first byte).
+    pub fn next_is_publish(&self) -> bool {
+        self.rbuf.first().is_some_and(|byte| byte >> 4 == 3)
     }
 
     /// Reads the next packet, waiting for bytes as needed.
@@ -313,13 +329,13 @@ impl Connection {
     }
 
     /// Encodes a control packet (anything but PUBLISH) for writing.
-    pub fn queue(&mut self, packet: Packet) -> Result<(), FrameError> {
-        codec::encode(packet, &mut self.wbuf)
+    pub fn queue(&mut self, packet: &Outbound<'_>) -> Result<(), FrameError> {
+        codec::encode(packet, self.version(), &mut self.wbuf)
     }
 
     /// Encodes a PUBLISH for writing.
     pub fn queue_publish(&mut self, publish: &OutgoingPublish<'_>) -> Result<(), FrameError> {
-        codec::encode_publish(publish, &mut self.wbuf)
+        codec::encode_publish(publish, self.version(), &mut self.wbuf)
     }
 
     /// Bytes encoded and not yet written.
@@ -355,15 +371,15 @@ impl Connection {
     }
 
     /// Writes `packet` and everything queued before it, now.
-    pub async fn write_now(&mut self, packet: Packet) -> std::io::Result<()> {
+    pub async fn write_now(&mut self, packet: &Outbound<'_>) -> std::io::Result<()> {
         self.queue(packet).map_err(std::io::Error::other)?;
         while std::future::poll_fn(|cx| self.poll_write(cx)).await? {}
         Ok(())
     }
 
     /// Sends what is queued and TLS close_notify (or, after a TLS failure, rustls's alert),
-    /// and closes, giving up after `limit`.
-    pub async fn close(mut self, limit: Duration) {
+    /// and shuts the socket's sending side, giving up after `limit`. See [`Connection::linger`].
+    pub async fn close(&mut self, limit: Duration) {
         let _ = tokio::time::timeout(limit, async {
             if self.failed {
                 self.drain_alert();
@@ -373,6 +389,19 @@ impl Connection {
             }
             self.flush_tls().await?;
             self.tcp.shutdown().await
+        })
+        .await;
+    }
+
+    /// After [`Connection::close`]: reads and discards what the client still sends until it
+    /// closes too (at most `limit`), then lets the socket go. A socket closed with unread bytes
+    /// makes the kernel send a reset, which can destroy the last packets (an MQTT 5 DISCONNECT
+    /// with its reason code) before the client has read them.
+    pub async fn linger(mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            let mut sink = [0u8; 4096];
+            while self.tcp.read(&mut sink).await? > 0 {}
+            Ok::<(), std::io::Error>(())
         })
         .await;
     }

@@ -23,12 +23,14 @@
 //! [`topic`]. The [`router`] is behind a small typed API and knows nothing of certificates; it
 //! carries [`message`]s and records what must survive a restart in the [`store`], whose
 //! watermark the [`pump`] waits for before it acknowledges.
-//! [`audit`] and [`metrics`] record every decision, in the words of [`reason`].
+//! [`audit`] and [`metrics`] record every decision, in the words of [`reason`]. The [`bridge`]
+//! is a client of the router and the store: it forwards to an upstream broker and back.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod acl;
 pub mod audit;
+pub mod bridge;
 pub mod codec;
 pub mod config;
 pub mod connect;
@@ -49,6 +51,7 @@ pub mod session;
 pub mod store;
 pub mod tls;
 pub mod topic;
+pub mod will;
 
 pub use config::BrokerConfig;
 pub use listener::{Broker, StartError};

@@ -12,6 +12,7 @@ use tokio::sync::{watch, Semaphore};
 use tracing::{info, warn};
 
 use crate::audit::Audit;
+use crate::bridge::Bridge;
 use crate::config::BrokerConfig;
 use crate::context::SessionContext;
 use crate::live::LiveSessions;
@@ -35,6 +36,9 @@ pub enum StartError {
     /// The durable store cannot be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The bridge cannot start.
+    #[error(transparent)]
+    Bridge(#[from] crate::bridge::BridgeError),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -61,6 +65,8 @@ pub struct Broker {
     max_connections: usize,
     metrics: Arc<Metrics>,
     metrics_listen: Option<SocketAddr>,
+    /// The uplink to a central broker, if configured.
+    bridge: Option<Bridge>,
 }
 
 impl Broker {
@@ -81,7 +87,7 @@ impl Broker {
                     .map_err(|source| StartError::Bind { addr: *addr, source })?,
             );
         }
-        let (store, recovered) = match &config.persistence {
+        let (store, mut recovered) = match &config.persistence {
             Some(persistence) => {
                 let (store, recovered) = Store::open(&persistence.settings())?;
                 (Some(store), Some(recovered))
@@ -95,15 +101,25 @@ impl Broker {
             }
         };
         let router = Router::new(router_limits(&config.limits), audit.clone(), store);
+        let outbox = match (&config.bridge, &mut recovered) {
+            (Some(bridge), Some(recovered)) => crate::bridge::take_outbox(recovered, bridge),
+            _ => None,
+        };
         if let Some(recovered) = recovered {
             router.restore(recovered);
         }
+        let acl = Arc::new(config.acl.clone());
+        // Attached before the listener opens, so it receives the first device's first message.
+        let bridge = match &config.bridge {
+            Some(bridge) => Some(Bridge::new(bridge, &router, acl.clone(), audit.clone(), outbox)?),
+            None => None,
+        };
         let sessions = Arc::new(LiveSessions::default());
         let (shutdown, _) = watch::channel(false);
         let max_connections = config.limits.max_connections;
         let ctx = Arc::new(SessionContext {
             tls: tls.clone(),
-            acl: Arc::new(config.acl.clone()),
+            acl,
             limits: config.limits.clone(),
             router,
             sessions: sessions.clone(),
@@ -118,6 +134,7 @@ impl Broker {
             max_connections,
             metrics,
             metrics_listen: config.metrics.listen,
+            bridge,
         })
     }
 
@@ -130,6 +147,11 @@ impl Broker {
     pub async fn run(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
         let shutdown_rx = self.shutdown.subscribe();
         tokio::spawn(self.reloader.run(shutdown_rx.clone()));
+        let _expiry_task = AbortOnDrop(tokio::spawn(expire_sessions(self.ctx.router.clone())));
+        let bridge_metrics = self.bridge.as_ref().map(Bridge::metrics);
+        if let Some(bridge) = self.bridge {
+            bridge.spawn();
+        }
         let _metrics_task = match self.metrics_listen {
             Some(addr) => {
                 let (metrics, ctx) = (self.metrics.clone(), self.ctx.clone());
@@ -139,6 +161,9 @@ impl Broker {
                     ctx.router.render_metrics(&mut out);
                     if let Some(store) = ctx.router.store() {
                         store.render_metrics(&mut out);
+                    }
+                    if let Some(bridge) = &bridge_metrics {
+                        bridge.render(&mut out);
                     }
                     ctx.tls
                         .render_metrics(time::OffsetDateTime::now_utc().unix_timestamp(), &mut out);
@@ -202,6 +227,17 @@ fn router_limits(limits: &crate::config::Limits) -> RouterLimits {
         max_subscriptions: limits.max_subscriptions,
         max_retained_messages: limits.max_retained_messages,
         max_retained_bytes: limits.max_retained_bytes,
+    }
+}
+
+/// Ends detached sessions whose MQTT 5 Session Expiry Interval has run out, once a second (the
+/// interval's own unit).
+async fn expire_sessions(router: crate::router::Router) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        router.expire_sessions(std::time::Instant::now());
     }
 }
 

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use broker::bridge::BridgeConfig;
 use broker::config::{LogFormat, SyncMode};
 use broker::listener::crypto_provider;
 use broker::tls::{TlsFiles, TlsMaterial};
@@ -29,7 +30,12 @@ struct Cli {
 enum Command {
     /// Validate the configuration and every file it names, print a summary, exit non-zero on
     /// any problem.
-    CheckConfig,
+    CheckConfig {
+        /// Also try the TLS handshake with each `[bridge]` upstream, with the gateway's
+        /// certificate (no MQTT CONNECT: that would take over the running gateway's session).
+        #[arg(long)]
+        probe_bridge: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -42,7 +48,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::CheckConfig) => check_config(&cli.config, &config),
+        Some(Command::CheckConfig { probe_bridge }) => check_config(&cli.config, &config, probe_bridge),
         None => serve(config),
     }
 }
@@ -107,7 +113,7 @@ fn date(unix: i64) -> String {
         .unwrap_or_else(|_| unix.to_string())
 }
 
-fn check_config(path: &std::path::Path, config: &BrokerConfig) -> ExitCode {
+fn check_config(path: &std::path::Path, config: &BrokerConfig, probe_bridge: bool) -> ExitCode {
     let files = TlsFiles::of(config);
     let material = match TlsMaterial::load(&files, &crypto_provider()) {
         Ok(material) => material,
@@ -172,6 +178,77 @@ fn check_config(path: &std::path::Path, config: &BrokerConfig) -> ExitCode {
             persistence.max_bytes
         ),
         None => println!("persistence: off (a restart loses persistent sessions, their queues and retained messages)"),
+    }
+    match &config.bridge {
+        Some(bridge) => check_bridge(bridge, probe_bridge, now),
+        None if probe_bridge => {
+            eprintln!("error: --probe-bridge: broker.toml has no [bridge]");
+            ExitCode::FAILURE
+        }
+        None => {
+            println!("bridge: none");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Prints what `[bridge]` says, after loading its files; with `probe`, tries the TLS handshake
+/// with every upstream and fails if none completes.
+fn check_bridge(bridge: &BridgeConfig, probe: bool, now: i64) -> ExitCode {
+    let (dialer, certificate) = match broker::bridge::dialer(bridge) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "bridge: {} ({}, expires {} ({} days)); upstreams {}; trusting {}",
+        certificate.identity,
+        bridge.cert.display(),
+        date(certificate.not_after),
+        (certificate.not_after - now) / 86_400,
+        bridge.upstreams.join(", "),
+        bridge.upstream_ca.display()
+    );
+    let prefix = bridge.rendered_prefix();
+    println!(
+        "  up: {} -> {prefix}<topic>; down: {prefix}<topic> -> {}; outbox at most {} messages, {} bytes",
+        bridge.up.join(", "),
+        bridge.down.join(", "),
+        bridge.outbox_max_messages,
+        bridge.outbox_max_bytes
+    );
+    if !probe {
+        return ExitCode::SUCCESS;
+    }
+    let urls = match bridge.upstream_urls() {
+        Ok(urls) => urls,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut reached = 0;
+    for url in &urls {
+        match runtime.block_on(dialer.probe(url)) {
+            Ok(()) => {
+                reached += 1;
+                println!("  probe {url}: TLS handshake OK, certificate accepted");
+            }
+            Err(e) => println!("  probe {url}: FAILED ({}): {e}", e.reason()),
+        }
+    }
+    if reached == 0 {
+        eprintln!("error: no upstream completed the TLS handshake");
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }

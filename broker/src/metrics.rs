@@ -44,16 +44,34 @@ pub enum DropReason {
     /// A retained message that the retained store's bounds did not let it keep (the message
     /// itself was still delivered).
     RetainRefused,
+    /// An MQTT 5 message whose Message Expiry Interval ran out before it could be sent.
+    Expired,
+    /// A message larger than the Maximum Packet Size its MQTT 5 subscriber gave (MQTT-3.1.2-25).
+    TooLargeForClient,
+    /// The bridge's outbox was over `bridge.outbox_max_messages`/`outbox_max_bytes`: its
+    /// oldest message, not yet forwarded upstream, went.
+    OutboxOverflow,
+    /// A message from the upstream the bridge does not deliver: its topic maps to no device, or
+    /// to a topic that device may not subscribe to.
+    DownstreamRefused,
+    /// A message the bridge cannot forward: with the bridge's prefix its topic is longer than
+    /// MQTT's 65535 bytes.
+    UpstreamTopicTooLong,
 }
 
 impl DropReason {
     /// Every reason, in metric order.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::QueueOverflow,
         DropReason::Qos0SubscriberFull,
         DropReason::OfflineQos0,
         DropReason::SessionEnded,
         DropReason::RetainRefused,
+        DropReason::Expired,
+        DropReason::TooLargeForClient,
+        DropReason::OutboxOverflow,
+        DropReason::DownstreamRefused,
+        DropReason::UpstreamTopicTooLong,
     ];
 
     /// The stable word (metric label and audit event).
@@ -64,6 +82,11 @@ impl DropReason {
             DropReason::OfflineQos0 => "offline_qos0",
             DropReason::SessionEnded => "session_ended",
             DropReason::RetainRefused => "retain_refused",
+            DropReason::Expired => "message_expired",
+            DropReason::TooLargeForClient => "too_large_for_client",
+            DropReason::OutboxOverflow => "outbox_overflow",
+            DropReason::DownstreamRefused => "downstream_refused",
+            DropReason::UpstreamTopicTooLong => "upstream_topic_too_long",
         }
     }
 }
@@ -84,7 +107,8 @@ impl Metrics {
     fn sessions(&self, role: Role) -> &AtomicI64 {
         match role {
             Role::Device => &self.devices,
-            Role::Service => &self.services,
+            // Gateways are refused at the handshake; a session of one would count as a service.
+            Role::Service | Role::Gateway => &self.services,
         }
     }
 

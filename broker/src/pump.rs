@@ -11,28 +11,33 @@
 //! are full hold each other up until one of them is found slow. Reading also stops while too much output
 //! is waiting to be written, so a client that never reads cannot make the broker buffer
 //! replies for it.
+//!
+//! MQTT 5 adds per-connection state here, each part bounded by the broker's limits: the topic
+//! aliases both ways (`limits.max_topic_aliases`), the count of the client's unacknowledged
+//! QoS 1 publishes (its Receive Maximum is `limits.max_inflight`), and the client's Maximum
+//! Packet Size, beyond which a delivery is dropped, counted, and done as if delivered.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use rumqttd::protocol::{
-    Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, SubAck,
-    Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
-};
 use tokio::time::Sleep;
 
 use crate::acl::{OnDeniedPublish, Verdict};
-use crate::codec::{FrameError, Inbound, InboundPublish, OutgoingPublish};
+use crate::codec::{
+    publish_size, Disconnect, FrameError, Inbound, InboundPublish, Outbound, OutgoingPublish, ReasonCode,
+    RetainHandling, Subscribe, Unsubscribe, Version,
+};
 use crate::connect::Established;
 use crate::connection::Connection;
 use crate::context::SessionContext;
+use crate::message::unix_millis;
 use crate::metrics::DropReason;
-use crate::reason::SessionEnd;
-use crate::router::{Message, Outgoing, Publication, QoS, SubscribeRefused};
+use crate::reason::{SessionEnd, Violation};
+use crate::router::{Message, Outgoing, Publication, QoS, SubscribeRefused, SubscriptionOptions};
 use crate::store::{DurableWaiter, Ticket};
 
 /// Output waiting to be written beyond which the pump neither reads nor takes deliveries.
@@ -71,34 +76,50 @@ enum Ack {
     Received(u16),
     /// PUBCOMP: a QoS 2 exchange is complete.
     Complete(u16),
+    /// A publish the ACL denied: PUBACK or PUBREC (for QoS 2) with reason code 0x87 for MQTT 5
+    /// clients, plain success for 3.1.1 ones (which have no way to hear it, so do not resend).
+    /// The code says it all: no reason string, which some MQTT 5 clients (Eclipse Paho's test
+    /// client among them) cannot read on a PUBACK.
+    Denied(u16, QoS),
 }
 
 impl Ack {
-    fn packet(self) -> Packet {
+    fn packet(self) -> Outbound<'static> {
         match self {
-            Ack::Taken(pkid) => Packet::PubAck(
-                PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                },
-                None,
-            ),
-            Ack::Received(pkid) => Packet::PubRec(
-                PubRec {
-                    pkid,
-                    reason: PubRecReason::Success,
-                },
-                None,
-            ),
-            Ack::Complete(pkid) => Packet::PubComp(
-                PubComp {
-                    pkid,
-                    reason: PubCompReason::Success,
-                },
-                None,
-            ),
+            Ack::Taken(pkid) => Outbound::PubAck {
+                pkid,
+                code: ReasonCode::Success,
+            },
+            Ack::Received(pkid) => Outbound::PubRec {
+                pkid,
+                code: ReasonCode::Success,
+            },
+            Ack::Complete(pkid) => Outbound::PubComp(pkid),
+            Ack::Denied(pkid, QoS::ExactlyOnce) => Outbound::PubRec {
+                pkid,
+                code: ReasonCode::NotAuthorized,
+            },
+            Ack::Denied(pkid, _) => Outbound::PubAck {
+                pkid,
+                code: ReasonCode::NotAuthorized,
+            },
         }
     }
+
+    /// Whether sending it ends a QoS 1 exchange the client counts against the Receive Maximum.
+    fn ends_qos1(self) -> bool {
+        matches!(self, Ack::Taken(_) | Ack::Denied(_, QoS::AtLeastOnce))
+    }
+}
+
+/// The topic aliases of one MQTT 5 connection, both ways (MQTT 5 section 3.3.2.3.4). Each map
+/// holds at most `limits.max_topic_aliases` topics, and nothing until the first alias.
+#[derive(Default)]
+struct TopicAliases {
+    /// The client's aliases: index alias - 1.
+    inbound: Vec<Option<Box<str>>>,
+    /// The broker's aliases towards the client.
+    outbound: HashMap<Box<str>, u16>,
 }
 
 struct Pump<'a> {
@@ -125,6 +146,14 @@ struct Pump<'a> {
     last_write: Instant,
     /// The deadline the timer is set to.
     armed: Option<Instant>,
+    aliases: TopicAliases,
+    /// An MQTT 5 client's QoS 1 publishes not yet acknowledged (its QoS 2 ones are counted by
+    /// the router, as awaiting PUBREL): both within the Receive Maximum it was given.
+    unacknowledged: usize,
+    /// Bytes were read that no PUBLISH among them has been handled from yet.
+    fresh_input: bool,
+    /// The next packet is the first PUBLISH of freshly read bytes: other tasks run first.
+    yield_before_publish: bool,
 }
 
 /// Bytes held behind a waiting publication, at most (each packet counts its topic, payload and
@@ -156,6 +185,10 @@ pub(crate) async fn pump(
         last_read: Instant::now(),
         last_write: Instant::now(),
         armed: None,
+        aliases: TopicAliases::default(),
+        unacknowledged: 0,
+        fresh_input: false,
+        yield_before_publish: false,
     };
     let end = poll_fn(|cx| pump.poll(cx, timer.as_mut())).await;
     (end, pump.waiting.map(|w| w.publication))
@@ -183,6 +216,16 @@ impl Pump<'_> {
                 Ok(handled) => handled,
                 Err(end) => return Poll::Ready(end),
             };
+            if self.yield_before_publish {
+                // Other connections' packets that arrived at the same moment may wait behind
+                // this task (tokio runs the task woken last first): they go first, so that a
+                // SUBSCRIBE a client sent on another connection just before this PUBLISH is
+                // in place when it is routed. MQTT orders nothing across connections; clients
+                // (Eclipse Paho's MQTT 5 suite among them) still expect it.
+                self.yield_before_publish = false;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             progress |= handled;
             if self.peer_closed && !handled && (self.waiting.is_some() || self.conn.pending_output() < OUTPUT_HIGH) {
                 return Poll::Ready(self.end_of_input());
@@ -207,6 +250,7 @@ impl Pump<'_> {
                     }
                     Poll::Ready(Ok(_)) => {
                         self.last_read = Instant::now();
+                        self.fresh_input = true;
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(SessionEnd::Io(e.to_string())),
@@ -238,7 +282,7 @@ impl Pump<'_> {
     fn acknowledge(&mut self, ticket: Ticket, ack: Ack) {
         let durable = || self.ctx.router.store().is_none_or(|store| store.is_durable(ticket));
         if self.unsynced.is_empty() && durable() {
-            self.reply(ack.packet());
+            self.send_ack(ack);
         } else {
             self.unsynced.push_back((Wait::Durable(ticket), ack));
         }
@@ -255,7 +299,7 @@ impl Pump<'_> {
                 break;
             }
             self.releases.pop_front();
-            self.reply(pubrel(pkid));
+            self.reply(&Outbound::PubRel(pkid));
             released = true;
         }
         while let Some(&(wait, ack)) = self.unsynced.front() {
@@ -274,7 +318,7 @@ impl Pump<'_> {
                 break;
             }
             self.unsynced.pop_front();
-            self.reply(ack.packet());
+            self.send_ack(ack);
             released = true;
         }
         released
@@ -298,10 +342,35 @@ impl Pump<'_> {
             .audit
             .metrics()
             .dropped(DropReason::SessionEnded, held_qos0 as u64);
-        if self.held.iter().any(|p| matches!(p, Inbound::Disconnect)) {
-            SessionEnd::ClientDisconnect
+        let disconnect = self.held.iter().find_map(|p| match p {
+            Inbound::Disconnect(disconnect) => Some(disconnect),
+            _ => None,
+        });
+        match disconnect {
+            Some(disconnect) => self.disconnect_end(disconnect),
+            None => SessionEnd::PeerClosed,
+        }
+    }
+
+    /// The end a client's DISCONNECT asks for, after applying the Session Expiry Interval an
+    /// MQTT 5 one may carry (capped as at CONNECT).
+    fn disconnect_end(&self, disconnect: &Disconnect) -> SessionEnd {
+        if let Some(expiry) = disconnect.session_expiry {
+            // MQTT-3.14.2-2: a session that was to end with the connection stays so.
+            if self.session.client.session_expiry == 0 && expiry > 0 {
+                return SessionEnd::Protocol(
+                    Violation::Protocol,
+                    "DISCONNECT sets a Session Expiry Interval on a session that had none".into(),
+                );
+            }
+            self.session
+                .attached
+                .set_session_expiry(expiry.min(self.ctx.limits.max_session_expiry_secs));
+        }
+        if disconnect.reason_code == 0x04 {
+            SessionEnd::ClientDisconnectWithWill
         } else {
-            SessionEnd::PeerClosed
+            SessionEnd::ClientDisconnect
         }
     }
 
@@ -351,33 +420,71 @@ impl Pump<'_> {
     }
 
     /// Moves deliveries from the router into the write buffer, while there is room for output.
+    /// A delivery larger than an MQTT 5 client's Maximum Packet Size is not sent: counted,
+    /// and completed as if delivered (MQTT-3.1.2-25).
     fn take_deliveries(&mut self, cx: &mut Context<'_>) -> bool {
         if self.conn.pending_output() >= OUTPUT_HIGH {
             return false;
         }
-        let (session, conn) = (self.session, &mut *self.conn);
+        let (session, conn, aliases) = (self.session, &mut *self.conn, &mut self.aliases);
+        let terms = &session.client;
+        let now = unix_millis();
         let (mut published, mut failed, mut durable_wait) = (0u64, None, None);
+        let mut too_large = Vec::new();
         let handed = session
             .attached
             .poll_outgoing(cx, DELIVERY_BATCH, &mut durable_wait, &mut |outgoing| {
                 let queued = match outgoing {
                     Outgoing::Publish { delivery, pkid, dup } => {
-                        published += 1;
-                        conn.queue_publish(&OutgoingPublish {
-                            topic: &delivery.message.topic,
-                            payload: &delivery.message.payload,
+                        let message = &delivery.message;
+                        let mut publish = OutgoingPublish {
+                            topic: &message.topic,
+                            payload: &message.payload,
                             qos: delivery.qos,
                             pkid,
                             dup,
                             retain: delivery.retain,
-                        })
+                            topic_alias: None,
+                            message_expiry: message.expiry_left(now),
+                            subscription_ids: &delivery.subscription_ids,
+                            properties: &message.properties,
+                        };
+                        let alias = aliases.outbound_alias(&message.topic, terms.topic_alias_maximum);
+                        if let Some((alias, known)) = alias {
+                            publish.topic_alias = Some(alias);
+                            if known {
+                                publish.topic = "";
+                            }
+                        }
+                        // The size of exactly what would go out, alias included.
+                        let limit = terms.maximum_packet_size.map_or(usize::MAX, |max| max as usize);
+                        if publish_size(&publish, terms.version) > limit {
+                            too_large.push((pkid, delivery.qos));
+                            return;
+                        }
+                        if let Some((alias, false)) = alias {
+                            aliases.commit(&message.topic, alias);
+                        }
+                        published += 1;
+                        conn.queue_publish(&publish)
                     }
-                    Outgoing::PubRel(pkid) => conn.queue(pubrel(pkid)),
+                    Outgoing::PubRel(pkid) => conn.queue(&Outbound::PubRel(pkid)),
                 };
                 failed = failed.take().or(queued.err());
             });
         if published > 0 {
             self.ctx.audit.metrics().messages_out(published);
+        }
+        if !too_large.is_empty() {
+            for &(pkid, qos) in &too_large {
+                if qos != QoS::AtMostOnce {
+                    session.attached.abandon(pkid);
+                }
+            }
+            self.ctx
+                .audit
+                .metrics()
+                .dropped(DropReason::TooLargeForClient, too_large.len() as u64);
         }
         if let Some(e) = failed {
             self.encoding_failed(&e);
@@ -404,11 +511,15 @@ impl Pump<'_> {
                 packet
             } else if self.held_full() {
                 break Ok(());
+            } else if self.fresh_input && self.conn.next_is_publish() {
+                self.fresh_input = false;
+                self.yield_before_publish = true;
+                break Ok(());
             } else {
                 match self.conn.next_packet() {
                     Ok(Some(packet)) => packet,
                     Ok(None) => break Ok(()),
-                    Err(e) => break Err(SessionEnd::Protocol(e.to_string())),
+                    Err(e) => break Err(frame_violation(&e)),
                 }
             };
             handled = true;
@@ -428,10 +539,18 @@ impl Pump<'_> {
         result.map(|()| handled)
     }
 
-    fn reply(&mut self, packet: Packet) {
+    fn reply(&mut self, packet: &Outbound<'_>) {
         if let Err(e) = self.conn.queue(packet) {
             self.encoding_failed(&e);
         }
+    }
+
+    /// Sends an acknowledgement of a client's publish.
+    fn send_ack(&mut self, ack: Ack) {
+        if ack.ends_qos1() {
+            self.unacknowledged = self.unacknowledged.saturating_sub(1);
+        }
+        self.reply(&ack.packet());
     }
 
     fn encoding_failed(&self, error: &FrameError) {
@@ -445,11 +564,15 @@ impl Pump<'_> {
             Inbound::PubAck(pkid) => {
                 attached.puback(pkid);
             }
-            Inbound::PubRec(pkid) => {
+            // An MQTT 5 client that refuses a QoS 2 delivery ends the exchange there (no PUBREL).
+            Inbound::PubRec { pkid, refused: true } => {
+                attached.abandon(pkid);
+            }
+            Inbound::PubRec { pkid, refused: false } => {
                 if let Some(ticket) = attached.pubrec(pkid) {
                     let durable = self.ctx.router.store().is_none_or(|store| store.is_durable(ticket));
                     if self.releases.is_empty() && durable {
-                        self.reply(pubrel(pkid));
+                        self.reply(&Outbound::PubRel(pkid));
                     } else {
                         self.releases.push_back((ticket, pkid));
                     }
@@ -464,30 +587,104 @@ impl Pump<'_> {
             }
             Inbound::Subscribe(subscribe) => self.on_subscribe(subscribe),
             Inbound::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe),
-            Inbound::PingReq => self.reply(Packet::PingResp(PingResp)),
-            Inbound::Disconnect => return Err(SessionEnd::ClientDisconnect),
-            Inbound::Connect(_) => return Err(SessionEnd::Protocol("a second CONNECT on the same connection".into())),
-            Inbound::ServerOnly(name) => return Err(SessionEnd::Protocol(format!("a client may not send {name}"))),
+            Inbound::PingReq => self.reply(&Outbound::PingResp),
+            Inbound::Disconnect(disconnect) => return Err(self.disconnect_end(&disconnect)),
+            Inbound::Auth => {
+                return Err(SessionEnd::Protocol(
+                    Violation::Protocol,
+                    "AUTH: enhanced authentication is not offered, the certificate is the authentication".into(),
+                ))
+            }
+            Inbound::Connect(_) => {
+                return Err(SessionEnd::Protocol(
+                    Violation::Protocol,
+                    "a second CONNECT on the same connection".into(),
+                ))
+            }
+            Inbound::ServerOnly(name) => {
+                return Err(SessionEnd::Protocol(
+                    Violation::Protocol,
+                    format!("a client may not send {name}"),
+                ))
+            }
         }
         Ok(())
     }
 
-    fn on_publish(&mut self, publish: InboundPublish) -> Result<(), SessionEnd> {
+    /// The topic a PUBLISH names, through its topic alias if it has one.
+    fn topic_of(&mut self, publish: &InboundPublish) -> Result<Box<str>, SessionEnd> {
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-            return Err(SessionEnd::Protocol("PUBLISH topic is not UTF-8".into()));
+            return Err(SessionEnd::Protocol(
+                Violation::Malformed,
+                "PUBLISH topic is not UTF-8".into(),
+            ));
         };
+        let Some(alias) = publish.topic_alias else {
+            if topic.is_empty() {
+                return Err(SessionEnd::Protocol(
+                    Violation::Protocol,
+                    "PUBLISH with an empty topic and no topic alias".into(),
+                ));
+            }
+            return Ok(topic.into());
+        };
+        let max = self.ctx.limits.max_topic_aliases;
+        if alias == 0 || alias > max {
+            return Err(SessionEnd::Protocol(
+                Violation::TopicAliasInvalid,
+                format!("topic alias {alias} is outside 1 to {max} (limits.max_topic_aliases)"),
+            ));
+        }
+        let slot = usize::from(alias) - 1;
+        let inbound = &mut self.aliases.inbound;
+        if topic.is_empty() {
+            return inbound.get(slot).cloned().flatten().ok_or_else(|| {
+                SessionEnd::Protocol(
+                    Violation::Protocol,
+                    format!("topic alias {alias} was never set on this connection"),
+                )
+            });
+        }
+        if inbound.len() <= slot {
+            inbound.resize(slot + 1, None);
+        }
+        inbound[slot] = Some(topic.into());
+        Ok(topic.into())
+    }
+
+    fn on_publish(&mut self, publish: InboundPublish) -> Result<(), SessionEnd> {
+        let topic = self.topic_of(&publish)?;
+        let topic = &*topic;
         let ack = acknowledgement(publish.qos, publish.pkid);
+        let v5 = self.session.client.version == Version::V5;
+        if v5 && publish.qos == QoS::AtLeastOnce {
+            self.unacknowledged += 1;
+            if self.unacknowledged > self.ctx.limits.max_inflight {
+                return Err(SessionEnd::Protocol(
+                    Violation::ReceiveMaximumExceeded,
+                    format!(
+                        "more than the Receive Maximum of {} QoS 1 publishes unacknowledged",
+                        self.ctx.limits.max_inflight
+                    ),
+                ));
+            }
+        }
         match self.session.rules.may_publish(topic) {
             Verdict::Allowed => {}
-            Verdict::Invalid(e) => return Err(SessionEnd::Protocol(format!("PUBLISH to {topic:?}: {e}"))),
+            Verdict::Invalid(e) => {
+                return Err(SessionEnd::Protocol(
+                    Violation::Protocol,
+                    format!("PUBLISH to {topic:?}: {e}"),
+                ))
+            }
             Verdict::Denied => {
                 self.ctx.audit.acl_denied(&self.session.identity, "publish", topic);
                 if self.ctx.acl.on_denied_publish == OnDeniedPublish::Disconnect {
                     return Err(SessionEnd::AclDisconnect);
                 }
-                // Dropped, and acknowledged as Mosquitto does, so the client does not resend it.
-                if let Some(ack) = ack {
-                    self.acknowledge(Ticket::default(), ack);
+                // Dropped, and acknowledged (MQTT 5: as refused) so the client does not resend it.
+                if ack.is_some() {
+                    self.acknowledge(Ticket::default(), Ack::Denied(publish.pkid, publish.qos));
                 }
                 return Ok(());
             }
@@ -507,11 +704,19 @@ impl Pump<'_> {
                     }
                     return Ok(());
                 }
-                Err(e) => return Err(SessionEnd::Protocol(e.to_string())),
+                Err(e) => return Err(SessionEnd::Protocol(Violation::ReceiveMaximumExceeded, e.to_string())),
             }
         }
-        let message = Message::new(topic, &publish.payload, publish.qos, publish.retain);
-        let mut publication = self.ctx.router.publish(message);
+        let properties = &publish.properties;
+        let message = Message::carrying(
+            topic,
+            &publish.payload,
+            publish.qos,
+            publish.retain,
+            &properties.forwarded,
+            properties.message_expiry,
+        );
+        let mut publication = self.session.attached.publish(message);
         if publish.qos == QoS::ExactlyOnce {
             self.session.attached.route_exactly_once(&mut publication, publish.pkid);
         }
@@ -535,54 +740,116 @@ impl Pump<'_> {
     fn on_subscribe(&mut self, subscribe: Subscribe) {
         let session = self.session;
         let (identity, attached) = (&session.identity, &session.attached);
-        let mut return_codes = Vec::with_capacity(subscribe.filters.len());
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut granted = Vec::new();
-        for filter in &subscribe.filters {
-            let qos = QoS::from_u8(filter.qos as u8).unwrap_or(QoS::AtMostOnce);
-            let code = match self.session.rules.may_subscribe(&filter.path) {
-                Verdict::Allowed => match attached.subscribe(&filter.path, qos) {
-                    Ok(()) => {
-                        granted.push((filter.path.as_str(), qos));
-                        SubscribeReasonCode::Success(filter.qos)
+        for request in &subscribe.filters {
+            let filter = request.filter.as_str();
+            let options = SubscriptionOptions {
+                qos: request.qos,
+                no_local: request.no_local,
+                retain_as_published: request.retain_as_published,
+                identifier: subscribe.identifier,
+            };
+            let code = match self.session.rules.may_subscribe(filter) {
+                Verdict::Allowed => match attached.subscribe(filter, options) {
+                    Ok(existed) => {
+                        let send_retained = match request.retain_handling {
+                            RetainHandling::OnSubscribe => true,
+                            RetainHandling::OnNewSubscription => !existed,
+                            RetainHandling::Never => false,
+                        };
+                        if send_retained {
+                            granted.push((filter, options));
+                        }
+                        granted_code(request.qos)
                     }
                     Err(refused @ SubscribeRefused::TooManySubscriptions) => {
                         self.ctx
                             .audit
-                            .subscription_refused(identity, &filter.path, &refused.to_string());
-                        SubscribeReasonCode::Failure
+                            .subscription_refused(identity, filter, &refused.to_string());
+                        ReasonCode::QuotaExceeded
                     }
-                    Err(_) => SubscribeReasonCode::Failure,
+                    Err(SubscribeRefused::Invalid) => ReasonCode::TopicFilterInvalid,
+                    Err(SubscribeRefused::SessionEnded) => ReasonCode::UnspecifiedError,
                 },
-                Verdict::Denied | Verdict::Invalid(_) => {
-                    self.ctx.audit.acl_denied(identity, "subscribe", &filter.path);
-                    SubscribeReasonCode::Failure
+                Verdict::Denied => {
+                    self.ctx.audit.acl_denied(identity, "subscribe", filter);
+                    ReasonCode::NotAuthorized
+                }
+                Verdict::Invalid(_) => {
+                    self.ctx.audit.acl_denied(identity, "subscribe", filter);
+                    ReasonCode::TopicFilterInvalid
                 }
             };
-            return_codes.push(code);
+            codes.push(code);
         }
-        self.reply(Packet::SubAck(
-            SubAck {
-                pkid: subscribe.pkid,
-                return_codes,
-            },
-            None,
-        ));
+        self.reply(&Outbound::SubAck {
+            pkid: subscribe.pkid,
+            codes: &codes,
+        });
         let retained = attached.retained_for(&granted);
         self.await_or_ack(retained, Ticket::default(), None);
     }
 
     fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
-        for filter in &unsubscribe.filters {
-            self.session.attached.unsubscribe(filter);
-        }
+        let codes: Vec<ReasonCode> = unsubscribe
+            .filters
+            .iter()
+            .map(|filter| {
+                if crate::topic::SubscriptionFilter::parse(filter).is_err() {
+                    ReasonCode::TopicFilterInvalid
+                } else if self.session.attached.unsubscribe(filter) {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::NoSubscriptionExisted
+                }
+            })
+            .collect();
         // Exactly one UNSUBACK, also for filters never subscribed (MQTT-3.10.4-5).
-        self.reply(Packet::UnsubAck(
-            UnsubAck {
-                pkid: unsubscribe.pkid,
-                reasons: Vec::new(),
-            },
-            None,
-        ));
+        self.reply(&Outbound::UnsubAck {
+            pkid: unsubscribe.pkid,
+            codes: &codes,
+        });
+    }
+}
+
+impl TopicAliases {
+    /// The alias to send `topic` under, and whether the client knows it already; a new one
+    /// (to [`TopicAliases::commit`] once it is sent) while fewer than `max` are in use. None
+    /// once all are taken: the topic goes in full.
+    fn outbound_alias(&self, topic: &str, max: u16) -> Option<(u16, bool)> {
+        if max == 0 {
+            return None;
+        }
+        if let Some(&alias) = self.outbound.get(topic) {
+            return Some((alias, true));
+        }
+        let next = u16::try_from(self.outbound.len() + 1).ok().filter(|n| *n <= max)?;
+        Some((next, false))
+    }
+
+    /// A new alias went out with `topic`: the client knows it from now on.
+    fn commit(&mut self, topic: &str, alias: u16) {
+        self.outbound.insert(topic.into(), alias);
+    }
+}
+
+/// The session end for bytes that could not be decoded.
+fn frame_violation(error: &FrameError) -> SessionEnd {
+    let violation = match error {
+        FrameError::TooLarge(_) => Violation::PacketTooLarge,
+        FrameError::Malformed(_) => Violation::Malformed,
+        FrameError::Protocol(_) | FrameError::UnsupportedProtocolLevel(_) => Violation::Protocol,
+    };
+    SessionEnd::Protocol(violation, error.to_string())
+}
+
+/// SUBACK's code for a subscription granted at `qos`.
+fn granted_code(qos: QoS) -> ReasonCode {
+    match qos {
+        QoS::AtMostOnce => ReasonCode::Success,
+        QoS::AtLeastOnce => ReasonCode::GrantedQos1,
+        QoS::ExactlyOnce => ReasonCode::GrantedQos2,
     }
 }
 
@@ -592,7 +859,7 @@ impl Pump<'_> {
 fn passes_a_waiting_publication(packet: &Inbound) -> bool {
     matches!(
         packet,
-        Inbound::PubAck(_) | Inbound::PubRec(_) | Inbound::PubComp(_) | Inbound::PubRel(_) | Inbound::PingReq
+        Inbound::PubAck(_) | Inbound::PubRec { .. } | Inbound::PubComp(_) | Inbound::PubRel(_) | Inbound::PingReq
     )
 }
 
@@ -600,7 +867,9 @@ fn passes_a_waiting_publication(packet: &Inbound) -> bool {
 fn held_size(packet: &Inbound) -> usize {
     let bookkeeping = std::mem::size_of::<Inbound>();
     match packet {
-        Inbound::Publish(publish) => bookkeeping + publish.topic.len() + publish.payload.len(),
+        Inbound::Publish(publish) => {
+            bookkeeping + publish.topic.len() + publish.payload.len() + publish.properties.forwarded.len()
+        }
         _ => bookkeeping,
     }
 }
@@ -612,14 +881,4 @@ fn acknowledgement(qos: QoS, pkid: u16) -> Option<Ack> {
         QoS::AtLeastOnce => Some(Ack::Taken(pkid)),
         QoS::ExactlyOnce => Some(Ack::Received(pkid)),
     }
-}
-
-fn pubrel(pkid: u16) -> Packet {
-    Packet::PubRel(
-        PubRel {
-            pkid,
-            reason: PubRelReason::Success,
-        },
-        None,
-    )
 }

@@ -29,6 +29,9 @@ pub enum RejectReason {
     CaCertAsLeaf,
     /// The certificate does not carry exactly one valid identity.
     BadIdentity,
+    /// The certificate is a gateway's (`urn:gateway:`): it identifies a bridge to an upstream
+    /// broker, and a gateway broker has no topics for one.
+    GatewayIdentity,
     /// The CONNECT client id is not the certificate's device id, or is not usable.
     ClientIdMismatch,
     /// A service asked for a persistent session without naming it (empty client id with
@@ -45,15 +48,18 @@ pub enum RejectReason {
     TlsError,
     /// The client broke the MQTT protocol (malformed, oversized, unexpected or second CONNECT).
     ProtocolError,
-    /// The client speaks an MQTT version this broker does not (MQTT 5 for now).
+    /// The client speaks an MQTT version this broker does not (neither 3.1.1 nor 5).
     UnsupportedProtocolVersion,
+    /// An MQTT 5 client asked for enhanced authentication (an Authentication Method): the
+    /// certificate is the authentication, and nothing else is offered.
+    EnhancedAuthRefused,
     /// `limits.max_connections` sessions are already open.
     TooManyConnections,
 }
 
 impl RejectReason {
     /// Every reason, for documentation and metrics.
-    pub const ALL: [RejectReason; 18] = [
+    pub const ALL: [RejectReason; 20] = [
         RejectReason::NoClientCert,
         RejectReason::UnknownIssuer,
         RejectReason::Expired,
@@ -63,6 +69,7 @@ impl RejectReason {
         RejectReason::WrongPurpose,
         RejectReason::CaCertAsLeaf,
         RejectReason::BadIdentity,
+        RejectReason::GatewayIdentity,
         RejectReason::ClientIdMismatch,
         RejectReason::ClientIdRequired,
         RejectReason::WillDenied,
@@ -71,6 +78,7 @@ impl RejectReason {
         RejectReason::TlsError,
         RejectReason::ProtocolError,
         RejectReason::UnsupportedProtocolVersion,
+        RejectReason::EnhancedAuthRefused,
         RejectReason::TooManyConnections,
     ];
 
@@ -86,6 +94,7 @@ impl RejectReason {
             RejectReason::WrongPurpose => "wrong_purpose",
             RejectReason::CaCertAsLeaf => "ca_cert_as_leaf",
             RejectReason::BadIdentity => "bad_identity",
+            RejectReason::GatewayIdentity => "gateway_identity",
             RejectReason::ClientIdMismatch => "client_id_mismatch",
             RejectReason::ClientIdRequired => "client_id_required",
             RejectReason::WillDenied => "will_denied",
@@ -94,6 +103,7 @@ impl RejectReason {
             RejectReason::TlsError => "tls_error",
             RejectReason::ProtocolError => "protocol_error",
             RejectReason::UnsupportedProtocolVersion => "unsupported_protocol_version",
+            RejectReason::EnhancedAuthRefused => "enhanced_auth_refused",
             RejectReason::TooManyConnections => "too_many_connections",
         }
     }
@@ -118,17 +128,34 @@ pub enum KickReason {
     Shutdown,
 }
 
+/// How a client broke the protocol: MQTT 5 clients are told which with a DISCONNECT reason code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Violation {
+    /// Bytes that do not form the packet they claim to be.
+    Malformed,
+    /// A well-formed packet the protocol forbids (a repeated property, a second CONNECT, ...).
+    Protocol,
+    /// A packet larger than `limits.max_packet_bytes`.
+    PacketTooLarge,
+    /// More unacknowledged QoS 1/2 PUBLISHes than the Receive Maximum the broker gave.
+    ReceiveMaximumExceeded,
+    /// A topic alias of 0, beyond the Topic Alias Maximum, or never set.
+    TopicAliasInvalid,
+}
+
 /// Why an established session ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionEnd {
     /// The client sent DISCONNECT.
     ClientDisconnect,
+    /// The client sent DISCONNECT asking for its will to be published (MQTT 5 reason 0x04).
+    ClientDisconnectWithWill,
     /// The client closed the connection without DISCONNECT.
     PeerClosed,
     /// Nothing arrived within 1.5 keepalive periods.
     KeepaliveTimeout,
-    /// The client broke the protocol.
-    Protocol(String),
+    /// The client broke the protocol (how, and the details).
+    Protocol(Violation, String),
     /// A denied PUBLISH with `acl.on_denied_publish = "disconnect"` (or a denied QoS 2 one).
     AclDisconnect,
     /// Told to close from outside (revocation, takeover, slow subscriber, shutdown).
@@ -142,9 +169,10 @@ impl SessionEnd {
     pub fn as_str(&self) -> &'static str {
         match self {
             SessionEnd::ClientDisconnect => "client_disconnect",
+            SessionEnd::ClientDisconnectWithWill => "client_disconnect_with_will",
             SessionEnd::PeerClosed => "peer_closed",
             SessionEnd::KeepaliveTimeout => "keepalive_timeout",
-            SessionEnd::Protocol(_) => "protocol_error",
+            SessionEnd::Protocol(..) => "protocol_error",
             SessionEnd::AclDisconnect => "acl_disconnect",
             SessionEnd::Kicked(KickReason::Revoked) => "revoked",
             SessionEnd::Kicked(KickReason::TakenOver) => "taken_over",
@@ -168,9 +196,10 @@ impl fmt::Display for SessionEnd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SessionEnd::ClientDisconnect => f.write_str("client sent DISCONNECT"),
+            SessionEnd::ClientDisconnectWithWill => f.write_str("client sent DISCONNECT asking for its will"),
             SessionEnd::PeerClosed => f.write_str("client closed the connection without DISCONNECT"),
             SessionEnd::KeepaliveTimeout => f.write_str("keepalive expired"),
-            SessionEnd::Protocol(detail) => write!(f, "protocol error: {detail}"),
+            SessionEnd::Protocol(_, detail) => write!(f, "protocol error: {detail}"),
             SessionEnd::AclDisconnect => {
                 f.write_str("denied PUBLISH (acl.on_denied_publish = \"disconnect\", or QoS 2)")
             }

@@ -10,14 +10,16 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use crate::codec::{Outbound, ReasonCode, Version, Will};
 use crate::connect::{establish, Established};
 use crate::connection::Connection;
 use crate::context::SessionContext;
 use crate::handshake::handshake;
 use crate::pump::pump;
-use crate::reason::{KickReason, RejectReason, SessionEnd};
-use crate::router::{Message, Publication, QoS};
+use crate::reason::{KickReason, RejectReason, SessionEnd, Violation};
+use crate::router::{Message, Publication, Router, WillHold};
 use crate::tls::PresentedCert;
+use crate::will::DelayedWill;
 
 /// How long the close waits for TLS close_notify to go out.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -62,17 +64,31 @@ async fn finish(
         attached,
         registration,
         will,
+        client,
         ..
     } = session;
+    let mut conn = conn;
+    // A will with a delay waits with the session, which a reconnect may resume first: decided
+    // now, while this connection still owns the session, before anything can wait.
+    let will = will.filter(|_| end.fires_will());
+    let pending = Arc::new(DelayedWill::default());
+    let hold = match &will {
+        Some(will) if will.delay > 0 => attached.hold_will(&pending, will.delay),
+        Some(_) => WillHold::PublishNow,
+        None => WillHold::Cancelled,
+    };
+    // An MQTT 5 client is told why, with the audit word as the reason string.
+    if let (Version::V5, Some(code)) = (client.version, disconnect_code(&end)) {
+        let _ = conn.queue(&Outbound::Disconnect {
+            code,
+            reason: end.as_str(),
+        });
+    }
     // The client learns first, unless another connection took its client id over (see below).
     let successor = kick.successor().cloned();
-    let conn = match successor {
-        None => {
-            conn.close(CLOSE_GRACE).await;
-            None
-        }
-        Some(_) => Some(conn),
-    };
+    if successor.is_none() {
+        conn.close(CLOSE_GRACE).await;
+    }
     // Offline from now on: a persistent session queues for the next connection, a clean one
     // ends, and publishers waiting for it go on.
     drop(attached);
@@ -87,15 +103,20 @@ async fn finish(
             waiting.finish().await;
         }
     }
-    if let Some(will) = will.filter(|_| end.fires_will()) {
-        let topic = String::from_utf8_lossy(&will.topic);
-        let qos = QoS::from_u8(will.qos as u8).unwrap_or(QoS::AtMostOnce);
-        ctx.router
-            .publish(Message::new(&topic, &will.message, qos, will.retain))
-            .finish()
-            .await;
+    match (will, hold) {
+        (Some(will), WillHold::PublishNow) => ctx.router.publish(will_message(&will)).finish().await,
+        (Some(will), WillHold::Held(delay)) => {
+            let router: Router = ctx.router.clone();
+            tokio::spawn(async move {
+                if pending.wait(Duration::from_secs(u64::from(delay))).await {
+                    // Made now: its Message Expiry Interval starts when it is published.
+                    router.publish(will_message(&will)).finish().await;
+                }
+            });
+        }
+        _ => {}
     }
-    if let (Some(successor), Some(conn)) = (successor, conn) {
+    if let Some(successor) = successor {
         // A connection taken over says nothing until its successor has its CONNACK, and then
         // for a moment more: a client reconnecting under the same client id usually still reads
         // its old socket from another thread, which our close would wake onto the new one.
@@ -107,7 +128,7 @@ async fn finish(
     ctx.audit.metrics().session_closed(identity.role);
     match &end {
         SessionEnd::Kicked(KickReason::Revoked) => ctx.audit.revoked_kick(&identity, &revocation.serial),
-        SessionEnd::Protocol(detail) => {
+        SessionEnd::Protocol(_, detail) => {
             let cert = PresentedCert {
                 id: Some(identity.id.to_string()),
                 revocation: Some(revocation),
@@ -117,4 +138,43 @@ async fn finish(
         }
         end => ctx.audit.disconnect(peer, &identity, &client_id, end),
     }
+    // Last: the session is over for everyone else; only the socket is still owed its close.
+    conn.linger(CLOSE_GRACE).await;
+}
+
+/// The will as the message it becomes.
+fn will_message(will: &Will) -> Arc<Message> {
+    let topic = String::from_utf8_lossy(&will.topic);
+    Message::carrying(
+        &topic,
+        &will.payload,
+        will.qos,
+        will.retain,
+        &will.properties.forwarded,
+        will.properties.message_expiry,
+    )
+}
+
+/// The MQTT 5 DISCONNECT reason code for a session the broker ends; none where the client
+/// ended it or the connection is gone.
+fn disconnect_code(end: &SessionEnd) -> Option<ReasonCode> {
+    Some(match end {
+        SessionEnd::ClientDisconnect
+        | SessionEnd::ClientDisconnectWithWill
+        | SessionEnd::PeerClosed
+        | SessionEnd::Io(_) => return None,
+        SessionEnd::KeepaliveTimeout => ReasonCode::KeepAliveTimeout,
+        SessionEnd::AclDisconnect => ReasonCode::NotAuthorized,
+        SessionEnd::Protocol(violation, _) => match violation {
+            Violation::Malformed => ReasonCode::MalformedPacket,
+            Violation::Protocol => ReasonCode::ProtocolError,
+            Violation::PacketTooLarge => ReasonCode::PacketTooLarge,
+            Violation::ReceiveMaximumExceeded => ReasonCode::ReceiveMaximumExceeded,
+            Violation::TopicAliasInvalid => ReasonCode::TopicAliasInvalid,
+        },
+        SessionEnd::Kicked(KickReason::Revoked) => ReasonCode::AdministrativeAction,
+        SessionEnd::Kicked(KickReason::TakenOver) => ReasonCode::SessionTakenOver,
+        SessionEnd::Kicked(KickReason::SlowSubscriber) => ReasonCode::QuotaExceeded,
+        SessionEnd::Kicked(KickReason::Shutdown) => ReasonCode::ServerShuttingDown,
+    })
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fleet_identity::pem::{load_certs, load_key, PemProblem};
-use fleet_identity::{sha256_hex, CertificateSummary, Identity};
+use fleet_identity::{sha256_hex, CertificateSummary, Identity, Role};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -318,6 +318,10 @@ impl AuditingVerifier {
                 "no CRL covers the CA that issued this certificate, so its revocation cannot be checked (add that CA's CRL to `crl`, or name the CA in `crl_exempt_cas`)".to_owned(),
             )),
             (Ok(_), Err(e)) => Some((RejectReason::BadIdentity, e.to_string())),
+            (Ok(_), Ok(identity)) if identity.role == Role::Gateway => Some((
+                RejectReason::GatewayIdentity,
+                format!("{identity} is a gateway's bridge identity, for upstream brokers; it is not a client of this broker"),
+            )),
             (Ok(_), Ok(identity)) => {
                 notes.identity = Some(identity);
                 None

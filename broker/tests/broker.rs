@@ -533,12 +533,12 @@ async fn garbage_and_oversized_input_close_only_that_connection() {
 }
 
 #[tokio::test]
-async fn an_mqtt5_connect_is_refused_with_connack_1() {
+async fn a_connect_for_an_unknown_mqtt_version_is_refused_with_connack_1() {
     let fleet = TestFleet::new();
     let files = ClientFiles::device(&fleet.device("dev-1"));
     let broker = start(&fleet, &[]);
     let mut stream = raw_tls(broker.port(), &files, true).await.unwrap();
-    send_raw(&mut stream, &connect_packet(5, "dev-1")).await.unwrap();
+    send_raw(&mut stream, &connect_packet(6, "dev-1")).await.unwrap();
     assert_eq!(read_until_closed(&mut stream).await, vec![0x20, 0x02, 0x00, 0x01]);
     broker.wait_for_reject("unsupported_protocol_version");
 }

@@ -1,5 +1,6 @@
 //! Third-party peers: Debian's mosquitto clients with fleet certificates exchange messages
-//! through our broker, and are refused without a certificate.
+//! through our broker over MQTT 3.1.1 and 5, and are refused without a certificate; rumqttc's
+//! MQTT 5 client does the same.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -20,6 +21,22 @@ fn tls_args(command: &mut Command, dir: &Path, cert: &str, key: &str) {
 
 #[test]
 fn mosquitto_clients_with_fleet_certificates_exchange_messages() {
+    round_trip("mqttv311", &["-v"], &[], "devices/dev-1/telemetry from mosquitto_pub");
+}
+
+#[test]
+fn mosquitto_clients_exchange_messages_over_mqtt5_with_properties() {
+    round_trip(
+        "mqttv5",
+        &["-F", "%t %p %P"],
+        &["-D", "publish", "user-property", "site", "north"],
+        "devices/dev-1/telemetry from mosquitto_pub site:north",
+    );
+}
+
+/// `mosquitto_sub` as a service and `mosquitto_pub` as device dev-1, both speaking `protocol`:
+/// the subscriber prints (with `format`) exactly `expected`.
+fn round_trip(protocol: &str, format: &[&str], publish_args: &[&str], expected: &str) {
     let sub_bin = require_tool("mosquitto_sub", "mosquitto-clients");
     let pub_bin = require_tool("mosquitto_pub", "mosquitto-clients");
     let fleet = TestFleet::new();
@@ -32,6 +49,8 @@ fn mosquitto_clients_with_fleet_certificates_exchange_messages() {
     let mut sub = Command::new(require_tool("stdbuf", "coreutils"));
     sub.arg("-oL").arg(&sub_bin).args([
         "-d",
+        "-V",
+        protocol,
         "-h",
         "localhost",
         "-p",
@@ -46,8 +65,8 @@ fn mosquitto_clients_with_fleet_certificates_exchange_messages() {
         "1",
         "-W",
         "20",
-        "-v",
     ]);
+    sub.args(format);
     tls_args(&mut sub, &service, "service.crt", "service.key");
     let mut sub = sub.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(sub.stdout.take().unwrap()).lines().map_while(Result::ok);
@@ -59,6 +78,8 @@ fn mosquitto_clients_with_fleet_certificates_exchange_messages() {
 
     let mut publish = Command::new(&pub_bin);
     publish.args([
+        "-V",
+        protocol,
         "-h",
         "localhost",
         "-p",
@@ -72,6 +93,7 @@ fn mosquitto_clients_with_fleet_certificates_exchange_messages() {
         "-q",
         "1",
     ]);
+    publish.args(publish_args);
     tls_args(&mut publish, &device, "device.crt", "device.key");
     let published = run(&mut publish);
     assert!(
@@ -81,16 +103,56 @@ fn mosquitto_clients_with_fleet_certificates_exchange_messages() {
     );
 
     let received: Vec<String> = lines.collect();
-    assert!(
-        received
-            .iter()
-            .any(|l| l == "devices/dev-1/telemetry from mosquitto_pub"),
-        "{received:?}"
-    );
+    assert!(received.iter().any(|l| l == expected), "{received:?}");
     assert!(sub.wait().unwrap().success());
     broker.wait_for("accept of mosquitto_pub", Duration::from_secs(5), |e| {
         e["event"] == "accept" && e["device_id"] == "dev-1"
     });
+}
+
+/// rumqttc's MQTT 5 client, as a device: a user property out and back through the broker.
+#[tokio::test]
+async fn an_mqtt5_rumqttc_device_round_trips_through_the_broker() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+    let fleet = TestFleet::new();
+    let broker = BrokerProcess::start(Path::new(env!("CARGO_BIN_EXE_broker")), &fleet.broker_config(), &[]);
+    let files = e2e::ClientFiles::device(&fleet.device("dev-1"));
+    let mut options = MqttOptions::new("dev-1", "localhost", broker.port());
+    options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+        std::sync::Arc::new(e2e::tls_config(&files)),
+    )));
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    client.subscribe("devices/dev-1/cmd/#", QoS::AtLeastOnce).await.unwrap();
+    let properties = PublishProperties {
+        user_properties: vec![("trace".into(), "42".into())],
+        ..PublishProperties::default()
+    };
+    let received = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await.expect("the connection holds") {
+                Event::Incoming(Packet::SubAck(_)) => client
+                    .publish_with_properties(
+                        "devices/dev-1/cmd/echo",
+                        QoS::AtLeastOnce,
+                        false,
+                        "ping",
+                        properties.clone(),
+                    )
+                    .await
+                    .unwrap(),
+                Event::Incoming(Packet::Publish(publish)) => return publish,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("its own command back");
+    assert_eq!(&received.payload[..], b"ping");
+    let user = received.properties.map(|p| p.user_properties).unwrap_or_default();
+    assert_eq!(user, vec![("trace".to_string(), "42".to_string())]);
 }
 
 #[test]

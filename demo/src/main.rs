@@ -20,7 +20,7 @@ use device_agent::session::{Mode, Outbound, Runner};
 use fleet_identity::{pem, tls, DeviceId, Role};
 use provisioning::batch::{issue_devices, IssueOptions};
 use provisioning::broker_bundle::{issue_broker, BrokerRequest};
-use provisioning::issue::issue_service;
+use provisioning::issue::issue_named;
 use provisioning::key_type::KeyType;
 use provisioning::output::Overwrite;
 use provisioning::pki::{InitOptions, Pki};
@@ -85,8 +85,9 @@ fn prepare_pki(dir: &Path) -> Result<()> {
             .map(|id| id.parse())
             .collect::<Result<_, _>>()?;
         issue_devices(&mut pki, &ids, &dir.join("devices"), &issue_options(Overwrite::Refuse))?;
-        issue_service(
+        issue_named(
             &mut pki,
+            Role::Service,
             &"dashboard".parse()?,
             &dir.join("services"),
             Validity::days(365),

@@ -14,6 +14,9 @@ pub enum Role {
     Device,
     /// A backend service that consumes telemetry from, or sends commands to, many devices.
     Service,
+    /// A gateway broker's bridge to an upstream broker (`urn:gateway:<name>`): upstreams map it
+    /// to a user of their own; a gateway broker refuses it as a client.
+    Gateway,
 }
 
 impl Role {
@@ -22,6 +25,7 @@ impl Role {
         match self {
             Role::Device => "urn:device:",
             Role::Service => "urn:service:",
+            Role::Gateway => "urn:gateway:",
         }
     }
 
@@ -35,6 +39,7 @@ impl Role {
         match self {
             Role::Device => "device",
             Role::Service => "service",
+            Role::Gateway => "gateway",
         }
     }
 }
@@ -48,7 +53,7 @@ impl fmt::Display for Role {
 /// The identity of a peer: its role and its id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Identity {
-    /// Device or service.
+    /// Device, service or gateway.
     pub role: Role,
     /// The validated id (a device id or a service name).
     pub id: DeviceId,
@@ -60,8 +65,8 @@ pub enum IdentityError {
     /// The bytes are not a DER X.509 certificate.
     #[error("not a valid X.509 certificate: {0}")]
     NotACertificate(String),
-    /// Neither a `urn:device:`/`urn:service:` SAN URI nor a subject CN was found.
-    #[error("certificate has no identity: no urn:device:/urn:service: SAN URI and no subject CN")]
+    /// Neither a `urn:device:`/`urn:service:`/`urn:gateway:` SAN URI nor a subject CN was found.
+    #[error("certificate has no identity: no urn:device:/urn:service:/urn:gateway: SAN URI and no subject CN")]
     Missing,
     /// More than one identity SAN URI was found, so the identity is ambiguous.
     #[error("certificate carries {0} identity SAN URIs: exactly one is allowed")]
@@ -87,7 +92,7 @@ pub enum IdentityError {
 impl Identity {
     /// Reads the identity from a DER certificate.
     ///
-    /// The SAN URIs come first: exactly one `urn:device:<id>` or `urn:service:<name>` must be
+    /// The SAN URIs come first: exactly one `urn:device:<id>`, `urn:service:<name>` or `urn:gateway:<name>` must be
     /// present, and if the subject has a CN it must equal that id. A certificate with no identity
     /// URI at all falls back to its subject CN as a device id (certificates minted by other tools).
     /// Anything else is rejected: a peer never gets an identity the issuer did not clearly give.
@@ -101,7 +106,7 @@ impl Identity {
         let from_san: Vec<(Role, &str)> = san_uris(cert)
             .into_iter()
             .filter_map(|uri| {
-                [Role::Device, Role::Service]
+                [Role::Device, Role::Service, Role::Gateway]
                     .into_iter()
                     .find_map(|role| uri.strip_prefix(role.uri_prefix()).map(|id| (role, id)))
             })
@@ -243,6 +248,12 @@ mod tests {
     fn service_identity_comes_from_the_san_uri() {
         let id = Identity::from_der(&cert(Some("ingest"), &["urn:service:ingest"])).unwrap();
         assert_eq!((id.role, id.id.as_str()), (Role::Service, "ingest"));
+    }
+
+    #[test]
+    fn gateway_identity_comes_from_the_san_uri() {
+        let id = Identity::from_der(&cert(Some("site-a"), &["urn:gateway:site-a"])).unwrap();
+        assert_eq!((id.role, id.id.as_str()), (Role::Gateway, "site-a"));
     }
 
     #[test]

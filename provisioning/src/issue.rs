@@ -94,6 +94,7 @@ fn bundle_names(role: Role) -> (&'static str, &'static str) {
     match role {
         Role::Device => ("device.crt", "device.key"),
         Role::Service => ("service.crt", "service.key"),
+        Role::Gateway => ("gateway.crt", "gateway.key"),
     }
 }
 
@@ -175,9 +176,11 @@ pub fn write_bundles(
     staging.swap_in(&ids, overwrite)
 }
 
-/// Issues a service identity and writes `OUT/<name>/` (service.crt, service.key, broker-ca.crt).
-pub fn issue_service(
+/// Issues a named client identity that is not a device (a backend service, or a gateway's bridge
+/// to its upstream) and writes `OUT/<name>/` (`<role>.crt`, `<role>.key`, broker-ca.crt).
+pub fn issue_named(
     pki: &mut Pki,
+    role: Role,
     name: &DeviceId,
     out: &Path,
     validity: Validity,
@@ -185,17 +188,14 @@ pub fn issue_service(
 ) -> Result<Minted> {
     ensure_writable(&out.join(name.as_str()), overwrite)?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    if let Some(serial) = pki.registry.active_serial(Role::Service.as_str(), name.as_str(), now)? {
+    if let Some(serial) = pki.registry.active_serial(role.as_str(), name.as_str(), now)? {
         return Err(Error::AlreadyActive {
-            role: "service".into(),
+            role: role.as_str().into(),
             id: name.to_string(),
             serial,
         });
     }
-    let identity = Identity {
-        role: Role::Service,
-        id: name.clone(),
-    };
+    let identity = Identity { role, id: name.clone() };
     let staging = Staging::new(out)?;
     let minted = mint_client(&pki.device_ca, &pki.fleet, identity, KeyType::EcdsaP256, validity)?;
     let bundle = std::slice::from_ref(&minted);

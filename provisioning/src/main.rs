@@ -10,7 +10,7 @@ use fleet_identity::{BrokerUrl, DeviceId, Role};
 use provisioning::batch::{issue_devices, manifest_ids, numbered_ids, write_manifest, IssueOptions, MANIFEST};
 use provisioning::broker_bundle::{issue_broker, BrokerRequest, BROKER_CONFIG, DEFAULT_BROKER_VALIDITY_DAYS};
 use provisioning::csr::{read_csr, sign_device_csr};
-use provisioning::issue::{issue_service, DEFAULT_LEAF_VALIDITY_DAYS};
+use provisioning::issue::{issue_named, DEFAULT_LEAF_VALIDITY_DAYS};
 use provisioning::key_type::KeyType;
 use provisioning::output::{ensure_writable, write_new, Overwrite, PUBLIC_MODE};
 use provisioning::pki::{InitOptions, Pki};
@@ -56,6 +56,10 @@ enum Command {
     /// Issue a backend service identity (may use all topics by default): writes
     /// OUT/<name>/service.crt, service.key and broker-ca.crt.
     Service(ServiceArgs),
+    /// Issue a gateway's bridge identity (SAN URI urn:gateway:<name>, signed by the device CA):
+    /// the client certificate a gateway broker presents to its upstream. Writes
+    /// OUT/<name>/gateway.crt, gateway.key and broker-ca.crt.
+    Gateway(ServiceArgs),
     /// Sign a device's CSR (the key never leaves the device): checks the signature, takes the id
     /// from the CN, writes the certificate to --out.
     SignCsr(SignCsrArgs),
@@ -190,7 +194,7 @@ struct BatchArgs {
 struct ServiceArgs {
     #[command(flatten)]
     pki: PkiArg,
-    /// Service name (same rules as a device id).
+    /// Service (or gateway) name (same rules as a device id).
     #[arg(long)]
     name: String,
     /// Output directory; the bundle goes into OUT/<name>/.
@@ -244,6 +248,27 @@ struct RevokeArgs {
     /// The new CRL's nextUpdate, in days from now.
     #[arg(long, default_value_t = DEFAULT_NEXT_UPDATE_DAYS)]
     next_update_days: u32,
+    #[command(flatten)]
+    deliver: DeliverArg,
+}
+
+/// Where else the CRL goes.
+#[derive(Args)]
+struct DeliverArg {
+    /// Also write the new CRL, atomically, as DIR/crl.pem (repeatable): one folder per gateway
+    /// (a mount, or what a sync job copies), so every gateway enforces the same revocations.
+    #[arg(long = "publish-to", value_name = "DIR")]
+    publish_to: Vec<PathBuf>,
+}
+
+impl DeliverArg {
+    /// Writes the PKI's CRL into every `--publish-to` folder and says so.
+    fn deliver(&self, pki: &Pki) -> Result<()> {
+        for written in pki.deliver_crl(&self.publish_to)? {
+            println!("{} written", written.display());
+        }
+        Ok(())
+    }
 }
 
 /// Which holder of an id `revoke --kind` means.
@@ -253,6 +278,8 @@ enum Kind {
     Device,
     /// The service of that name.
     Service,
+    /// The gateway of that name.
+    Gateway,
 }
 
 impl From<Kind> for Role {
@@ -260,6 +287,7 @@ impl From<Kind> for Role {
         match kind {
             Kind::Device => Role::Device,
             Kind::Service => Role::Service,
+            Kind::Gateway => Role::Gateway,
         }
     }
 }
@@ -271,6 +299,8 @@ struct CrlArgs {
     /// The CRL's nextUpdate, in days from now.
     #[arg(long, default_value_t = DEFAULT_NEXT_UPDATE_DAYS)]
     next_update_days: u32,
+    #[command(flatten)]
+    deliver: DeliverArg,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -338,6 +368,8 @@ struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    #[command(flatten)]
+    deliver: DeliverArg,
 }
 
 fn main() -> ExitCode {
@@ -356,7 +388,8 @@ fn run(command: Command) -> Result<()> {
         Command::Broker(args) => broker(args),
         Command::Device(args) => device(args),
         Command::Batch(args) => batch(args),
-        Command::Service(args) => service(args),
+        Command::Service(args) => named(Role::Service, args),
+        Command::Gateway(args) => named(Role::Gateway, args),
         Command::SignCsr(args) => sign_csr(args),
         Command::Revoke(args) => revoke(args),
         Command::Crl(args) => crl(args),
@@ -476,18 +509,20 @@ fn batch(args: BatchArgs) -> Result<()> {
     Ok(())
 }
 
-fn service(args: ServiceArgs) -> Result<()> {
+/// `provision service` and `provision gateway`: a named identity of `role`.
+fn named(role: Role, args: ServiceArgs) -> Result<()> {
     let id = parse_id(&args.name, "--name")?;
     let mut pki = Pki::open(&args.pki.pki)?;
-    let minted = issue_service(
+    let minted = issue_named(
         &mut pki,
+        role,
         &id,
         &args.out,
         args.validity.validity(),
         overwrite(args.force),
     )?;
     println!(
-        "service {id} (serial {}) written to {}",
+        "{role} {id} (serial {}) written to {}",
         minted.issued.serial,
         args.out.join(id.as_str()).display()
     );
@@ -549,7 +584,7 @@ fn revoke(args: RevokeArgs) -> Result<()> {
     let mut pki = Pki::open(&args.pki.pki)?;
     let revoked = pki.revoke_and_publish(&target, args.reason, args.next_update_days)?;
     println!("revoked {}; {} rewritten", revoked.join(", "), pki.crl_path().display());
-    Ok(())
+    args.deliver.deliver(&pki)
 }
 
 fn crl(args: CrlArgs) -> Result<()> {
@@ -560,7 +595,7 @@ fn crl(args: CrlArgs) -> Result<()> {
         pki.crl_path().display(),
         args.next_update_days
     );
-    Ok(())
+    args.deliver.deliver(&pki)
 }
 
 fn list(args: ListArgs) -> Result<()> {
@@ -632,6 +667,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         allowed_key_types: args.allowed_key_types,
         min_interval_s: i64::from(args.min_interval_s),
         validity: args.validity.validity(),
+        publish_crl_to: args.deliver.publish_to,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

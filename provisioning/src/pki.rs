@@ -13,7 +13,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::error::{Error, GenerateContext, IoContext, Result};
 use crate::fault;
 use crate::key_type::{private_key_pem, KeyType};
-use crate::output::{create_private_dir, write_new, Overwrite, KEY_MODE, PUBLIC_MODE};
+use crate::output::{create_private_dir, replace_atomically, write_new, Overwrite, KEY_MODE, PUBLIC_MODE};
 use crate::profile::{self, CaKind};
 use crate::registry::{Issued, Registry, RevokeTarget};
 use crate::revocation::{validate_next_update_days, write_crl, Reason, DEFAULT_NEXT_UPDATE_DAYS};
@@ -194,6 +194,21 @@ impl Pki {
         validate_next_update_days(next_update_days)?;
         self.registry.advance_crl_number()?;
         self.write_committed_crl(next_update_days)
+    }
+
+    /// Copies the CRL, as it is now, into each of `dirs` as `crl.pem`, each atomically
+    /// (a temporary file beside it, then a rename): one gateway's broker after another picks up
+    /// the same revocations, never a half-written file. Returns the files written.
+    pub fn deliver_crl(&self, dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+        let path = self.crl_path();
+        let crl = fs::read(&path).at(&path)?;
+        dirs.iter()
+            .map(|dir| {
+                let target = dir.join(CRL);
+                replace_atomically(&target, &crl, PUBLIC_MODE)?;
+                Ok(target)
+            })
+            .collect()
     }
 
     fn write_committed_crl(&mut self, next_update_days: u32) -> Result<()> {

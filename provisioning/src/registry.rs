@@ -22,15 +22,14 @@ use crate::fault;
 /// How long a writer waits for another process's transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
+/// The certificates table, for [`SCHEMA`] and for [`ALLOW_GATEWAYS`].
+macro_rules! certificates_table {
+    () => {
+        "
 CREATE TABLE IF NOT EXISTS certificates (
     serial      TEXT PRIMARY KEY,
     id          TEXT NOT NULL,
-    role        TEXT NOT NULL CHECK (role IN ('device', 'service', 'broker')),
+    role        TEXT NOT NULL CHECK (role IN ('device', 'service', 'broker', 'gateway')),
     fingerprint TEXT NOT NULL UNIQUE,
     not_before  INTEGER NOT NULL,
     not_after   INTEGER NOT NULL,
@@ -40,21 +39,48 @@ CREATE TABLE IF NOT EXISTS certificates (
     reason      TEXT,
     successor   TEXT REFERENCES certificates (serial)
 );
-CREATE INDEX IF NOT EXISTS certificates_by_id ON certificates (role, id);
+"
+    };
+}
+
+const SCHEMA: &str = concat!(
+    "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);",
+    certificates_table!(),
+    "CREATE INDEX IF NOT EXISTS certificates_by_id ON certificates (role, id);
 CREATE INDEX IF NOT EXISTS certificates_by_successor ON certificates (successor);
 CREATE TABLE IF NOT EXISTS renewal_refusals (
     id     TEXT PRIMARY KEY,
     at     INTEGER NOT NULL,
     code   TEXT NOT NULL
+);"
 );
-";
+
+/// A registry made before gateways existed allows only device, service and broker rows: its
+/// table is rebuilt with the same rows under the current CHECK, in one transaction.
+const ALLOW_GATEWAYS: &str = concat!(
+    "
+BEGIN IMMEDIATE;
+ALTER TABLE certificates RENAME TO certificates_before_gateways;
+DROP INDEX IF EXISTS certificates_by_id;
+DROP INDEX IF EXISTS certificates_by_successor;",
+    certificates_table!(),
+    "INSERT INTO certificates SELECT * FROM certificates_before_gateways;
+DROP TABLE certificates_before_gateways;
+CREATE INDEX certificates_by_id ON certificates (role, id);
+CREATE INDEX certificates_by_successor ON certificates (successor);
+COMMIT;"
+);
 
 /// A certificate about to be recorded.
 #[derive(Clone, Debug)]
 pub struct Issued {
     /// Device id, service name, or the broker's first name.
     pub id: String,
-    /// `device`, `service` or `broker`.
+    /// `device`, `service`, `gateway` or `broker`.
     pub role: &'static str,
     /// Lower-case hex serial.
     pub serial: String,
@@ -71,7 +97,7 @@ pub struct Issued {
 pub struct Record {
     /// Device id, service name, or broker name.
     pub id: String,
-    /// `device`, `service` or `broker`.
+    /// `device`, `service`, `gateway` or `broker`.
     pub role: String,
     /// Lower-case hex serial.
     pub serial: String,
@@ -162,10 +188,25 @@ impl Registry {
         Ok(registry)
     }
 
-    /// Opens an existing registry.
+    /// Opens an existing registry (one made before gateways existed is brought up to date).
     pub fn open(path: &Path) -> Result<Self> {
         let registry = Self::connect(path)?;
         registry.sql(|c| c.execute_batch(SCHEMA))?;
+        registry.sql(|c| {
+            let table: String = c.query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'certificates'",
+                [],
+                |row| row.get(0),
+            )?;
+            if table.contains("'gateway'") {
+                return Ok(());
+            }
+            let rebuilt = c.execute_batch(ALLOW_GATEWAYS);
+            if rebuilt.is_err() && !c.is_autocommit() {
+                let _ = c.execute_batch("ROLLBACK");
+            }
+            rebuilt
+        })?;
         Ok(registry)
     }
 

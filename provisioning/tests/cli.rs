@@ -32,6 +32,12 @@ fn der(path: &Path) -> Vec<u8> {
     pem::load_certs(path).unwrap().remove(0).to_vec()
 }
 
+/// Issues the service or gateway (`kind`) `name` into `<kind>s/`.
+fn named(fleet: &Fleet, kind: &str, name: &str) {
+    let out = fleet.path(&format!("{kind}s"));
+    run_ok(fleet.cmd(kind).args(["--name", name, "--out"]).arg(&out));
+}
+
 fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -143,12 +149,7 @@ fn device_certificate_carries_exactly_the_specified_fields() {
 #[test]
 fn service_and_broker_certificates_have_their_roles() {
     let fleet = Fleet::new();
-    run_ok(
-        fleet
-            .cmd("service")
-            .args(["--name", "ingest", "--out"])
-            .arg(fleet.path("services")),
-    );
+    named(&fleet, "service", "ingest");
     let service = der(&fleet.path("services/ingest/service.crt"));
     assert_eq!(Identity::from_der(&service).unwrap().role, Role::Service);
     assert!(fleet.path("services/ingest/broker-ca.crt").is_file());
@@ -173,6 +174,78 @@ fn service_and_broker_certificates_have_their_roles() {
     let config = fs::read_to_string(fleet.path("broker/broker.toml")).unwrap();
     let crl = fleet.pki().join("crl.pem").canonicalize().unwrap();
     assert!(config.contains(&format!("crl = \"{}\"", crl.display())), "{config}");
+}
+
+#[test]
+fn a_gateway_certificate_carries_the_gateway_role_and_is_revocable_by_kind() {
+    let fleet = Fleet::new();
+    named(&fleet, "gateway", "site-a");
+    let der = der(&fleet.path("gateways/site-a/gateway.crt"));
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap().value;
+    assert_eq!(san.general_names, vec![GeneralName::URI("urn:gateway:site-a")]);
+    assert_eq!(Identity::from_der(&der).unwrap().role, Role::Gateway);
+    assert_eq!(mode(&fleet.path("gateways/site-a/gateway.key")), 0o600);
+    let second = run_err(
+        fleet
+            .cmd("gateway")
+            .args(["--name", "site-a", "--force", "--out"])
+            .arg(fleet.path("gateways")),
+    );
+    assert!(second.contains("active"), "{second}");
+    run_ok(fleet.cmd("revoke").args(["--id", "site-a", "--kind", "gateway"]));
+    let listed = run_ok(fleet.cmd("list").arg("--json"));
+    assert!(listed.contains("\"gateway\"") && listed.contains("revoked"), "{listed}");
+}
+
+#[test]
+fn the_same_crl_is_published_to_every_gateway_folder() {
+    let fleet = Fleet::new();
+    let (a, b) = (fleet.path("gw-a"), fleet.path("gw-b"));
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(&b).unwrap();
+    fleet.device("sensor-1");
+    run_ok(
+        fleet
+            .cmd("revoke")
+            .args(["--id", "sensor-1", "--publish-to"])
+            .arg(&a)
+            .arg("--publish-to")
+            .arg(&b),
+    );
+    let crl = fs::read(fleet.pki().join("crl.pem")).unwrap();
+    assert_eq!(fs::read(a.join("crl.pem")).unwrap(), crl);
+    assert_eq!(fs::read(b.join("crl.pem")).unwrap(), crl);
+    assert_eq!(mode(&a.join("crl.pem")), 0o644);
+    run_ok(fleet.cmd("crl").arg("--publish-to").arg(&a));
+    let resigned = fs::read(fleet.pki().join("crl.pem")).unwrap();
+    assert_ne!(resigned, crl);
+    assert_eq!(fs::read(a.join("crl.pem")).unwrap(), resigned);
+    let missing = run_err(fleet.cmd("crl").arg("--publish-to").arg(fleet.path("nowhere")));
+    assert!(missing.contains("nowhere"), "{missing}");
+}
+
+#[test]
+fn a_registry_from_before_gateways_takes_gateways_and_keeps_its_rows() {
+    let fleet = Fleet::new();
+    named(&fleet, "service", "ingest");
+    // The certificates table as registries were made before gateways existed.
+    let registry = fleet.path("pki/registry.db");
+    let conn = rusqlite::Connection::open(&registry).unwrap();
+    let sql: String = conn
+        .query_row("SELECT sql FROM sqlite_master WHERE name = 'certificates'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    conn.execute_batch(&format!(
+        "ALTER TABLE certificates RENAME TO old; DROP INDEX certificates_by_id; {}; INSERT INTO certificates SELECT * FROM old; DROP TABLE old;",
+        sql.replace(", 'gateway'", "")
+    ))
+    .unwrap();
+    drop(conn);
+    named(&fleet, "gateway", "site-b");
+    let listed = run_ok(&mut fleet.cmd("list"));
+    assert!(listed.contains("ingest") && listed.contains("site-b"), "{listed}");
 }
 
 #[test]

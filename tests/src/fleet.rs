@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use fleet_identity::{DeviceId, Identity, Role};
 use provisioning::batch::{issue_devices, IssueOptions};
 use provisioning::broker_bundle::{issue_broker, BrokerRequest};
-use provisioning::issue::issue_service;
+use provisioning::issue::issue_named;
 use provisioning::key_type::KeyType;
 use provisioning::output::Overwrite;
 use provisioning::pki::{InitOptions, Pki};
@@ -101,8 +101,9 @@ impl TestFleet {
     pub fn service(&self, name: &str) -> PathBuf {
         let out = self.path().join("services");
         let id: DeviceId = name.parse().expect("a valid name");
-        issue_service(
+        issue_named(
             &mut self.pki(),
+            Role::Service,
             &id,
             &out,
             provisioning::validity::Validity::days(30),
@@ -110,6 +111,41 @@ impl TestFleet {
         )
         .expect("issue service");
         out.join(name)
+    }
+
+    /// Issues the certificate of gateway `name` (its bridge's client identity, `urn:gateway:`);
+    /// returns its bundle directory (gateway.crt, gateway.key).
+    pub fn gateway(&self, name: &str) -> PathBuf {
+        let out = self.path().join("gateways");
+        let id: DeviceId = name.parse().expect("a valid name");
+        issue_named(
+            &mut self.pki(),
+            Role::Gateway,
+            &id,
+            &out,
+            provisioning::validity::Validity::days(30),
+            Overwrite::Refuse,
+        )
+        .expect("issue gateway");
+        out.join(name)
+    }
+
+    /// A broker.toml for gateway `name`, beside the broker bundle: the bundle's own settings, a
+    /// store of its own (`store-<name>`), and a `[bridge]` with the gateway's certificate (issued
+    /// here) and the lines `bridge` (upstreams, CA, topics, bounds).
+    pub fn gateway_config(&self, name: &str, bridge: &str) -> PathBuf {
+        let bundle = self.gateway(name);
+        let base = fs::read_to_string(self.broker_config()).expect("broker.toml");
+        let own_store = base.replace("dir = \"store\"", &format!("dir = \"store-{name}\""));
+        assert_ne!(own_store, base, "broker.toml names its store as `dir = \"store\"`");
+        let text = format!(
+            "{own_store}\n[bridge]\nname = \"{name}\"\ncert = \"{}\"\nkey = \"{}\"\n{bridge}\n",
+            bundle.join("gateway.crt").display(),
+            bundle.join("gateway.key").display(),
+        );
+        let path = self.broker_dir().join(format!("broker-{name}.toml"));
+        fs::write(&path, text).expect("write the gateway's broker.toml");
+        path
     }
 
     /// Revokes every certificate of `id` and rewrites the CRL, as `provision revoke` does.

@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use device_agent::config::Agent;
-use e2e::{run_ok, workspace_bin, BrokerProcess, ClientFiles, RunningAgent};
+use e2e::{free_port, run_ok, workspace_bin, BrokerProcess, ClientFiles, RunningAgent};
 use rumqttc::{Event, Packet, QoS};
 use tokio::sync::mpsc;
 
@@ -29,21 +28,14 @@ fn provision(pki: &Path) -> impl Fn(&[&str]) -> String + '_ {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
-
+/// One in-process agent: reconnects slowly enough that the service is back and subscribed
+/// before any device returns after the broker restart (asserted below from the broker's log),
+/// fast enough for CI.
 fn start_agent(bundle: &Path) -> RunningAgent {
-    let mut agent = Agent::load(&bundle.join("agent.toml")).expect("agent.toml from provision");
-    // Long enough that the service is back and subscribed before any device returns after the
-    // broker restart (asserted below from the broker's log), short enough for CI.
-    agent.config.backoff_min_ms = 1_500;
-    agent.config.backoff_max_ms = 3_000;
-    agent.config.heartbeat_s = 0;
-    e2e::start_agent(agent)
+    e2e::start_agent(bundle, |agent| {
+        agent.config.backoff_min_ms = 1_500;
+        agent.config.backoff_max_ms = 3_000;
+    })
 }
 
 /// The service: subscribes (again after every reconnect) and reports every (device, payload).

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use broker::metrics::DropReason;
-use broker::reason::{KickReason, RejectReason, SessionEnd};
+use broker::reason::{KickReason, RejectReason, SessionEnd, Violation};
 use device_agent::diagnosis::Diagnosis;
 use e2e::{run_ok, workspace_bin};
 
@@ -52,9 +52,10 @@ fn every_diagnosis() -> Vec<Diagnosis> {
 fn every_session_end() -> Vec<SessionEnd> {
     let all = vec![
         SessionEnd::ClientDisconnect,
+        SessionEnd::ClientDisconnectWithWill,
         SessionEnd::PeerClosed,
         SessionEnd::KeepaliveTimeout,
-        SessionEnd::Protocol(String::new()),
+        SessionEnd::Protocol(Violation::Protocol, String::new()),
         SessionEnd::AclDisconnect,
         SessionEnd::Kicked(KickReason::Revoked),
         SessionEnd::Kicked(KickReason::TakenOver),
@@ -65,9 +66,10 @@ fn every_session_end() -> Vec<SessionEnd> {
     for end in &all {
         match end {
             SessionEnd::ClientDisconnect
+            | SessionEnd::ClientDisconnectWithWill
             | SessionEnd::PeerClosed
             | SessionEnd::KeepaliveTimeout
-            | SessionEnd::Protocol(_)
+            | SessionEnd::Protocol(..)
             | SessionEnd::AclDisconnect
             | SessionEnd::Io(_) => {}
             SessionEnd::Kicked(kick) => match kick {

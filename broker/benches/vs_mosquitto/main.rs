@@ -41,7 +41,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use e2e::raw::{kind, packets, split_packets, RawClient};
+use e2e::raw::{kind, packets, split_packets, RawClient, RawPacket};
+use e2e::raw5::{self, Parsed as _};
 use e2e::{proc_status_kib, tls_config, BrokerProcess, ClientFiles, TestFleet};
 use packets::Publish;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -329,6 +330,13 @@ fn devices(fleet: &TestFleet, prefix: &str, count: usize) -> Vec<Credential> {
         .collect()
 }
 
+/// The MQTT version a load speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    V311,
+    V5,
+}
+
 /// One client of one broker: where to connect, what to present, what to say.
 #[derive(Clone)]
 struct Session {
@@ -346,39 +354,71 @@ impl Session {
 }
 
 impl Target {
-    fn session(&self, credential: &Credential) -> Session {
-        self.session_with(credential, true)
-    }
-
     /// The client of `credential`; with `clean = false` its session outlives the connection.
     fn session_with(&self, credential: &Credential, clean: bool) -> Session {
+        self.session_in(credential, clean, Protocol::V311)
+    }
+
+    /// [`Target::session_with`] speaking `protocol` (an MQTT 5 session that outlives the
+    /// connection asks for a day).
+    fn session_in(&self, credential: &Credential, clean: bool, protocol: Protocol) -> Session {
         let client_id = match self.client_id_prefix {
             None => credential.cert_id.clone(),
             Some(prefix) => format!("{prefix}-{}", credential.cert_id),
         };
+        let connect = match protocol {
+            Protocol::V311 => packets::connect(&client_id, clean, KEEPALIVE_SECONDS, None),
+            Protocol::V5 => {
+                let expiry = if clean { 0 } else { 86_400 };
+                let props = raw5::Props::new().four(raw5::id::SESSION_EXPIRY_INTERVAL, expiry);
+                raw5::connect(&client_id, clean, KEEPALIVE_SECONDS, &props, None)
+            }
+        };
         Session {
             port: self.port,
             config: credential.config.clone(),
-            connect: packets::connect(&client_id, clean, KEEPALIVE_SECONDS, None),
+            connect,
             cert_id: credential.cert_id.clone(),
         }
     }
 
     fn sessions(&self, credentials: &[Credential]) -> Vec<Session> {
-        credentials.iter().map(|c| self.session(c)).collect()
+        self.sessions_in(credentials, Protocol::V311)
+    }
+
+    fn sessions_in(&self, credentials: &[Credential], protocol: Protocol) -> Vec<Session> {
+        credentials.iter().map(|c| self.session_in(c, true, protocol)).collect()
     }
 }
 
 /// Subscribes to `filter` and waits for a SUBACK that grants it.
 async fn subscribe(client: &mut RawClient, filter: &str, qos: u8) -> io::Result<()> {
-    client.send(&packets::subscribe(1, &[(filter, qos)])).await?;
+    subscribe_in(client, filter, qos, Protocol::V311).await
+}
+
+/// [`subscribe`] speaking `protocol`.
+async fn subscribe_in(client: &mut RawClient, filter: &str, qos: u8, protocol: Protocol) -> io::Result<()> {
+    let subscribe = match protocol {
+        Protocol::V311 => packets::subscribe(1, &[(filter, qos)]),
+        Protocol::V5 => raw5::subscribe(1, &raw5::Props::new(), &[(filter, qos)]),
+    };
+    client.send(&subscribe).await?;
     match client
         .recv_until(Duration::from_secs(10), |p| p.kind() == kind::SUBACK)
         .await
     {
-        Some(suback) if suback.body.get(2).is_some_and(|&code| code != 0x80) => Ok(()),
+        Some(suback) if granted(&suback, protocol) => Ok(()),
         other => Err(io::Error::other(format!("no SUBACK granting {filter}: {other:?}"))),
     }
+}
+
+/// Whether a SUBACK for one filter granted it (MQTT 5 puts its properties before the codes).
+fn granted(suback: &RawPacket, protocol: Protocol) -> bool {
+    let code = match protocol {
+        Protocol::V311 => suback.body.get(2).copied(),
+        Protocol::V5 => suback.codes().first().copied(),
+    };
+    code.is_some_and(|code| code < 0x80)
 }
 
 /// The packet id of a QoS 1 PUBLISH, from its first byte and body as [`split_packets`] gives them.
@@ -516,6 +556,8 @@ struct Load {
     rss_every: Option<usize>,
     /// The service subscribes with a persistent session (what the store keeps).
     persistent_subscriber: bool,
+    /// What every client speaks.
+    protocol: Protocol,
 }
 
 impl Load {
@@ -528,6 +570,7 @@ impl Load {
             window: (qos == 1).then_some(WINDOW),
             rss_every: None,
             persistent_subscriber: false,
+            protocol: Protocol::V311,
         }
     }
 }
@@ -558,15 +601,15 @@ struct Delivery {
 /// open.
 async fn deliver(target: &Target, fleet: &Fleet, load: Load) -> Delivery {
     let mut subscriber = target
-        .session_with(&fleet.service, !load.persistent_subscriber)
+        .session_in(&fleet.service, !load.persistent_subscriber, load.protocol)
         .open()
         .await
         .expect("the service connects");
-    subscribe(&mut subscriber, "devices/+/telemetry", load.qos)
+    subscribe_in(&mut subscriber, "devices/+/telemetry", load.qos, load.protocol)
         .await
         .expect("the service subscribes");
     let mut publishers = Vec::new();
-    for session in target.sessions(&fleet.publishers) {
+    for session in target.sessions_in(&fleet.publishers, load.protocol) {
         let topic = format!("devices/{}/telemetry", session.cert_id);
         publishers.push((session.open().await.expect("a device connects"), topic));
     }
@@ -723,7 +766,10 @@ async fn publish(client: RawClient, topic: String, load: Load, acked: Arc<Atomic
                 }
             }
             pkid = pkid.checked_add(1).unwrap_or(1);
-            Publish::new(&topic, &payload, load.qos, pkid).write(&mut out);
+            match load.protocol {
+                Protocol::V311 => Publish::new(&topic, &payload, load.qos, pkid).write(&mut out),
+                Protocol::V5 => raw5::write_publish(&mut out, &topic, &payload, load.qos, pkid),
+            }
             if (out.len() >= WRITE_BATCH || sent + 1 == load.per_publisher)
                 && write_out(&mut wr, &mut out).await.is_err()
             {
@@ -778,19 +824,38 @@ struct Throughput {
     handshakes: f64,
     qos1: Flow,
     qos0: Flow,
+    /// The same handshakes and QoS 1 load in MQTT 5, interleaved with the 3.1.1 runs (ours only).
+    mqtt5: Option<(f64, Flow)>,
 }
 
-async fn handshakes_and_throughput(target: &Target, fleet: &Fleet, runs: usize, per_publisher: usize) -> Throughput {
+async fn handshakes_and_throughput(
+    target: &Target,
+    fleet: &Fleet,
+    runs: usize,
+    per_publisher: usize,
+    with_mqtt5: bool,
+) -> Throughput {
     let (mut handshakes, mut qos1, mut qos0) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut handshakes5, mut qos1_5) = (Vec::new(), Vec::new());
+    let qos1_load = Load::closed_loop(1, SMALL_PAYLOAD, per_publisher);
     for _ in 0..runs {
         handshakes.push(handshakes_per_second(target.sessions(&fleet.handshake)).await);
-        qos1.push(deliver(target, fleet, Load::closed_loop(1, SMALL_PAYLOAD, per_publisher)).await);
+        qos1.push(deliver(target, fleet, qos1_load).await);
         qos0.push(deliver(target, fleet, Load::closed_loop(0, SMALL_PAYLOAD, per_publisher)).await);
+        if with_mqtt5 {
+            handshakes5.push(handshakes_per_second(target.sessions_in(&fleet.handshake, Protocol::V5)).await);
+            let load = Load {
+                protocol: Protocol::V5,
+                ..qos1_load
+            };
+            qos1_5.push(deliver(target, fleet, load).await);
+        }
     }
     Throughput {
         handshakes: median(handshakes),
         qos1: Flow::of(qos1),
         qos0: Flow::of(qos0),
+        mqtt5: with_mqtt5.then(|| (median(handshakes5), Flow::of(qos1_5))),
     }
 }
 
@@ -1069,7 +1134,7 @@ fn main() {
     );
     for report in closed_loop_brokers(&mut reports) {
         let figures = bench.measure(report.name, async |target, fleet| {
-            handshakes_and_throughput(target, fleet, runs, per_publisher).await
+            handshakes_and_throughput(target, fleet, runs, per_publisher, report.name == "ours").await
         });
         println!(
             "{:<18} handshakes/s {:>6} | qos1 {} | qos0 {}",
@@ -1078,6 +1143,17 @@ fn main() {
             figures.qos1.describe(),
             figures.qos0.describe()
         );
+        if let Some((handshakes, qos1)) = &figures.mqtt5 {
+            println!(
+                "{:<18} handshakes/s {:>6} | qos1 {} | MQTT 5/3.1.1: handshakes x{:.2}, qos1 msg/s x{:.2}, us/msg x{:.2}",
+                "ours (MQTT 5)",
+                grouped(handshakes.round() as usize),
+                qos1.describe(),
+                handshakes / figures.handshakes,
+                qos1.rate / figures.qos1.rate,
+                qos1.cpu_us / figures.qos1.cpu_us,
+            );
+        }
         report.throughput = Some(figures);
     }
 

@@ -39,20 +39,21 @@
 //!   subscriptions, `attach`/discard), each record's [`Ticket`] travels with the
 //!   [`Publication`], and the front holds the acknowledgement until the store has it on disk.
 //!   [`Router::restore`] puts the stored sessions back before the listener opens.
-//! - **MQTT 5**: [`Message`] gains the publish properties (and an expiry instant checked when
-//!   a delivery is handed out); a subscription's options grow from a QoS to no-local,
-//!   retain-as-published, retain handling and an identifier; the owner's inflight bound is
-//!   already per connection (the client's Receive Maximum); session expiry is a timer that
-//!   discards a detached session; reason codes come from [`crate::reason`].
-//! - **A bridge**: an uplink is one more attached session whose owner writes to an upstream
-//!   broker instead of a device; its queue, bounds and drop accounting are the same, and as a
-//!   persistent session its outbox is the durable store's.
+//! - **MQTT 5** is in: a [`Message`] carries its publish properties and an expiry instant
+//!   checked when a delivery is handed out; a subscription's options are a QoS, No Local,
+//!   Retain As Published and an identifier ([`SubscriptionOptions`]); the owner's inflight
+//!   bound is per connection (the client's Receive Maximum); a detached session with a finite
+//!   expiry is discarded by [`Router::expire_sessions`], run every second by the listener.
+//! - **A bridge** is in ([`crate::bridge`]): one more attached persistent session, under a key
+//!   no client can name, that its owner drains at once into an outbox of its own in the store.
+//!   The outbox, not this queue, holds an outage's backlog: its bounds are the bridge's, since
+//!   the per-session limits here are sized for a device.
 
 mod retained;
 mod session;
 mod subscriptions;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,16 +61,18 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-pub use crate::message::{Delivery, Message, QoS};
-pub use session::Outgoing;
+pub use crate::message::{Delivery, Message, QoS, SubscriptionOptions};
+pub use session::{Outgoing, WillHold, NEVER_EXPIRES};
 
 use crate::audit::Audit;
 use crate::kick::Kick;
 use crate::metrics::{DropReason, Metrics};
 use crate::store::{Recovered, Store, Ticket};
 use crate::topic::SubscriptionFilter;
+use crate::will::DelayedWill;
 use retained::RetainedStore;
-use session::{Offered, Policy, Reporter, Session};
+pub(crate) use session::Reporter;
+use session::{Detached, Offered, Policy, Session};
 use subscriptions::SubscriptionTree;
 
 /// What the router bounds, per session and overall.
@@ -126,6 +129,9 @@ struct Shared {
     /// Retained messages refused by the store's bounds, reported at a limited rate.
     retain_refusals: Mutex<Reporter>,
     generations: AtomicU64,
+    /// Detached sessions with a finite expiry, by deadline (entries of sessions resumed since
+    /// are skipped when due).
+    expiring: Mutex<BTreeSet<(Instant, Arc<str>)>>,
 }
 
 /// A subscription the router did not take.
@@ -165,6 +171,7 @@ impl Router {
                 tree: RwLock::new(SubscriptionTree::default()),
                 retained: Mutex::new(retained),
                 generations: AtomicU64::new(0),
+                expiring: Mutex::new(BTreeSet::new()),
             }),
         }
     }
@@ -182,17 +189,21 @@ impl Router {
     /// subscriptions in the tree) and retained messages. Before the listener opens.
     pub fn restore(&self, recovered: Recovered) {
         let env = self.env();
+        let now = Instant::now();
         for stored in recovered.sessions {
             let session = Arc::new(Session::restore(stored, env));
             // Read before the tree's lock: the lock order is session, then tree.
             let subscriptions = session.subscriptions();
             {
                 let mut tree = self.shared.tree.write().unwrap_or_else(|p| p.into_inner());
-                for (filter, qos) in subscriptions {
+                for (filter, options) in subscriptions {
                     if let Ok(parsed) = SubscriptionFilter::parse(&filter) {
-                        tree.insert(&parsed, &session, qos);
+                        tree.insert(&parsed, &session, options);
                     }
                 }
+            }
+            if let Some(deadline) = session.expires_at_restore(now) {
+                self.expiring().insert((deadline, session.client.clone()));
             }
             self.sessions().insert(session.client.clone(), session);
         }
@@ -212,32 +223,79 @@ impl Router {
         self.shared.retained.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Attaches a connection to the session named by `key`: a clean session starts empty
-    /// (discarding any stored one); otherwise a stored persistent session is resumed. A
+    fn expiring(&self) -> MutexGuard<'_, BTreeSet<(Instant, Arc<str>)>> {
+        self.shared.expiring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the detached sessions whose expiry interval has run out by `now` (their queues
+    /// counted as dropped, their stored rows removed); returns how many ended.
+    pub fn expire_sessions(&self, now: Instant) -> usize {
+        let due: Vec<(Instant, Arc<str>)> = {
+            let mut expiring = self.expiring();
+            let later = expiring.split_off(&(now, Arc::from("\u{10FFFF}")));
+            std::mem::replace(&mut *expiring, later).into_iter().collect()
+        };
+        let mut ended = 0;
+        for (deadline, client) in due {
+            let mut sessions = self.sessions();
+            let Some(session) = sessions.get(&client).cloned() else {
+                continue;
+            };
+            let Some(filters) = session.expire(deadline, self.env()) else {
+                continue;
+            };
+            sessions.remove(&client);
+            drop(sessions);
+            self.remove_from_tree(&session, &filters);
+            self.env().audit.session_expired(&client);
+            ended += 1;
+        }
+        ended
+    }
+
+    /// Attaches a connection to the session named by `key`: with `clean_start` a session starts
+    /// empty (discarding any stored one); otherwise a stored persistent session is resumed. A
     /// connection attached to it before is kicked (taken over by `kick`'s connection).
-    /// `max_inflight` bounds what this connection is handed unacknowledged.
-    pub fn attach(&self, key: SessionKey, clean: bool, kick: Arc<Kick>, max_inflight: usize) -> Attached {
+    /// `expiry` is how long the session outlives this connection, in seconds (0: not at all,
+    /// [`NEVER_EXPIRES`]: until a clean session replaces it); `max_inflight` bounds what this
+    /// connection is handed unacknowledged.
+    pub fn attach(
+        &self,
+        key: SessionKey,
+        clean_start: bool,
+        expiry: u32,
+        kick: Arc<Kick>,
+        max_inflight: usize,
+    ) -> Attached {
         let env = self.env();
         let generation = self.shared.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let mut sessions = self.sessions();
+        if let Some(deadline) = sessions.get(&key.client).and_then(|s| s.take_scheduled()) {
+            // Resumed or replaced now: its expiry entry goes (one entry per session at most).
+            self.expiring().remove(&(deadline, key.client.clone()));
+        }
         let (session, session_present) = match sessions.get(&key.client) {
-            Some(existing) if !clean && existing.is_resumable() => (existing.clone(), true),
+            Some(existing) if !clean_start && existing.is_resumable() => (existing.clone(), true),
             existing => {
                 if let Some(existing) = existing.cloned() {
                     let filters = existing.discard(&kick, env);
                     self.remove_from_tree(&existing, &filters);
                 }
-                let session = Arc::new(Session::new(key.client.clone(), key.share_scope.clone(), !clean));
-                if let (false, Some(store)) = (clean, &env.store) {
-                    store.session(&key.client, &key.share_scope);
+                let session = Arc::new(Session::new(key.client.clone(), key.share_scope.clone(), expiry));
+                if let (true, Some(store)) = (expiry > 0, &env.store) {
+                    store.session(&key.client, &key.share_scope, expiry);
                 }
-                sessions.insert(key.client, session.clone());
+                sessions.insert(key.client.clone(), session.clone());
                 (session, false)
             }
         };
         // Under the registry's lock: a clean session replacing this one meanwhile would leave us
         // attached to a discarded session.
-        session.attach(generation, kick, max_inflight.max(1), !clean, env);
+        if let (true, true, Some(store)) = (session_present, expiry > 0, &env.store) {
+            // A resumed session keeps the expiry this connection asked for.
+            store.session(&key.client, &key.share_scope, expiry);
+        }
+        session.attach(generation, kick, max_inflight.max(1), expiry, env);
         drop(sessions);
         Attached {
             router: self.clone(),
@@ -263,6 +321,11 @@ impl Router {
     /// publication is complete when [`Publication::is_complete`]; otherwise it waits for full
     /// queues and must be driven with [`Publication::poll`].
     pub fn publish(&self, message: Arc<Message>) -> Publication {
+        self.route(message, None)
+    }
+
+    /// [`Router::publish`] from `origin`'s session, which its No Local subscriptions skip.
+    fn route(&self, message: Arc<Message>, origin: Option<&Arc<Session>>) -> Publication {
         let env = self.env();
         let mut ticket = Ticket::default();
         if message.retain {
@@ -273,15 +336,16 @@ impl Router {
             .tree
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .matches(&message.topic, &mut targets);
+            .matches(&message.topic, origin, &mut targets);
         let now = Instant::now();
         let mut waiting = Vec::new();
-        for (session, granted) in targets {
+        for (session, matched) in targets {
             let delivery = Delivery {
                 message: message.clone(),
-                qos: message.qos.min(granted),
-                retain: false,
+                qos: message.qos.min(matched.qos),
+                retain: matched.retain_as_published && message.retain,
                 stored: None,
+                subscription_ids: matched.ids,
             };
             if let Offered::Full(delivery) = session.offer(delivery, Policy::Route, now, env, &mut ticket) {
                 waiting.push((session, Some(delivery)));
@@ -532,34 +596,62 @@ impl Attached {
         self.session_present
     }
 
-    /// Subscribes to `filter` (as the client named it, `$share/` prefix included) at `qos`,
-    /// replacing a subscription with the same filter.
-    pub fn subscribe(&self, filter: &str, qos: QoS) -> Result<(), SubscribeRefused> {
+    /// Subscribes to `filter` (as the client named it, `$share/` prefix included) with
+    /// `options`, replacing a subscription with the same filter; says whether one existed.
+    pub fn subscribe(&self, filter: &str, options: SubscriptionOptions) -> Result<bool, SubscribeRefused> {
         let parsed = SubscriptionFilter::parse(filter).map_err(|_| SubscribeRefused::Invalid)?;
         let tree = &self.router.shared.tree;
         self.session
-            .add_subscription(self.generation, filter, qos, self.router.env(), || {
+            .add_subscription(self.generation, filter, options, self.router.env(), || {
                 tree.write()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(&parsed, &self.session, qos)
+                    .insert(&parsed, &self.session, options)
             })
     }
 
-    /// The retained messages that new subscriptions to `granted` (filter, QoS) match, as a
-    /// publication to this session itself: each message once, at the highest QoS of the
-    /// filters that match it. Shared subscriptions get none (MQTT 5, 4.8.2).
-    pub fn retained_for(&self, granted: &[(&str, QoS)]) -> Publication {
+    /// Routes `message`, published by this session's client (its No Local subscriptions skip it).
+    pub fn publish(&self, message: Arc<Message>) -> Publication {
+        self.router.route(message, Some(&self.session))
+    }
+
+    /// The filters this session is subscribed to (as named, `$share/` prefix included), e.g. a
+    /// persistent session resumed with subscriptions its owner no longer wants.
+    pub fn subscriptions(&self) -> Vec<Box<str>> {
+        self.session
+            .subscriptions()
+            .into_iter()
+            .map(|(filter, _)| filter)
+            .collect()
+    }
+
+    /// The retained messages that new subscriptions to `granted` (filter, options) match, as
+    /// a publication to this session itself: each message once, at the highest QoS of the
+    /// filters that match it, with their identifiers. Shared subscriptions get none (MQTT 5,
+    /// 4.8.2); expired messages are not sent (and counted).
+    pub fn retained_for(&self, granted: &[(&str, SubscriptionOptions)]) -> Publication {
         let mut found: Vec<Delivery> = Vec::new();
         let mut index: HashMap<*const Message, usize> = HashMap::new();
-        for (filter, qos) in granted {
+        let now = crate::message::unix_millis();
+        let mut expired = 0;
+        for (filter, options) in granted {
             let Ok(SubscriptionFilter { group: None, filter }) = SubscriptionFilter::parse(filter) else {
                 continue;
             };
             // The retained store's lock is taken per filter, so many filters never hold it long.
             for message in self.router.retained().matching(filter) {
-                let qos = message.qos.min(*qos);
+                if message.is_expired(now) {
+                    expired += 1;
+                    continue;
+                }
+                let qos = message.qos.min(options.qos);
                 match index.get(&Arc::as_ptr(&message)) {
-                    Some(&at) => found[at].qos = found[at].qos.max(qos),
+                    Some(&at) => {
+                        let delivery = &mut found[at];
+                        delivery.qos = delivery.qos.max(qos);
+                        if let Some(id) = options.identifier {
+                            delivery.subscription_ids = delivery.subscription_ids.iter().copied().chain([id]).collect();
+                        }
+                    }
                     None => {
                         index.insert(Arc::as_ptr(&message), found.len());
                         found.push(Delivery {
@@ -567,10 +659,14 @@ impl Attached {
                             qos,
                             retain: true,
                             stored: None,
+                            subscription_ids: options.identifier.into_iter().collect(),
                         });
                     }
                 }
             }
+        }
+        if expired > 0 {
+            self.router.env().metrics.dropped(DropReason::Expired, expired);
         }
         Publication::new(
             &self.router,
@@ -606,6 +702,23 @@ impl Attached {
     ) -> usize {
         self.session
             .poll_outgoing(self.generation, cx, budget, self.router.env(), durable_wait, out)
+    }
+
+    /// Changes how long the session outlives this connection (an MQTT 5 DISCONNECT may).
+    pub fn set_session_expiry(&self, expiry: u32) {
+        self.session.set_expiry(self.generation, expiry, self.router.env());
+    }
+
+    /// Keeps the connection's will with the session while it waits out its delay of `delay`
+    /// seconds (see [`DelayedWill`] and [`WillHold`]).
+    pub fn hold_will(&self, will: &Arc<DelayedWill>, delay: u32) -> WillHold {
+        self.session.hold_will(self.generation, will, delay)
+    }
+
+    /// A delivery handed out that cannot be sent to this client (larger than its Maximum
+    /// Packet Size): completed as if delivered.
+    pub fn abandon(&self, pkid: u16) -> bool {
+        self.session.abandon(self.generation, pkid, self.router.env())
     }
 
     /// PUBACK from the client; false if no QoS 1 delivery had that packet id.
@@ -657,8 +770,17 @@ impl Attached {
 impl Drop for Attached {
     fn drop(&mut self) {
         let router = &self.router;
-        let Some(filters) = self.session.detach(self.generation, router.env()) else {
-            return;
+        let filters = match self.session.detach(self.generation, router.env()) {
+            Detached::Discarded(filters) => filters,
+            Detached::Expires { deadline, replaces } => {
+                let mut expiring = router.expiring();
+                if let Some(earlier) = replaces {
+                    expiring.remove(&(earlier, self.session.client.clone()));
+                }
+                expiring.insert((deadline, self.session.client.clone()));
+                return;
+            }
+            Detached::Kept => return,
         };
         router.remove_from_tree(&self.session, &filters);
         let mut sessions = router.sessions();

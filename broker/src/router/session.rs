@@ -1,7 +1,8 @@
 //! One client id's state in the router: its subscriptions, its outgoing queue and inflight
 //! window, and the QoS 2 packet ids it received and has not yet seen released.
 //!
-//! A session outlives its connections when it is persistent (`clean_session = false`). The
+//! A session outlives its connections when it is persistent (`clean_session = false` in 3.1.1,
+//! a Session Expiry Interval above 0 in MQTT 5), for its expiry interval once detached. The
 //! connection attached to it (its *owner*, known by a generation number) drains the queue; a
 //! connection that was taken over keeps a stale generation, and everything it asks is ignored.
 //!
@@ -31,10 +32,14 @@ use atomic_waker::AtomicWaker;
 
 use super::{Env, Limits, SubscribeRefused, TooManyUnreleased};
 use crate::kick::Kick;
-use crate::message::{Delivery, QoS};
+use crate::message::{unix_millis, Delivery, QoS, SubscriptionOptions};
 use crate::metrics::DropReason;
 use crate::reason::KickReason;
 use crate::store::{StoredSession, Ticket};
+use crate::will::DelayedWill;
+
+/// A Session Expiry Interval that never runs out (MQTT 5 section 3.1.2.11.2).
+pub const NEVER_EXPIRES: u32 = u32::MAX;
 
 /// How often a session's drops are reported again while they continue.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -58,11 +63,22 @@ pub(crate) struct Session {
 
 struct State {
     owner: Option<Owner>,
+    /// Recorded in the store (where there is one) and kept while detached.
     persistent: bool,
+    /// Seconds the session outlives a connection: 0 ends it with the connection,
+    /// [`NEVER_EXPIRES`] keeps it until a clean session replaces it.
+    expiry: u32,
+    /// While detached with a finite expiry: when it ends.
+    expires_at: Option<Instant>,
+    /// The deadline the router's expiry schedule holds for this session, if any: one entry per
+    /// session, so that a client reconnecting in a loop cannot grow the schedule.
+    scheduled: Option<Instant>,
+    /// The will of the connection that left, waiting out its delay.
+    pending_will: Option<Arc<DelayedWill>>,
     /// Set once a clean session ends or is replaced: nothing is queued here again.
     discarded: bool,
-    /// Filters as the client named them (with any `$share/` prefix) and their granted QoS.
-    subscriptions: Vec<(Box<str>, QoS)>,
+    /// Filters as the client named them (with any `$share/` prefix) and their options.
+    subscriptions: Vec<(Box<str>, SubscriptionOptions)>,
     queue: VecDeque<Delivery>,
     /// Topic and payload bytes of the deliveries in `queue`.
     queued_bytes: usize,
@@ -169,13 +185,17 @@ impl Reporter {
 }
 
 impl Session {
-    pub(crate) fn new(client: Arc<str>, share_scope: Arc<str>, persistent: bool) -> Self {
+    pub(crate) fn new(client: Arc<str>, share_scope: Arc<str>, expiry: u32) -> Self {
         Self {
             client,
             share_scope,
             state: Mutex::new(State {
                 owner: None,
-                persistent,
+                persistent: expiry > 0,
+                expiry,
+                expires_at: None,
+                scheduled: None,
+                pending_will: None,
                 discarded: false,
                 subscriptions: Vec::new(),
                 queue: VecDeque::new(),
@@ -200,7 +220,7 @@ impl Session {
     /// resent with their packet ids (or their PUBREL, once released); everything else waits
     /// in the queue in its original order.
     pub(crate) fn restore(stored: StoredSession, env: &Env) -> Self {
-        let session = Self::new(stored.client, stored.share_scope, true);
+        let session = Self::new(stored.client, stored.share_scope, stored.expiry);
         {
             let mut state = session.lock();
             state.subscriptions = stored.subscriptions;
@@ -239,9 +259,72 @@ impl Session {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Its subscriptions (filter as the client named it, granted QoS).
-    pub(crate) fn subscriptions(&self) -> Vec<(Box<str>, QoS)> {
+    /// Its subscriptions (filter as the client named it, options).
+    pub(crate) fn subscriptions(&self) -> Vec<(Box<str>, SubscriptionOptions)> {
         self.lock().subscriptions.clone()
+    }
+
+    /// A restored session starts its expiry now, as if its connection had just left: the
+    /// broker's downtime never shortens a session.
+    pub(crate) fn expires_at_restore(&self, now: Instant) -> Option<Instant> {
+        let mut state = self.lock();
+        state.expires_at = state.deadline(now);
+        state.scheduled = state.expires_at;
+        state.expires_at
+    }
+
+    /// The deadline the router's schedule holds for this session, taken off it (the caller
+    /// removes the entry: the session was resumed or replaced).
+    pub(crate) fn take_scheduled(&self) -> Option<Instant> {
+        self.lock().scheduled.take()
+    }
+
+    /// Changes the expiry interval (an MQTT 5 DISCONNECT may); recorded for a stored session.
+    pub(crate) fn set_expiry(&self, generation: u64, expiry: u32, env: &Env) {
+        let mut state = self.lock();
+        if !state.owned_by(generation) || state.expiry == expiry {
+            return;
+        }
+        state.expiry = expiry;
+        if let (true, true, Some(store)) = (state.persistent, expiry > 0, &env.store) {
+            store.session(&self.client, &self.share_scope, expiry);
+        }
+    }
+
+    /// Keeps `will`, of the connection `generation`, with the session while it waits out its
+    /// delay of `delay` seconds: a connection that resumes the session cancels it, one that
+    /// starts it afresh (or the session's end) has it published at once (MQTT 5 section
+    /// 3.1.3.2.2). Decided under the session's lock, so a reconnect is seen either way.
+    pub(crate) fn hold_will(&self, generation: u64, will: &Arc<DelayedWill>, delay: u32) -> WillHold {
+        let mut state = self.lock();
+        if state.discarded {
+            return WillHold::PublishNow;
+        }
+        if !state.owned_by(generation) {
+            // Resumed by a newer connection already (MQTT-3.1.2-8: no will then).
+            return WillHold::Cancelled;
+        }
+        let delay = delay.min(state.expiry);
+        if delay == 0 {
+            return WillHold::PublishNow;
+        }
+        if let Some(earlier) = state.pending_will.replace(will.clone()) {
+            earlier.publish_now();
+        }
+        WillHold::Held(delay)
+    }
+
+    /// Ends the session if it is still detached and due at `deadline`: its filters, for the
+    /// caller to take out of the tree and the registry.
+    pub(crate) fn expire(&self, deadline: Instant, env: &Env) -> Option<Vec<Box<str>>> {
+        let mut state = self.lock();
+        if state.scheduled == Some(deadline) {
+            state.scheduled = None;
+        }
+        if state.owner.is_some() || state.discarded || state.expires_at != Some(deadline) {
+            return None;
+        }
+        Some(self.discard_locked(&mut state, env))
     }
 
     /// Whether a shared group may prefer this member: online with room.
@@ -262,9 +345,12 @@ impl Session {
 
     /// Attaches a new connection, kicking the one attached before. Unfinished deliveries will
     /// be sent again (with DUP) to the new owner.
-    pub(crate) fn attach(&self, generation: u64, kick: Arc<Kick>, max_inflight: usize, persistent: bool, env: &Env) {
+    pub(crate) fn attach(&self, generation: u64, kick: Arc<Kick>, max_inflight: usize, expiry: u32, env: &Env) {
         let waiters = {
             let mut state = self.lock();
+            if let Some(will) = state.pending_will.take() {
+                will.cancel();
+            }
             if let Some(old) = state.owner.take() {
                 old.kick.take_over(kick.clone());
             }
@@ -273,7 +359,11 @@ impl Session {
                 kick,
                 max_inflight,
             });
-            state.persistent = persistent;
+            // A stored session resumed to end with this connection stays recorded until then, so
+            // that its end removes it from the store.
+            state.persistent |= expiry > 0;
+            state.expiry = expiry;
+            state.expires_at = None;
             state.full_since = None;
             for entry in &mut state.inflight {
                 entry.sent = false;
@@ -284,14 +374,15 @@ impl Session {
         waiters.into_iter().for_each(Waker::wake);
     }
 
-    /// Detaches the connection with `generation`, if it is still the owner. A clean session is
-    /// discarded (what it held counted as dropped) and its filters returned, for the caller to
-    /// remove it from the tree and the registry.
-    pub(crate) fn detach(&self, generation: u64, env: &Env) -> Option<Vec<Box<str>>> {
-        let (filters, waiters) = {
+    /// Detaches the connection with `generation`, if it is still the owner. A session that
+    /// does not outlive its connection is discarded (what it held counted as dropped) and its
+    /// filters returned, for the caller to remove it from the tree and the registry; one that
+    /// expires gets its deadline.
+    pub(crate) fn detach(&self, generation: u64, env: &Env) -> Detached {
+        let (detached, waiters) = {
             let mut state = self.lock();
             if !state.owned_by(generation) {
-                return None;
+                return Detached::Kept;
             }
             state.owner = None;
             state.full_since = None;
@@ -299,11 +390,22 @@ impl Session {
                 entry.sent = false;
             }
             self.accepting.store(false, Ordering::Relaxed);
-            let filters = (!state.persistent).then(|| self.discard_locked(&mut state, env));
-            (filters, std::mem::take(&mut state.space_waiters))
+            let detached = if state.expiry == 0 {
+                Detached::Discarded(self.discard_locked(&mut state, env))
+            } else {
+                state.expires_at = state.deadline(Instant::now());
+                match state.expires_at {
+                    Some(deadline) => Detached::Expires {
+                        deadline,
+                        replaces: state.scheduled.replace(deadline),
+                    },
+                    None => Detached::Kept,
+                }
+            };
+            (detached, std::mem::take(&mut state.space_waiters))
         };
         waiters.into_iter().for_each(Waker::wake);
-        filters
+        detached
     }
 
     /// Discards the session for a clean session (of `successor`'s connection) that replaces it:
@@ -321,9 +423,13 @@ impl Session {
         filters
     }
 
-    /// Marks the session discarded, counts what it held as dropped; returns its filters.
+    /// Marks the session discarded, counts what it held as dropped, publishes a will waiting
+    /// out its delay; returns its filters.
     fn discard_locked(&self, state: &mut State, env: &Env) -> Vec<Box<str>> {
         state.discarded = true;
+        if let Some(will) = state.pending_will.take() {
+            will.publish_now();
+        }
         if let (true, Some(store)) = (state.persistent, &env.store) {
             let held = state.queue.iter().chain(state.inflight.iter().map(|e| &e.delivery));
             let (ids, bytes) = held.filter_map(|d| d.stored.map(|id| (id, d.message.size()))).fold(
@@ -344,6 +450,7 @@ impl Session {
         state.queued_bytes = 0;
         state.awaiting_release = Vec::new();
         self.accepting.store(false, Ordering::Relaxed);
+        state.expires_at = None;
         std::mem::take(&mut state.subscriptions)
             .into_iter()
             .map(|(f, _)| f)
@@ -521,13 +628,21 @@ impl Session {
             }
         }
         let mut popped = 0;
+        let mut expired = 0;
+        let now = unix_millis();
         while handed < budget {
             let Some(front) = state.queue.front() else { break };
-            if front.qos != QoS::AtMostOnce && state.inflight.len() >= max_inflight {
+            if front.qos != QoS::AtMostOnce && state.inflight.len() >= max_inflight && !front.message.is_expired(now) {
                 break;
             }
             let Some(delivery) = state.pop(env) else { break };
             popped += 1;
+            if delivery.message.is_expired(now) {
+                // Never delivered once expired (MQTT-3.3.2-5).
+                forget(&delivery, env);
+                expired += 1;
+                continue;
+            }
             handed += 1;
             if delivery.qos == QoS::AtMostOnce {
                 out(Outgoing::Publish {
@@ -573,6 +688,9 @@ impl Session {
                 });
             }
         }
+        if expired > 0 {
+            env.metrics.dropped(DropReason::Expired, expired);
+        }
         if popped == 0 {
             return handed;
         }
@@ -596,6 +714,12 @@ impl Session {
     /// PUBCOMP from the owner: completes a released QoS 2 delivery.
     pub(crate) fn pubcomp(&self, generation: u64, pkid: u16, env: &Env) -> bool {
         self.complete(generation, pkid, env, |e| e.released)
+    }
+
+    /// A delivery handed out that the owner's connection cannot send (larger than the client's
+    /// Maximum Packet Size): done as if delivered (MQTT-3.1.2-25).
+    pub(crate) fn abandon(&self, generation: u64, pkid: u16, env: &Env) -> bool {
+        self.complete(generation, pkid, env, |_| true)
     }
 
     fn complete(&self, generation: u64, pkid: u16, env: &Env, matches: impl Fn(&Inflight) -> bool) -> bool {
@@ -714,29 +838,36 @@ impl Session {
     /// Records a subscription (replacing one with the same filter) and runs `insert` (the tree
     /// update) under the session's lock, so the tree never holds a subscription of a session
     /// that was discarded meanwhile. Refused beyond `max` subscriptions.
+    /// Whether it existed before is returned (MQTT 5 Retain Handling 1 asks).
     pub(crate) fn add_subscription(
         &self,
         generation: u64,
         filter: &str,
-        qos: QoS,
+        options: SubscriptionOptions,
         env: &Env,
         insert: impl FnOnce(),
-    ) -> Result<(), SubscribeRefused> {
+    ) -> Result<bool, SubscribeRefused> {
         let mut state = self.lock();
         if state.discarded || !state.owned_by(generation) {
             return Err(SubscribeRefused::SessionEnded);
         }
         let count = state.subscriptions.len();
-        match state.subscriptions.iter_mut().find(|(f, _)| &**f == filter) {
-            Some(existing) => existing.1 = qos,
+        let existed = match state.subscriptions.iter_mut().find(|(f, _)| &**f == filter) {
+            Some(existing) => {
+                existing.1 = options;
+                true
+            }
             None if count >= env.limits.max_subscriptions => return Err(SubscribeRefused::TooManySubscriptions),
-            None => state.subscriptions.push((filter.into(), qos)),
-        }
+            None => {
+                state.subscriptions.push((filter.into(), options));
+                false
+            }
+        };
         if let (true, Some(store)) = (state.persistent, &env.store) {
-            store.subscribe(&self.client, filter, qos);
+            store.subscribe(&self.client, filter, &options);
         }
         insert();
-        Ok(())
+        Ok(existed)
     }
 
     /// Forgets a subscription, running `remove` (the tree update) under the session's lock;
@@ -774,7 +905,38 @@ impl Session {
     }
 }
 
+/// What became of a session when its connection detached.
+pub(crate) enum Detached {
+    /// It ended with the connection: its filters, to take out of the tree.
+    Discarded(Vec<Box<str>>),
+    /// It waits for its next connection until `deadline`; the schedule's entry for it moves
+    /// from `replaces`, if it had one.
+    Expires {
+        deadline: Instant,
+        replaces: Option<Instant>,
+    },
+    /// It waits without an end (or another connection owns it).
+    Kept,
+}
+
+/// What becomes of a will that has a delay, when its connection ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WillHold {
+    /// The session holds it for this many seconds (the delay, or the session's expiry if
+    /// shorter).
+    Held(u32),
+    /// Publish it now: no delay is left, or the session has ended.
+    PublishNow,
+    /// Never: a newer connection resumed the session.
+    Cancelled,
+}
+
 impl State {
+    /// When a session detached at `now` ends, if its interval is finite.
+    fn deadline(&self, now: Instant) -> Option<Instant> {
+        (self.expiry != NEVER_EXPIRES).then(|| now + Duration::from_secs(u64::from(self.expiry)))
+    }
+
     /// How long publishers have been refused for lack of room.
     fn full_for(&self, now: Instant) -> Duration {
         self.full_since

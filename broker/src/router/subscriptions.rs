@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::session::Session;
-use crate::message::QoS;
+use crate::message::{QoS, SubscriptionOptions};
 use crate::topic::SubscriptionFilter;
 
 /// One session's subscription at a node.
 struct Subscriber {
     session: Arc<Session>,
-    qos: QoS,
+    options: SubscriptionOptions,
 }
 
 /// A shared subscription group at a node.
@@ -109,8 +109,18 @@ impl Children {
     }
 }
 
-/// Where a matching message goes: a session and the QoS its subscription granted.
-pub(crate) type Target = (Arc<Session>, QoS);
+/// What a session's matching subscriptions, taken together, ask of a message.
+pub(crate) struct Matched {
+    /// The highest QoS among them.
+    pub(crate) qos: QoS,
+    /// Whether any keeps the RETAIN flag as published.
+    pub(crate) retain_as_published: bool,
+    /// Their Subscription Identifiers.
+    pub(crate) ids: Box<[u32]>,
+}
+
+/// Where a matching message goes.
+pub(crate) type Target = (Arc<Session>, Matched);
 
 /// Every subscription of every session.
 #[derive(Default)]
@@ -119,8 +129,13 @@ pub(crate) struct SubscriptionTree {
 }
 
 impl SubscriptionTree {
-    /// Adds `session`'s subscription to `filter`, or changes its QoS if it exists.
-    pub(crate) fn insert(&mut self, filter: &SubscriptionFilter<'_>, session: &Arc<Session>, qos: QoS) {
+    /// Adds `session`'s subscription to `filter`, or changes its options if it exists.
+    pub(crate) fn insert(
+        &mut self,
+        filter: &SubscriptionFilter<'_>,
+        session: &Arc<Session>,
+        options: SubscriptionOptions,
+    ) {
         let mut node = &mut self.root;
         for level in filter.filter.split('/') {
             node = node.children.get_or_insert(level);
@@ -148,10 +163,10 @@ impl SubscriptionTree {
             }
         };
         match subscribers.iter_mut().find(|s| Arc::ptr_eq(&s.session, session)) {
-            Some(existing) => existing.qos = qos,
+            Some(existing) => existing.options = options,
             None => subscribers.push(Subscriber {
                 session: session.clone(),
-                qos,
+                options,
             }),
         }
     }
@@ -169,22 +184,43 @@ impl SubscriptionTree {
     }
 
     /// Every target for a message on `topic`, into `out`: one per session for its ordinary
-    /// subscriptions (at the highest QoS among those that match), plus one member per
-    /// matching shared group.
-    pub(crate) fn matches(&self, topic: &str, out: &mut Vec<Target>) {
+    /// subscriptions (at the highest QoS among those that match, with all their identifiers),
+    /// plus one member per matching shared group. A No Local subscription of `origin`, the
+    /// publisher's own session, does not match.
+    pub(crate) fn matches(&self, topic: &str, origin: Option<&Arc<Session>>, out: &mut Vec<Target>) {
+        let mut found = Vec::new();
         let mut groups = Vec::new();
-        collect(&self.root, Some(topic), topic.starts_with('$'), true, out, &mut groups);
-        if out.len() > 1 {
-            out.sort_unstable_by_key(|(session, _)| Arc::as_ptr(session));
-            out.dedup_by(|later, kept| {
-                let same = Arc::ptr_eq(&later.0, &kept.0);
-                if same {
-                    kept.1 = kept.1.max(later.1);
-                }
-                same
-            });
+        collect(
+            &self.root,
+            Some(topic),
+            topic.starts_with('$'),
+            true,
+            &mut found,
+            &mut groups,
+        );
+        if let Some(origin) = origin {
+            found.retain(|(session, options)| !(options.no_local && Arc::ptr_eq(session, origin)));
+        }
+        if found.len() > 1 {
+            found.sort_unstable_by_key(|(session, _)| Arc::as_ptr(session));
+        }
+        let mut rest = &found[..];
+        while let Some((first, _)) = rest.first() {
+            let same = rest.iter().take_while(|(s, _)| Arc::ptr_eq(s, first)).count();
+            let (mine, after) = rest.split_at(same);
+            out.push((first.clone(), merge(mine.iter().map(|(_, options)| options))));
+            rest = after;
         }
         out.extend(groups.into_iter().filter_map(pick_member));
+    }
+}
+
+/// One session's matching subscriptions as one delivery (MQTT-3.3.4-2, -3).
+fn merge<'a>(options: impl Iterator<Item = &'a SubscriptionOptions> + Clone) -> Matched {
+    Matched {
+        qos: options.clone().map(|o| o.qos).max().unwrap_or(QoS::AtMostOnce),
+        retain_as_published: options.clone().any(|o| o.retain_as_published),
+        ids: options.filter_map(|o| o.identifier).collect(),
     }
 }
 
@@ -233,7 +269,7 @@ fn collect<'t>(
     rest: Option<&str>,
     dollar: bool,
     root: bool,
-    out: &mut Vec<Target>,
+    out: &mut Vec<(Arc<Session>, SubscriptionOptions)>,
     groups: &mut Vec<&'t Group>,
 ) {
     let wildcards = !(root && dollar);
@@ -260,8 +296,8 @@ fn collect<'t>(
     }
 }
 
-fn take<'t>(node: &'t Node, out: &mut Vec<Target>, groups: &mut Vec<&'t Group>) {
-    out.extend(node.subscribers.iter().map(|s| (s.session.clone(), s.qos)));
+fn take<'t>(node: &'t Node, out: &mut Vec<(Arc<Session>, SubscriptionOptions)>, groups: &mut Vec<&'t Group>) {
+    out.extend(node.subscribers.iter().map(|s| (s.session.clone(), s.options)));
     groups.extend(node.groups.iter());
 }
 
@@ -276,5 +312,5 @@ fn pick_member(group: &Group) -> Option<Target> {
         .map(|i| &group.members[(start + i) % count])
         .find(|m| m.session.is_accepting())
         .unwrap_or(&group.members[start]);
-    Some((chosen.session.clone(), chosen.qos))
+    Some((chosen.session.clone(), merge(std::iter::once(&chosen.options))))
 }

@@ -31,9 +31,18 @@ fn key(client: &str) -> SessionKey {
     }
 }
 
+/// A 3.1.1 client's session expiry: none for a clean session, never ending otherwise.
+fn expiry(clean: bool) -> u32 {
+    if clean {
+        0
+    } else {
+        NEVER_EXPIRES
+    }
+}
+
 fn attach(router: &Router, client: &str, clean: bool) -> (Attached, Arc<Kick>) {
     let kick = Arc::new(Kick::default());
-    (router.attach(key(client), clean, kick.clone(), 5), kick)
+    (router.attach(key(client), clean, expiry(clean), kick.clone(), 5), kick)
 }
 
 /// What a connection would write now: (topic, payload, qos, pkid, dup) per PUBLISH.
@@ -66,9 +75,11 @@ fn publish(router: &Router, topic: &str, payload: &str, qos: QoS) -> Publication
 fn delivery_is_at_the_lower_qos_and_overlapping_subscriptions_give_one_copy() {
     let router = router();
     let (sub, _) = attach(&router, "sub", true);
-    sub.subscribe("a/+", QoS::AtLeastOnce).unwrap();
-    sub.subscribe("a/#", QoS::ExactlyOnce).unwrap();
-    sub.subscribe("b", QoS::AtMostOnce).unwrap();
+    sub.subscribe("a/+", SubscriptionOptions::qos(QoS::AtLeastOnce))
+        .unwrap();
+    sub.subscribe("a/#", SubscriptionOptions::qos(QoS::ExactlyOnce))
+        .unwrap();
+    sub.subscribe("b", SubscriptionOptions::qos(QoS::AtMostOnce)).unwrap();
     assert!(publish(&router, "a/x", "1", QoS::ExactlyOnce).is_complete());
     assert!(publish(&router, "b", "2", QoS::ExactlyOnce).is_complete());
     let got = drain(&sub);
@@ -82,7 +93,7 @@ fn delivery_is_at_the_lower_qos_and_overlapping_subscriptions_give_one_copy() {
 fn a_full_online_queue_makes_publications_wait_and_drops_qos0_only_once_the_subscriber_is_slow() {
     let router = router();
     let (sub, kick) = attach(&router, "sub", true);
-    sub.subscribe("t", QoS::AtLeastOnce).unwrap();
+    sub.subscribe("t", SubscriptionOptions::qos(QoS::AtLeastOnce)).unwrap();
     for n in 0..10 {
         assert!(publish(&router, "t", &n.to_string(), QoS::AtLeastOnce).is_complete());
     }
@@ -115,7 +126,7 @@ fn a_full_online_queue_makes_publications_wait_and_drops_qos0_only_once_the_subs
 fn a_subscriber_full_past_the_timeout_is_kicked_and_its_persistent_session_queues_offline() {
     let router = router();
     let (sub, kick) = attach(&router, "sub", false);
-    sub.subscribe("t", QoS::AtLeastOnce).unwrap();
+    sub.subscribe("t", SubscriptionOptions::qos(QoS::AtLeastOnce)).unwrap();
     for n in 0..10 {
         assert!(publish(&router, "t", &n.to_string(), QoS::AtLeastOnce).is_complete());
     }
@@ -143,7 +154,9 @@ fn a_subscriber_full_past_the_timeout_is_kicked_and_its_persistent_session_queue
 fn a_clean_session_takes_over_and_discards_a_persistent_one() {
     let router = router();
     let (first, first_kick) = attach(&router, "c", false);
-    first.subscribe("t", QoS::AtLeastOnce).unwrap();
+    first
+        .subscribe("t", SubscriptionOptions::qos(QoS::AtLeastOnce))
+        .unwrap();
     let (second, _) = attach(&router, "c", true);
     assert_eq!(first_kick.reason(), Some(KickReason::TakenOver));
     assert!(!second.session_present());
@@ -161,7 +174,7 @@ fn a_clean_session_takes_over_and_discards_a_persistent_one() {
 fn unacknowledged_deliveries_are_resent_with_dup_after_a_reconnect() {
     let router = router();
     let (sub, _) = attach(&router, "p", false);
-    sub.subscribe("t", QoS::ExactlyOnce).unwrap();
+    sub.subscribe("t", SubscriptionOptions::qos(QoS::ExactlyOnce)).unwrap();
     for (payload, qos) in [
         ("one", QoS::AtLeastOnce),
         ("two", QoS::ExactlyOnce),
@@ -234,8 +247,10 @@ fn shared_groups_are_scoped_and_each_message_goes_to_one_member() {
             client: client.into(),
             share_scope: scope.into(),
         };
-        let attached = router.attach(key, true, Arc::new(Kick::default()), 5);
-        attached.subscribe("$share/workers/jobs/+", QoS::AtMostOnce).unwrap();
+        let attached = router.attach(key, true, 0, Arc::new(Kick::default()), 5);
+        attached
+            .subscribe("$share/workers/jobs/+", SubscriptionOptions::qos(QoS::AtMostOnce))
+            .unwrap();
         attached
     };
     let (a, b) = (member("svc-a", "services"), member("svc-b", "services"));
@@ -257,9 +272,13 @@ fn retained_messages_follow_a_new_subscription_once_each() {
         assert!(router.publish(message).is_complete());
     }
     let (sub, _) = attach(&router, "late", true);
-    sub.subscribe("r/+", QoS::AtMostOnce).unwrap();
-    sub.subscribe("r/#", QoS::AtLeastOnce).unwrap();
-    let mut backlog = sub.retained_for(&[("r/+", QoS::AtMostOnce), ("r/#", QoS::AtLeastOnce)]);
+    sub.subscribe("r/+", SubscriptionOptions::qos(QoS::AtMostOnce)).unwrap();
+    sub.subscribe("r/#", SubscriptionOptions::qos(QoS::AtLeastOnce))
+        .unwrap();
+    let mut backlog = sub.retained_for(&[
+        ("r/+", SubscriptionOptions::qos(QoS::AtMostOnce)),
+        ("r/#", SubscriptionOptions::qos(QoS::AtLeastOnce)),
+    ]);
     let mut cx = Context::from_waker(Waker::noop());
     assert!(backlog.poll(&mut cx).is_ready());
     let mut got = Vec::new();
@@ -288,17 +307,18 @@ fn subscriptions_per_session_are_bounded() {
     let router = router();
     let (sub, _) = attach(&router, "s", true);
     for n in 0..8 {
-        sub.subscribe(&format!("t/{n}"), QoS::AtMostOnce).unwrap();
+        sub.subscribe(&format!("t/{n}"), SubscriptionOptions::qos(QoS::AtMostOnce))
+            .unwrap();
     }
-    sub.subscribe("t/0", QoS::AtLeastOnce)
+    sub.subscribe("t/0", SubscriptionOptions::qos(QoS::AtLeastOnce))
         .expect("replacing one is not adding one");
     assert_eq!(
-        sub.subscribe("t/8", QoS::AtMostOnce),
+        sub.subscribe("t/8", SubscriptionOptions::qos(QoS::AtMostOnce)),
         Err(SubscribeRefused::TooManySubscriptions)
     );
     assert!(sub.unsubscribe("t/1"));
     assert!(!sub.unsubscribe("never"));
-    sub.subscribe("t/8", QoS::AtMostOnce).unwrap();
+    sub.subscribe("t/8", SubscriptionOptions::qos(QoS::AtMostOnce)).unwrap();
 }
 
 #[test]
@@ -308,7 +328,7 @@ fn many_subscribers_under_one_level_each_get_their_own_and_leave_no_trace() {
         .map(|n| {
             let (attached, _) = attach(&router, &format!("device:d{n}"), true);
             attached
-                .subscribe(&format!("devices/d{n}/cmd"), QoS::AtLeastOnce)
+                .subscribe(&format!("devices/d{n}/cmd"), SubscriptionOptions::qos(QoS::AtLeastOnce))
                 .unwrap();
             attached
         })
@@ -326,7 +346,7 @@ fn many_subscribers_under_one_level_each_get_their_own_and_leave_no_trace() {
     }
     let tree = router.shared.tree.read().unwrap();
     let mut targets = Vec::new();
-    tree.matches("devices/d1/cmd", &mut targets);
+    tree.matches("devices/d1/cmd", None, &mut targets);
     assert!(
         targets.is_empty() && tree.is_empty(),
         "every node went with its last subscription"
@@ -341,7 +361,7 @@ fn a_message_too_big_for_the_queue_left_waits_for_room_without_spinning() {
     };
     let router = Router::new(limits, Audit::new(Arc::new(Metrics::default())), None);
     let (sub, _) = attach(&router, "sub", true);
-    sub.subscribe("t", QoS::AtLeastOnce).unwrap();
+    sub.subscribe("t", SubscriptionOptions::qos(QoS::AtLeastOnce)).unwrap();
     assert!(publish(&router, "t", &"a".repeat(80), QoS::AtLeastOnce).is_complete());
     // 81 + 41 bytes would pass the bound: the second waits (a zero-byte check said "room").
     let mut waiting = publish(&router, "t", &"b".repeat(40), QoS::AtLeastOnce);
@@ -356,7 +376,7 @@ fn a_message_too_big_for_the_queue_left_waits_for_room_without_spinning() {
 async fn finishing_a_publication_kicks_a_stuck_subscriber_at_its_deadline() {
     let router = router();
     let (sub, kick) = attach(&router, "sub", false);
-    sub.subscribe("t", QoS::AtLeastOnce).unwrap();
+    sub.subscribe("t", SubscriptionOptions::qos(QoS::AtLeastOnce)).unwrap();
     for n in 0..10 {
         assert!(publish(&router, "t", &n.to_string(), QoS::AtLeastOnce).is_complete());
     }
@@ -436,7 +456,7 @@ mod properties {
             let mut allowed: Vec<Vec<(String, QoS)>> = vec![Vec::new(); 3];
             for (n, filter, qos) in subscriptions {
                 if acl.for_identity(&identity(n)).may_subscribe(&filter) == Verdict::Allowed {
-                    sessions[n].subscribe(&filter, qos).unwrap();
+                    sessions[n].subscribe(&filter, SubscriptionOptions::qos(qos)).unwrap();
                     allowed[n].retain(|(f, _)| *f != filter);
                     allowed[n].push((filter, qos));
                 }
@@ -467,7 +487,7 @@ mod properties {
             let router = roomy();
             let (publisher, _) = attach(&router, "publisher", true);
             let mut subscriber = Some(attach(&router, "sub", false).0);
-            subscriber.as_ref().unwrap().subscribe("t", QoS::AtLeastOnce).unwrap();
+            subscriber.as_ref().unwrap().subscribe("t", SubscriptionOptions::qos(QoS::AtLeastOnce)).unwrap();
             let (mut sent, mut received, mut unacked) = (0u32, Vec::new(), Vec::new());
             for step in steps {
                 match (step, &subscriber) {
@@ -532,7 +552,7 @@ mod properties {
             };
             let router = Router::new(limits, Audit::new(Arc::new(Metrics::default())), None);
             let (sub, _) = attach(&router, "sub", true);
-            sub.subscribe("from/+", QoS::AtLeastOnce).unwrap();
+            sub.subscribe("from/+", SubscriptionOptions::qos(QoS::AtLeastOnce)).unwrap();
             let mut pending: Vec<Option<Publication>> = vec![None, None, None];
             let mut next = [0u32; 3];
             let mut order: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
@@ -573,4 +593,21 @@ mod properties {
             }
         }
     }
+}
+
+/// A client that reconnects in a loop to a session with an expiry leaves one entry at most in
+/// the expiry schedule, however often it comes and goes.
+#[test]
+fn the_expiry_schedule_holds_one_entry_per_session() {
+    let router = router();
+    for _ in 0..50 {
+        let attached = router.attach(key("looping"), false, 3600, Arc::new(Kick::default()), 5);
+        drop(attached);
+    }
+    assert_eq!(router.expiring().len(), 1);
+    let attached = router.attach(key("looping"), false, 3600, Arc::new(Kick::default()), 5);
+    assert_eq!(router.expiring().len(), 0, "resumed: off the schedule");
+    drop(attached);
+    assert_eq!(router.expire_sessions(Instant::now() + Duration::from_secs(3601)), 1);
+    assert_eq!(router.expiring().len(), 0);
 }

@@ -15,7 +15,21 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use super::Record;
 
 /// The schema's version, in `meta`; a database of another version is not read.
-pub(super) const SCHEMA_VERSION: &str = "1";
+pub(super) const SCHEMA_VERSION: &str = "2";
+
+/// What schema 2 (MQTT 5: session expiry, subscription options, message properties and
+/// expiry) adds to a schema 1 database, which is migrated in place at start.
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE sessions ADD COLUMN expiry INTEGER NOT NULL DEFAULT 4294967295;
+ALTER TABLE subscriptions ADD COLUMN options INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE subscriptions ADD COLUMN identifier INTEGER;
+ALTER TABLE deliveries ADD COLUMN properties BLOB;
+ALTER TABLE deliveries ADD COLUMN expires_at INTEGER;
+ALTER TABLE deliveries ADD COLUMN subscription_ids BLOB;
+ALTER TABLE retained ADD COLUMN properties BLOB;
+ALTER TABLE retained ADD COLUMN expires_at INTEGER;
+UPDATE meta SET value = '2' WHERE key = 'schema';
+";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -25,12 +39,17 @@ CREATE TABLE IF NOT EXISTS meta (
 CREATE TABLE IF NOT EXISTS sessions (
     id          INTEGER PRIMARY KEY,
     client      TEXT NOT NULL UNIQUE,
-    share_scope TEXT NOT NULL
+    share_scope TEXT NOT NULL,
+    -- Seconds the session outlives a connection; 4294967295: never expires.
+    expiry      INTEGER NOT NULL DEFAULT 4294967295
 );
 CREATE TABLE IF NOT EXISTS subscriptions (
     session INTEGER NOT NULL,
     filter  TEXT NOT NULL,
     qos     INTEGER NOT NULL,
+    -- Bit 0: No Local; bit 1: Retain As Published.
+    options    INTEGER NOT NULL DEFAULT 0,
+    identifier INTEGER,
     PRIMARY KEY (session, filter)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -41,7 +60,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
     qos      INTEGER NOT NULL,
     retain   INTEGER NOT NULL,
     pkid     INTEGER,
-    released INTEGER NOT NULL DEFAULT 0
+    released INTEGER NOT NULL DEFAULT 0,
+    -- MQTT 5 properties as received; expiry in milliseconds since the Unix epoch; subscription
+    -- identifiers as 4-byte big-endian numbers.
+    properties       BLOB,
+    expires_at       INTEGER,
+    subscription_ids BLOB
 );
 CREATE TABLE IF NOT EXISTS awaiting_release (
     session INTEGER NOT NULL,
@@ -51,7 +75,9 @@ CREATE TABLE IF NOT EXISTS awaiting_release (
 CREATE TABLE IF NOT EXISTS retained (
     topic   TEXT PRIMARY KEY,
     payload BLOB NOT NULL,
-    qos     INTEGER NOT NULL
+    qos     INTEGER NOT NULL,
+    properties BLOB,
+    expires_at INTEGER
 );
 ";
 
@@ -90,9 +116,14 @@ impl Database {
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?1)",
             [SCHEMA_VERSION],
         )?;
-        let version: String = self
-            .conn
-            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |row| row.get(0))?;
+        let read_version = |conn: &Connection| -> rusqlite::Result<String> {
+            conn.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |row| row.get(0))
+        };
+        if read_version(&self.conn)? == "1" {
+            self.conn
+                .execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_1_TO_2} COMMIT;"))?;
+        }
+        let version = read_version(&self.conn)?;
         Ok((version != SCHEMA_VERSION).then_some(version))
     }
 
@@ -179,14 +210,19 @@ impl Database {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         for record in batch {
             match record {
-                Record::Session { client, share_scope } => {
+                Record::Session {
+                    client,
+                    share_scope,
+                    expiry,
+                } => {
                     let id: i64 = self
                         .conn
                         .prepare_cached(
-                            "INSERT INTO sessions (client, share_scope) VALUES (?1, ?2)
-                         ON CONFLICT (client) DO UPDATE SET share_scope = excluded.share_scope RETURNING id",
+                            "INSERT INTO sessions (client, share_scope, expiry) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (client) DO UPDATE SET share_scope = excluded.share_scope, expiry = excluded.expiry
+                         RETURNING id",
                         )?
-                        .query_row(params![&**client, &**share_scope], |row| row.get(0))?;
+                        .query_row(params![&**client, &**share_scope, *expiry], |row| row.get(0))?;
                     self.sessions.insert(client.clone(), id);
                     added.push(client.clone());
                 }
@@ -209,13 +245,25 @@ impl Database {
                         self.sessions.remove(client);
                     }
                 }
-                Record::Subscribe { client, filter, qos } => {
+                Record::Subscribe {
+                    client,
+                    filter,
+                    options,
+                } => {
                     let session = self.session_id(client, added)?;
+                    let flags = u8::from(options.no_local) | (u8::from(options.retain_as_published) << 1);
                     self.conn
                         .prepare_cached(
-                            "INSERT OR REPLACE INTO subscriptions (session, filter, qos) VALUES (?1, ?2, ?3)",
+                            "INSERT OR REPLACE INTO subscriptions (session, filter, qos, options, identifier)
+                             VALUES (?1, ?2, ?3, ?4, ?5)",
                         )?
-                        .execute(params![session, &**filter, *qos as u8])?;
+                        .execute(params![
+                            session,
+                            &**filter,
+                            options.qos as u8,
+                            flags,
+                            options.identifier
+                        ])?;
                 }
                 Record::Unsubscribe { client, filter } => {
                     if let Some(session) = self.lookup(client)? {
@@ -231,7 +279,9 @@ impl Database {
                     let session = self.session_id(client, added)?;
                     self.conn
                         .prepare_cached(
-                            "INSERT OR REPLACE INTO deliveries (id, session, topic, payload, qos, retain) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                            "INSERT OR REPLACE INTO deliveries
+                             (id, session, topic, payload, qos, retain, properties, expires_at, subscription_ids)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                         )?
                         .execute(params![
                             *id as i64,
@@ -239,7 +289,10 @@ impl Database {
                             &*delivery.message.topic,
                             &delivery.message.payload[..],
                             delivery.qos as u8,
-                            delivery.retain
+                            delivery.retain,
+                            optional_blob(&delivery.message.properties),
+                            delivery.message.expires_at.map(|at| at as i64),
+                            (!delivery.subscription_ids.is_empty()).then(|| encode_ids(&delivery.subscription_ids)),
                         ])?;
                 }
                 Record::Sent { id, pkid } => {
@@ -280,9 +333,16 @@ impl Database {
                     Some(message) => {
                         self.conn
                             .prepare_cached(
-                                "INSERT OR REPLACE INTO retained (topic, payload, qos) VALUES (?1, ?2, ?3)",
+                                "INSERT OR REPLACE INTO retained (topic, payload, qos, properties, expires_at)
+                                 VALUES (?1, ?2, ?3, ?4, ?5)",
                             )?
-                            .execute(params![&**topic, &message.payload[..], message.qos as u8])?;
+                            .execute(params![
+                                &**topic,
+                                &message.payload[..],
+                                message.qos as u8,
+                                optional_blob(&message.properties),
+                                message.expires_at.map(|at| at as i64),
+                            ])?;
                     }
                     None => {
                         self.conn
@@ -328,4 +388,24 @@ impl Database {
         added.push(client.clone());
         Ok(id)
     }
+}
+
+/// A BLOB column's value: NULL for nothing.
+fn optional_blob(bytes: &[u8]) -> Option<&[u8]> {
+    (!bytes.is_empty()).then_some(bytes)
+}
+
+/// Subscription identifiers as the `subscription_ids` column holds them.
+pub(super) fn encode_ids(ids: &[u32]) -> Vec<u8> {
+    ids.iter().flat_map(|id| id.to_be_bytes()).collect()
+}
+
+/// The `subscription_ids` column read back; `None` unless it is whole 4-byte numbers.
+pub(super) fn decode_ids(bytes: &[u8]) -> Option<Box<[u32]>> {
+    bytes.len().is_multiple_of(4).then(|| {
+        bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    })
 }

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
 
-use crate::message::{Delivery, Message, QoS};
+use crate::message::{Delivery, Message, SubscriptionOptions};
 pub use recovery::{Recovered, StoredDelivery, StoredSession};
 
 /// When acknowledgements wait for the disk.
@@ -68,10 +68,11 @@ impl Ticket {
 
 /// A change to durable state, in the order the router made it.
 enum Record {
-    /// A persistent session now exists (or exists again).
+    /// A persistent session now exists (or exists again, or has a new expiry interval).
     Session {
         client: Arc<str>,
         share_scope: Arc<str>,
+        expiry: u32,
     },
     /// A persistent session ended (replaced by a clean one): its rows go, these deliveries too.
     SessionGone {
@@ -81,7 +82,7 @@ enum Record {
     Subscribe {
         client: Arc<str>,
         filter: Box<str>,
-        qos: QoS,
+        options: SubscriptionOptions,
     },
     Unsubscribe {
         client: Arc<str>,
@@ -288,11 +289,12 @@ impl Store {
         self.shared.queued_bytes.load(Ordering::Relaxed) > self.shared.max_bytes
     }
 
-    /// A persistent session was created.
-    pub fn session(&self, client: &Arc<str>, share_scope: &Arc<str>) -> Ticket {
+    /// A persistent session was created, or its expiry interval (seconds) changed.
+    pub fn session(&self, client: &Arc<str>, share_scope: &Arc<str>, expiry: u32) -> Ticket {
         self.record(Record::Session {
             client: client.clone(),
             share_scope: share_scope.clone(),
+            expiry,
         })
     }
 
@@ -305,12 +307,12 @@ impl Store {
         })
     }
 
-    /// A persistent session subscribed (or changed a subscription's QoS).
-    pub fn subscribe(&self, client: &Arc<str>, filter: &str, qos: QoS) -> Ticket {
+    /// A persistent session subscribed (or changed a subscription's options).
+    pub fn subscribe(&self, client: &Arc<str>, filter: &str, options: &SubscriptionOptions) -> Ticket {
         self.record(Record::Subscribe {
             client: client.clone(),
             filter: filter.into(),
-            qos,
+            options: *options,
         })
     }
 

@@ -17,7 +17,7 @@ use rusqlite::ErrorCode;
 
 use super::database::{Database, SCHEMA_VERSION};
 use super::{Record, StoreError};
-use crate::message::{Delivery, Message, QoS};
+use crate::message::{Delivery, Message, QoS, SubscriptionOptions};
 
 /// What the store held at start.
 #[derive(Default)]
@@ -34,8 +34,10 @@ pub struct StoredSession {
     pub client: Arc<str>,
     /// Its shared-subscription scope.
     pub share_scope: Arc<str>,
-    /// Filters (as the client named them) and granted QoS.
-    pub subscriptions: Vec<(Box<str>, QoS)>,
+    /// Seconds it outlives a connection ([`crate::router::NEVER_EXPIRES`]: never ends).
+    pub expiry: u32,
+    /// Filters (as the client named them) and their options.
+    pub subscriptions: Vec<(Box<str>, SubscriptionOptions)>,
     /// Its deliveries, oldest first.
     pub deliveries: Vec<StoredDelivery>,
     /// QoS 2 packet ids received from it and not yet released.
@@ -73,12 +75,13 @@ impl Recovered {
             records.push(Record::Session {
                 client: client.clone(),
                 share_scope: session.share_scope.clone(),
+                expiry: session.expiry,
             });
-            for (filter, qos) in &session.subscriptions {
+            for (filter, options) in &session.subscriptions {
                 records.push(Record::Subscribe {
                     client: client.clone(),
                     filter: filter.clone(),
-                    qos: *qos,
+                    options: *options,
                 });
             }
             for stored in &session.deliveries {
@@ -335,18 +338,25 @@ fn read(database: &mut Database) -> Result<(Recovered, Vec<Damage>), rusqlite::E
     scan(
         conn,
         "sessions",
-        "SELECT id, client, share_scope FROM sessions",
+        "SELECT id, client, share_scope, expiry FROM sessions",
         (&mut damage, &mut failed),
         |row| {
             let id: i64 = row.get(0)?;
             let client: String = row.get(1)?;
             let share_scope: String = row.get(2)?;
+            let expiry: i64 = row.get(3)?;
+            let Ok(expiry) = u32::try_from(expiry) else {
+                return Ok(Err(format!(
+                    "session {client:?}: expiry {expiry} is not 0 to 4294967295"
+                )));
+            };
             by_row.insert(id, sessions.len());
             sessions.push((
                 id,
                 StoredSession {
                     client: client.into(),
                     share_scope: share_scope.into(),
+                    expiry,
                     subscriptions: Vec::new(),
                     deliveries: Vec::new(),
                     awaiting_release: Vec::new(),
@@ -365,15 +375,27 @@ fn read(database: &mut Database) -> Result<(Recovered, Vec<Damage>), rusqlite::E
     scan(
         conn,
         "subscriptions",
-        "SELECT session, filter, qos FROM subscriptions",
+        "SELECT session, filter, qos, options, identifier FROM subscriptions",
         (&mut damage, &mut failed),
         |row| {
             let (session, filter, qos): (i64, String, u8) = (row.get(0)?, row.get(1)?, row.get(2)?);
+            let (flags, identifier): (u8, Option<u32>) = (row.get(3)?, row.get(4)?);
             Ok((|| {
                 let at = session_of(session, &mut sessions)?;
                 let qos = QoS::from_u8(qos).ok_or(format!("filter {filter:?}: qos {qos} is not 0, 1 or 2"))?;
                 crate::topic::SubscriptionFilter::parse(&filter).map_err(|e| format!("filter {filter:?}: {e}"))?;
-                sessions[at].1.subscriptions.push((filter.into(), qos));
+                if flags > 0b11 || identifier.is_some_and(|id| id == 0 || id > MAX_SUBSCRIPTION_ID) {
+                    return Err(format!(
+                        "filter {filter:?}: options {flags} or identifier {identifier:?} out of range"
+                    ));
+                }
+                let options = SubscriptionOptions {
+                    qos,
+                    no_local: flags & 1 != 0,
+                    retain_as_published: flags & 2 != 0,
+                    identifier,
+                };
+                sessions[at].1.subscriptions.push((filter.into(), options));
                 Ok(())
             })())
         },
@@ -396,7 +418,8 @@ fn read(database: &mut Database) -> Result<(Recovered, Vec<Damage>), rusqlite::E
     scan(
         conn,
         "deliveries",
-        "SELECT id, session, topic, payload, qos, retain, pkid, released FROM deliveries ORDER BY id",
+        "SELECT id, session, topic, payload, qos, retain, pkid, released, properties, expires_at, subscription_ids
+         FROM deliveries ORDER BY id",
         (&mut damage, &mut failed),
         |row| {
             let id: i64 = row.get(0)?;
@@ -405,6 +428,8 @@ fn read(database: &mut Database) -> Result<(Recovered, Vec<Damage>), rusqlite::E
             let payload: Vec<u8> = row.get(3)?;
             let (qos, retain, pkid, released): (u8, bool, Option<i64>, bool) =
                 (row.get(4)?, row.get(5)?, row.get(6)?, row.get(7)?);
+            let (properties, expires_at, ids): (Option<Vec<u8>>, Option<i64>, Option<Vec<u8>>) =
+                (row.get(8)?, row.get(9)?, row.get(10)?);
             Ok((|| {
                 if id <= 0 {
                     return Err(format!("delivery id {id} is not positive"));
@@ -420,11 +445,23 @@ fn read(database: &mut Database) -> Result<(Recovered, Vec<Damage>), rusqlite::E
                     None => None,
                     Some(p) => Some(packet_id(p).map_err(|e| format!("delivery {id}: {e}"))?),
                 };
+                let subscription_ids: Box<[u32]> = match ids {
+                    None => Box::default(),
+                    Some(bytes) => super::database::decode_ids(&bytes)
+                        .filter(|ids| ids.iter().all(|&id| (1..=MAX_SUBSCRIPTION_ID).contains(&id)))
+                        .ok_or(format!(
+                            "delivery {id}: subscription ids unreadable ({} bytes)",
+                            bytes.len()
+                        ))?,
+                };
+                let properties = stored_properties(properties).map_err(|e| format!("delivery {id}: {e}"))?;
                 let message = Arc::new(Message {
                     topic: topic.into(),
                     payload: Bytes::from(payload),
                     qos,
                     retain: false,
+                    properties,
+                    expires_at: expires_at.map(|at| at.max(0) as u64),
                 });
                 sessions[at].1.deliveries.push(StoredDelivery {
                     delivery: Delivery {
@@ -432,6 +469,7 @@ fn read(database: &mut Database) -> Result<(Recovered, Vec<Damage>), rusqlite::E
                         qos,
                         retain,
                         stored: Some(id as u64),
+                        subscription_ids,
                     },
                     pkid,
                     released,
@@ -444,18 +482,22 @@ fn read(database: &mut Database) -> Result<(Recovered, Vec<Damage>), rusqlite::E
     scan(
         conn,
         "retained",
-        "SELECT topic, payload, qos FROM retained",
+        "SELECT topic, payload, qos, properties, expires_at FROM retained",
         (&mut damage, &mut failed),
         |row| {
             let (topic, payload, qos): (String, Vec<u8>, u8) = (row.get(0)?, row.get(1)?, row.get(2)?);
+            let (properties, expires_at): (Option<Vec<u8>>, Option<i64>) = (row.get(3)?, row.get(4)?);
             Ok((|| {
                 let qos = QoS::from_u8(qos).ok_or(format!("topic {topic:?}: qos {qos} is not 0, 1 or 2"))?;
                 crate::topic::validate_topic_name(&topic).map_err(|e| format!("topic {topic:?}: {e}"))?;
+                let properties = stored_properties(properties).map_err(|e| format!("topic {topic:?}: {e}"))?;
                 retained.push(Arc::new(Message {
                     topic: topic.into(),
                     payload: Bytes::from(payload),
                     qos,
                     retain: true,
+                    properties,
+                    expires_at: expires_at.map(|at| at.max(0) as u64),
                 }));
                 Ok(())
             })())
@@ -475,6 +517,16 @@ fn read(database: &mut Database) -> Result<(Recovered, Vec<Damage>), rusqlite::E
 }
 
 /// A stored topic can be sent: MQTT frames a topic with a 16-bit length.
+/// The largest Subscription Identifier (a four-byte Variable Byte Integer).
+const MAX_SUBSCRIPTION_ID: u32 = 268_435_455;
+
+/// A `properties` column read back: only properties a PUBLISH may carry on to subscribers.
+fn stored_properties(column: Option<Vec<u8>>) -> Result<Bytes, String> {
+    let bytes = Bytes::from(column.unwrap_or_default());
+    crate::codec::check_forwarded_properties(&bytes).map_err(|e| format!("properties: {e}"))?;
+    Ok(bytes)
+}
+
 fn topic_fits(topic: &str) -> Result<(), String> {
     if topic.len() > usize::from(u16::MAX) {
         return Err(format!(
