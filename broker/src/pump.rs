@@ -457,8 +457,8 @@ impl Pump<'_> {
                             }
                         }
                         // The size of exactly what would go out, alias included.
-                        let limit = terms.maximum_packet_size.map_or(usize::MAX, |max| max as usize);
-                        if publish_size(&publish, terms.version) > limit {
+                        let limit = terms.maximum_packet_size.map(|max| max as usize);
+                        if limit.is_some_and(|limit| publish_size(&publish, terms.version) > limit) {
                             too_large.push((pkid, delivery.qos));
                             return;
                         }

@@ -12,7 +12,6 @@ use provisioning::output::Overwrite;
 use provisioning::pki::{InitOptions, Pki};
 use provisioning::registry::RevokeTarget;
 use provisioning::revocation::Reason;
-use provisioning::validity::Validity;
 
 /// A PKI, a broker bundle for `localhost`/`127.0.0.1`, and helpers to issue identities.
 pub struct TestFleet {
@@ -87,7 +86,7 @@ impl TestFleet {
         let ids: Vec<DeviceId> = ids.iter().map(|id| id.parse().expect("a valid id")).collect();
         let options = IssueOptions {
             broker_url: "mqtts://localhost:8883".parse().expect("a URL"),
-            validity: Validity::days(30),
+            validity: provisioning::validity::Validity::days(30),
             key_type: KeyType::EcdsaP256,
             jobs: 2,
             overwrite: Overwrite::Refuse,
@@ -100,21 +99,34 @@ impl TestFleet {
 
     /// Issues service `name`; returns its bundle directory.
     pub fn service(&self, name: &str) -> PathBuf {
-        self.named(Role::Service, name, "services")
+        let out = self.path().join("services");
+        let id: DeviceId = name.parse().expect("a valid name");
+        issue_named(
+            &mut self.pki(),
+            Role::Service,
+            &id,
+            &out,
+            provisioning::validity::Validity::days(30),
+            Overwrite::Refuse,
+        )
+        .expect("issue service");
+        out.join(name)
     }
 
     /// Issues the certificate of gateway `name` (its bridge's client identity, `urn:gateway:`);
     /// returns its bundle directory (gateway.crt, gateway.key).
     pub fn gateway(&self, name: &str) -> PathBuf {
-        self.named(Role::Gateway, name, "gateways")
-    }
-
-    /// Issues the named identity `name` of `role` into `folder`; returns its bundle directory.
-    fn named(&self, role: Role, name: &str, folder: &str) -> PathBuf {
-        let out = self.path().join(folder);
+        let out = self.path().join("gateways");
         let id: DeviceId = name.parse().expect("a valid name");
-        issue_named(&mut self.pki(), role, &id, &out, Validity::days(30), Overwrite::Refuse)
-            .unwrap_or_else(|e| panic!("issue {role} {name}: {e}"));
+        issue_named(
+            &mut self.pki(),
+            Role::Gateway,
+            &id,
+            &out,
+            provisioning::validity::Validity::days(30),
+            Overwrite::Refuse,
+        )
+        .expect("issue gateway");
         out.join(name)
     }
 
@@ -155,7 +167,9 @@ impl TestFleet {
             role: Role::Device,
             id: name.parse().expect("a valid id"),
         };
-        let mut params = provisioning::profile::client(&identity, &pki.fleet, Validity::days(30)).expect("a profile");
+        let mut params =
+            provisioning::profile::client(&identity, &pki.fleet, provisioning::validity::Validity::days(30))
+                .expect("a profile");
         adjust(&mut params);
         let key = rcgen::KeyPair::generate().expect("a key");
         let cert = params.signed_by(&key, &pki.device_ca.issuer).expect("signed");

@@ -18,7 +18,7 @@ pub mod raw5;
 mod tools;
 mod upstream;
 
-pub use agent::{start_agent, RunningAgent};
+pub use agent::{bundle_agent, start_agent, RunningAgent};
 pub use broker_process::{proc_status_kib, BrokerProcess};
 pub use event_log::EventLog;
 pub use fleet::TestFleet;

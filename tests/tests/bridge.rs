@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use e2e::{
-    connect_with, start_agent, workspace_bin, BrokerProcess, ClientFiles, MosquittoUpstream, NatsCluster, NatsUser,
-    TestFleet, UpstreamPki,
+    bundle_agent, connect_with, start_agent, workspace_bin, BrokerProcess, ClientFiles, MosquittoUpstream, NatsCluster,
+    NatsUser, TestFleet, UpstreamPki,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use tokio::sync::{mpsc, watch};
@@ -315,11 +315,11 @@ async fn three_sites_reach_the_cluster_and_commands_reach_the_right_device() {
         for k in 1..=2 {
             let id = format!("{site}-dev{k}");
             let bundle = fleet.devices(&[&id]).remove(0);
-            let agent = start_agent(&bundle, |agent| {
+            let agent = start_agent(bundle_agent(&bundle, |agent| {
                 agent.broker.port = port;
                 agent.config.backoff_min_ms = 200;
                 agent.config.backoff_max_ms = 1000;
-            });
+            }));
             agents.push((site, id, agent));
         }
     }

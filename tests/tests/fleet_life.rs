@@ -32,10 +32,10 @@ fn provision(pki: &Path) -> impl Fn(&[&str]) -> String + '_ {
 /// before any device returns after the broker restart (asserted below from the broker's log),
 /// fast enough for CI.
 fn start_agent(bundle: &Path) -> RunningAgent {
-    e2e::start_agent(bundle, |agent| {
+    e2e::start_agent(e2e::bundle_agent(bundle, |agent| {
         agent.config.backoff_min_ms = 1_500;
         agent.config.backoff_max_ms = 3_000;
-    })
+    }))
 }
 
 /// The service: subscribes (again after every reconnect) and reports every (device, payload).

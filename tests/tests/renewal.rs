@@ -150,7 +150,7 @@ fn agent_config(bundle: &Path) -> PathBuf {
 
 fn start_agent(bundle: &Path) -> RunningAgent {
     agent_config(bundle);
-    e2e::start_agent(bundle, |_| {})
+    e2e::start_agent(e2e::bundle_agent(bundle, |_| {}))
 }
 
 /// A service that reports every (device, payload) on `devices/+/telemetry`, and when it has
