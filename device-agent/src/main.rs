@@ -69,7 +69,8 @@ enum Command {
     /// Renew this device's certificate now, through the issuing service (`provision serve`):
     /// a new key on the device, its CSR over MQTT, the new certificate tried and committed once
     /// the broker accepts it. `run` does the same by itself when the certificate is due. Exit
-    /// codes: 0 renewed, 70 refused by the issuer (the reason is printed), others as `check`.
+    /// codes: 0 renewed, 70 refused by the issuer (the reason is printed), 50 no answer, others
+    /// as `check`.
     Renew {
         /// The agent configuration.
         #[arg(long, value_name = "FILE")]
@@ -286,6 +287,9 @@ async fn run(config: &Path, input: Input, mode: Mode) -> ExitCode {
             );
             ExitCode::from(RENEWAL_REFUSED)
         }
+        Outcome::Unanswered => report(&Diagnosis::Unreachable(
+            "the issuing service did not answer the renewal request: is `provision serve` running?".into(),
+        )),
     }
 }
 

@@ -9,6 +9,11 @@
 //! ([`crate::outbound`]), a queued one that cannot be read or sent is set aside
 //! ([`crate::queue`]), and a command too large to receive ends only the connection it came on
 //! (see `incoming_too_large`).
+//!
+//! Certificate renewal runs on the same connection: when [`crate::renewal::Schedule`] says it is
+//! due, a request goes out and its reply is awaited beside the traffic; a certificate received
+//! ends the connection ([`End::Swap`]) and the next one presents the renewed pair, committed at
+//! its CONNACK ([`crate::identity_files`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -87,6 +92,8 @@ enum Step {
     Event(Result<Event, rumqttc::ConnectionError>),
     /// The agent is stopping.
     Stop,
+    /// `renew`'s request went unanswered.
+    Unanswered,
 }
 
 /// How a connection ended.
@@ -122,6 +129,8 @@ pub enum Outcome {
     Renewed,
     /// The issuer refused the renewal.
     Refused(RenewError),
+    /// The issuer did not answer within `renewal.reply_timeout_s`.
+    Unanswered,
 }
 
 /// The running agent.
@@ -148,8 +157,8 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// A runner for this device, whose current certificate is `cert`, with its queue opened;
-    /// commands received go to `commands`.
+    /// A runner for the device of `credentials` (its current certificate, loaded and checked),
+    /// with its queue opened; commands received go to `commands`.
     pub fn new(
         agent: Agent,
         credentials: &Credentials,
@@ -294,6 +303,9 @@ impl Runner {
                             if in_flight.take().is_some() {
                                 let delay = self.schedule.failed(self.clock.seconds());
                                 self.abandon_request(&format!("no reply from the issuer within {:?}", self.schedule.reply_timeout()), delay);
+                                if self.mode == Mode::RenewOnce {
+                                    break Step::Unanswered;
+                                }
                             } else {
                                 in_flight = self.ask(&client, &mut flight);
                             }
@@ -310,6 +322,10 @@ impl Runner {
                     disconnect(&client, &mut eventloop).await;
                     self.log_stopped();
                     return End::Stopped;
+                }
+                Step::Unanswered => {
+                    disconnect(&client, &mut eventloop).await;
+                    return End::Done(Outcome::Unanswered);
                 }
             };
             match event {

@@ -92,6 +92,7 @@ fn main() {
             allowed_key_types: vec![KeyType::EcdsaP256],
             min_interval_s: 60,
             validity: Validity::days(365),
+            publish_crl_to: Vec::new(),
         };
         let mut issuer = Issuer::new(pki, policy);
         let now = time::OffsetDateTime::now_utc().unix_timestamp();

@@ -368,6 +368,8 @@ struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    #[command(flatten)]
+    deliver: DeliverArg,
 }
 
 fn main() -> ExitCode {
@@ -665,6 +667,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         allowed_key_types: args.allowed_key_types,
         min_interval_s: i64::from(args.min_interval_s),
         validity: args.validity.validity(),
+        publish_crl_to: args.deliver.publish_to,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -113,6 +113,8 @@ pub struct Policy {
     pub min_interval_s: i64,
     /// Validity of the certificates issued.
     pub validity: Validity,
+    /// Folders the CRL is also written into after a revocation (`--publish-to`: one per gateway).
+    pub publish_crl_to: Vec<std::path::PathBuf>,
 }
 
 /// A request as it arrived: the device the topic names, and the payload.
@@ -468,6 +470,7 @@ impl Issuer {
             .pki
             .revoke_and_publish(&target, Reason::Superseded, DEFAULT_NEXT_UPDATE_DAYS)?;
         if !revoked.is_empty() {
+            self.pki.deliver_crl(&self.policy.publish_crl_to)?;
             self.counters.superseded += revoked.len() as u64;
             info!(
                 event = "renewal",

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use device_agent::config::Agent;
 use device_agent::session::Outcome;
 use e2e::{require_tool, run_ok, workspace_bin, BrokerProcess, ClientFiles, EventLog, IssuerProcess, RunningAgent};
 use rumqttc::{Event, Packet, QoS};
@@ -150,7 +149,8 @@ fn agent_config(bundle: &Path) -> PathBuf {
 }
 
 fn start_agent(bundle: &Path) -> RunningAgent {
-    e2e::start_agent(Agent::load(&agent_config(bundle)).expect("agent.toml"))
+    agent_config(bundle);
+    e2e::start_agent(e2e::bundle_agent(bundle, |_| {}))
 }
 
 /// A service that reports every (device, payload) on `devices/+/telemetry`, and when it has
@@ -544,6 +544,23 @@ fn a_renewed_certificate_the_broker_refuses_is_rolled_back_to_the_old_one() {
 fn with_the_issuer_down_agents_retry_with_backoff_and_keep_publishing() {
     let site = Site::new(&[]);
     let bundle = site.devices("wait-", 1, "15s").remove(0);
+    let renew = || {
+        e2e::run(
+            Command::new(workspace_bin("device-agent"))
+                .arg("renew")
+                .arg("--config")
+                .arg(agent_config(&bundle)),
+        )
+    };
+    // `renew` gives up after the reply timeout and says why.
+    let unanswered = renew();
+    assert_eq!(
+        unanswered.status.code(),
+        Some(50),
+        "{}",
+        String::from_utf8_lossy(&unanswered.stderr)
+    );
+    assert!(String::from_utf8_lossy(&unanswered.stderr).contains("provision serve"));
     let mut agent = AgentProcess::start("run", &bundle, None);
     agent.wait_for_line("a renewal that times out", "no reply from the issuer");
     // Still working with the current certificate: a message goes through.
@@ -556,6 +573,12 @@ fn with_the_issuer_down_agents_retry_with_backoff_and_keep_publishing() {
         std::fs::read_dir(&queue).map(|d| d.count() == 0).unwrap_or(false)
     });
     assert!(drained, "the message was acknowledged while the issuer was down");
+    // One process at a time swaps the certificate.
+    let locked = renew();
+    assert!(
+        String::from_utf8_lossy(&locked.stderr).contains("another device-agent"),
+        "{locked:?}"
+    );
     let issuer = site.issuer("0", &[]);
     issuer
         .log

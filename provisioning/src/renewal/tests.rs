@@ -8,6 +8,7 @@ fn policy() -> Policy {
         allowed_key_types: vec![KeyType::EcdsaP256],
         min_interval_s: 60,
         validity: Validity::days(1),
+        publish_crl_to: Vec::new(),
     }
 }
 
