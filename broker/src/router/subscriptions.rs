@@ -204,23 +204,47 @@ impl SubscriptionTree {
         if found.len() > 1 {
             found.sort_unstable_by_key(|(session, _)| Arc::as_ptr(session));
         }
-        let mut rest = &found[..];
-        while let Some((first, _)) = rest.first() {
-            let same = rest.iter().take_while(|(s, _)| Arc::ptr_eq(s, first)).count();
-            let (mine, after) = rest.split_at(same);
-            out.push((first.clone(), merge(mine.iter().map(|(_, options)| options))));
-            rest = after;
+        let mut found = found.into_iter().peekable();
+        while let Some((session, options)) = found.next() {
+            let mut matched = Matching::of(&options);
+            while let Some((_, more)) = found.next_if(|(next, _)| Arc::ptr_eq(next, &session)) {
+                matched.add(&more);
+            }
+            out.push((session, matched.done()));
         }
         out.extend(groups.into_iter().filter_map(pick_member));
     }
 }
 
-/// One session's matching subscriptions as one delivery (MQTT-3.3.4-2, -3).
-fn merge<'a>(options: impl Iterator<Item = &'a SubscriptionOptions> + Clone) -> Matched {
-    Matched {
-        qos: options.clone().map(|o| o.qos).max().unwrap_or(QoS::AtMostOnce),
-        retain_as_published: options.clone().any(|o| o.retain_as_published),
-        ids: options.filter_map(|o| o.identifier).collect(),
+/// One session's matching subscriptions being merged into one delivery (MQTT-3.3.4-2, -3).
+struct Matching {
+    qos: QoS,
+    retain_as_published: bool,
+    /// Allocated only for subscriptions with identifiers.
+    ids: Vec<u32>,
+}
+
+impl Matching {
+    fn of(options: &SubscriptionOptions) -> Self {
+        Self {
+            qos: options.qos,
+            retain_as_published: options.retain_as_published,
+            ids: options.identifier.into_iter().collect(),
+        }
+    }
+
+    fn add(&mut self, options: &SubscriptionOptions) {
+        self.qos = self.qos.max(options.qos);
+        self.retain_as_published |= options.retain_as_published;
+        self.ids.extend(options.identifier);
+    }
+
+    fn done(self) -> Matched {
+        Matched {
+            qos: self.qos,
+            retain_as_published: self.retain_as_published,
+            ids: self.ids.into_boxed_slice(),
+        }
     }
 }
 
@@ -312,5 +336,5 @@ fn pick_member(group: &Group) -> Option<Target> {
         .map(|i| &group.members[(start + i) % count])
         .find(|m| m.session.is_accepting())
         .unwrap_or(&group.members[start]);
-    Some((chosen.session.clone(), merge(std::iter::once(&chosen.options))))
+    Some((chosen.session.clone(), Matching::of(&chosen.options).done()))
 }
