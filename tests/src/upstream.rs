@@ -232,6 +232,18 @@ mqtt {{
         self.wait_healthy(n);
     }
 
+    /// Kills every node with SIGKILL: the whole cluster is away.
+    pub fn kill_all(&mut self) {
+        (0..self.nodes.len()).for_each(|n| self.kill(n));
+    }
+
+    /// Starts every node again (after [`NatsCluster::kill_all`]) and waits until each is healthy
+    /// (each waits for routes to all the others, so all are started first).
+    pub fn restart_all(&mut self) {
+        (0..self.nodes.len()).for_each(|n| self.spawn(n));
+        (0..self.nodes.len()).for_each(|n| self.wait_healthy(n));
+    }
+
     /// Kills node `n` with SIGKILL.
     pub fn kill(&mut self, n: usize) {
         if let Some(mut child) = self.nodes[n].child.take() {

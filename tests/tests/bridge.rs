@@ -576,6 +576,99 @@ async fn kill_9_of_a_gateway_loses_nothing_it_acknowledged() {
     site.gateway.terminate();
 }
 
+/// (c) against the cluster itself: every node of it away while two devices keep publishing,
+/// then back; the backlog drains to the backend's persistent session on the cluster, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_from_a_whole_cluster_outage_drains_in_order_when_it_returns() {
+    let fleet = TestFleet::new();
+    let upstream = UpstreamPki::new(&fleet.path().join("upstream"));
+    let mut cluster = NatsCluster::start(
+        &fleet.path().join("nats"),
+        3,
+        &upstream,
+        &fleet.pki_dir().join("device-ca.crt"),
+        &users(&["site-c"]),
+    );
+    let mut received = backend(
+        cluster.mqtt_port(1),
+        &backend_files(&fleet, &upstream),
+        "sites/site-c/devices/+/telemetry",
+        true,
+    )
+    .await;
+    let urls: Vec<String> = (0..3).map(|n| cluster.url(n)).collect();
+    let gateway = start_gateway(&fleet.gateway_config("site-c", &bridge_lines(&urls, &upstream.ca)));
+    wait_bridged(&gateway, 1);
+    let bundles = fleet.devices(&["c1", "c2"]);
+    let mut devices = [Device::new(&bundles[0], "c1"), Device::new(&bundles[1], "c2")];
+    let mut expected = HashSet::new();
+    for device in &mut devices {
+        device
+            .publish_all(gateway.port(), "site-c", 1..=50, &mut expected)
+            .await;
+    }
+    cluster.kill_all();
+    gateway.wait_for("the uplink lost", LIMIT, |e| e["event"] == "bridge_disconnected");
+    for device in &mut devices {
+        device
+            .publish_all(gateway.port(), "site-c", 51..=200, &mut expected)
+            .await;
+    }
+    let outbox = gateway
+        .metric("broker_bridge_outbox_messages ")
+        .expect("the outbox gauge");
+    assert!(
+        outbox >= 300.0,
+        "the outbox holds the outage's 300 messages, not {outbox}"
+    );
+    cluster.restart_all();
+    wait_bridged(&gateway, 2);
+    expect_all(&mut received, &expected).await;
+}
+
+/// (d) against the cluster itself: the gateway killed while a device publishes and the bridge
+/// forwards to NATS, restarted on its store; everything the device was told was received reaches
+/// the backend on the cluster, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_gateway_bridged_to_the_cluster_loses_nothing_it_acknowledged() {
+    let fleet = TestFleet::new();
+    let upstream = UpstreamPki::new(&fleet.path().join("upstream"));
+    let cluster = NatsCluster::start(
+        &fleet.path().join("nats"),
+        3,
+        &upstream,
+        &fleet.pki_dir().join("device-ca.crt"),
+        &users(&["site-n"]),
+    );
+    let mut received = backend(
+        cluster.mqtt_port(1),
+        &backend_files(&fleet, &upstream),
+        "sites/site-n/devices/+/telemetry",
+        false,
+    )
+    .await;
+    let urls: Vec<String> = (0..3).map(|n| cluster.url(n)).collect();
+    let config = fleet.gateway_config("site-n", &bridge_lines(&urls, &upstream.ca));
+    let mut gateway = start_gateway(&config);
+    wait_bridged(&gateway, 1);
+    let bundle = fleet.devices(&["n1"]).remove(0);
+    let (progress, mut acked) = watch::channel(0);
+    let publishing = Device::new(&bundle, "n1").publish_in_background(gateway.port(), "site-n", 1..=300, progress);
+    acknowledged(&mut acked, 100).await;
+    gateway.kill();
+    let (mut device, mut expected, refused) = publishing.await.expect("the publisher");
+    let next = refused.unwrap_or(301);
+    gateway = start_gateway(&config);
+    wait_bridged(&gateway, 1);
+    // What was not acknowledged is the device's to send again, as a device does.
+    device.connection = None;
+    device
+        .publish_all(gateway.port(), "site-n", next..=300, &mut expected)
+        .await;
+    expect_all(&mut received, &expected).await;
+    gateway.terminate();
+}
+
 #[test]
 fn check_config_validates_the_bridge_and_probes_its_upstream() {
     let fleet = TestFleet::new();
