@@ -48,6 +48,25 @@ fn wait_bridged(gateway: &BrokerProcess, count: usize) {
     });
 }
 
+/// Waits until the gateway's outbox holds at least `count` messages: the intake moves what the
+/// devices were acknowledged into it as it comes, not at once.
+fn wait_outbox_holds(gateway: &BrokerProcess, count: u32) {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let outbox = gateway
+            .metric("broker_bridge_outbox_messages ")
+            .expect("the outbox gauge");
+        if outbox >= f64::from(count) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox holds {outbox}, not the outage's {count} messages"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The backend's files: a fleet service certificate, trusting the upstream's CA.
 fn backend_files(fleet: &TestFleet, upstream: &UpstreamPki) -> ClientFiles {
     let bundle = fleet.service("backend");
@@ -383,26 +402,52 @@ async fn three_sites_reach_the_cluster_and_commands_reach_the_right_device() {
     assert!(metrics.contains("broker_bridge_downstream_total "), "{metrics}");
 }
 
+/// A site bridged to a fresh 3-node NATS cluster, with a backend subscribed to its telemetry
+/// on node `backend_node` (a persistent session if `persistent`).
+struct ClusterSite {
+    cluster: NatsCluster,
+    received: mpsc::UnboundedReceiver<(String, String)>,
+    /// The gateway's broker.toml, bridged to every node in order.
+    config: PathBuf,
+}
+
+impl ClusterSite {
+    async fn start(fleet: &TestFleet, site: &str, backend_node: usize, persistent: bool) -> Self {
+        let upstream = UpstreamPki::new(&fleet.path().join("upstream"));
+        let cluster = NatsCluster::start(
+            &fleet.path().join("nats"),
+            3,
+            &upstream,
+            &fleet.pki_dir().join("device-ca.crt"),
+            &users(&[site]),
+        );
+        let filter = format!("sites/{site}/devices/+/telemetry");
+        let received = backend(
+            cluster.mqtt_port(backend_node),
+            &backend_files(fleet, &upstream),
+            &filter,
+            persistent,
+        )
+        .await;
+        let urls: Vec<String> = (0..3).map(|n| cluster.url(n)).collect();
+        let config = fleet.gateway_config(site, &bridge_lines(&urls, &upstream.ca));
+        Self {
+            cluster,
+            received,
+            config,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bridge_fails_over_when_its_cluster_node_dies_and_loses_nothing() {
     let fleet = TestFleet::new();
-    let upstream = UpstreamPki::new(&fleet.path().join("upstream"));
-    let mut cluster = NatsCluster::start(
-        &fleet.path().join("nats"),
-        3,
-        &upstream,
-        &fleet.pki_dir().join("device-ca.crt"),
-        &users(&["site-f"]),
-    );
-    let mut received = backend(
-        cluster.mqtt_port(2),
-        &backend_files(&fleet, &upstream),
-        "sites/site-f/devices/+/telemetry",
-        false,
-    )
-    .await;
-    let urls: Vec<String> = (0..3).map(|n| cluster.url(n)).collect();
-    let gateway = start_gateway(&fleet.gateway_config("site-f", &bridge_lines(&urls, &upstream.ca)));
+    let ClusterSite {
+        mut cluster,
+        mut received,
+        config,
+    } = ClusterSite::start(&fleet, "site-f", 2, false).await;
+    let gateway = start_gateway(&config);
     wait_bridged(&gateway, 1);
     let bundle = fleet.devices(&["f1"]).remove(0);
     let (progress, mut acked) = watch::channel(0);
@@ -413,7 +458,7 @@ async fn the_bridge_fails_over_when_its_cluster_node_dies_and_loses_nothing() {
     let (_, expected, refused) = publishing.await.expect("the publisher");
     assert_eq!(refused, None, "the gateway acknowledged every message");
     gateway.wait_for("failover to another node", LIMIT, |e| {
-        e["event"] == "bridge_failover" && e["from"] == urls[0].as_str()
+        e["event"] == "bridge_failover" && e["from"] == cluster.url(0).as_str()
     });
     // The bridge sends in order (the other scenarios show it), but the node that died may have
     // held the backend's own consumer.
@@ -480,14 +525,7 @@ async fn a_backlog_from_an_outage_drains_in_order_when_the_upstream_returns() {
     for device in &mut devices {
         device.publish_all(port, "site-m", 51..=300, &mut expected).await;
     }
-    let outbox = site
-        .gateway
-        .metric("broker_bridge_outbox_messages ")
-        .expect("the outbox gauge");
-    assert!(
-        outbox >= 500.0,
-        "the outbox holds the outage's 500 messages, not {outbox}"
-    );
+    wait_outbox_holds(&site.gateway, 500);
     assert_eq!(
         site.gateway.metric("broker_bridge_uplink_up{upstream=\"\"} "),
         Some(0.0)
@@ -581,23 +619,12 @@ async fn kill_9_of_a_gateway_loses_nothing_it_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_from_a_whole_cluster_outage_drains_in_order_when_it_returns() {
     let fleet = TestFleet::new();
-    let upstream = UpstreamPki::new(&fleet.path().join("upstream"));
-    let mut cluster = NatsCluster::start(
-        &fleet.path().join("nats"),
-        3,
-        &upstream,
-        &fleet.pki_dir().join("device-ca.crt"),
-        &users(&["site-c"]),
-    );
-    let mut received = backend(
-        cluster.mqtt_port(1),
-        &backend_files(&fleet, &upstream),
-        "sites/site-c/devices/+/telemetry",
-        true,
-    )
-    .await;
-    let urls: Vec<String> = (0..3).map(|n| cluster.url(n)).collect();
-    let gateway = start_gateway(&fleet.gateway_config("site-c", &bridge_lines(&urls, &upstream.ca)));
+    let ClusterSite {
+        mut cluster,
+        mut received,
+        config,
+    } = ClusterSite::start(&fleet, "site-c", 1, true).await;
+    let gateway = start_gateway(&config);
     wait_bridged(&gateway, 1);
     let bundles = fleet.devices(&["c1", "c2"]);
     let mut devices = [Device::new(&bundles[0], "c1"), Device::new(&bundles[1], "c2")];
@@ -614,13 +641,7 @@ async fn a_backlog_from_a_whole_cluster_outage_drains_in_order_when_it_returns()
             .publish_all(gateway.port(), "site-c", 51..=200, &mut expected)
             .await;
     }
-    let outbox = gateway
-        .metric("broker_bridge_outbox_messages ")
-        .expect("the outbox gauge");
-    assert!(
-        outbox >= 300.0,
-        "the outbox holds the outage's 300 messages, not {outbox}"
-    );
+    wait_outbox_holds(&gateway, 300);
     cluster.restart_all();
     wait_bridged(&gateway, 2);
     expect_all(&mut received, &expected).await;
@@ -632,23 +653,11 @@ async fn a_backlog_from_a_whole_cluster_outage_drains_in_order_when_it_returns()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_gateway_bridged_to_the_cluster_loses_nothing_it_acknowledged() {
     let fleet = TestFleet::new();
-    let upstream = UpstreamPki::new(&fleet.path().join("upstream"));
-    let cluster = NatsCluster::start(
-        &fleet.path().join("nats"),
-        3,
-        &upstream,
-        &fleet.pki_dir().join("device-ca.crt"),
-        &users(&["site-n"]),
-    );
-    let mut received = backend(
-        cluster.mqtt_port(1),
-        &backend_files(&fleet, &upstream),
-        "sites/site-n/devices/+/telemetry",
-        false,
-    )
-    .await;
-    let urls: Vec<String> = (0..3).map(|n| cluster.url(n)).collect();
-    let config = fleet.gateway_config("site-n", &bridge_lines(&urls, &upstream.ca));
+    let ClusterSite {
+        cluster: _cluster,
+        mut received,
+        config,
+    } = ClusterSite::start(&fleet, "site-n", 1, false).await;
     let mut gateway = start_gateway(&config);
     wait_bridged(&gateway, 1);
     let bundle = fleet.devices(&["n1"]).remove(0);
