@@ -44,7 +44,6 @@ pub(crate) struct Established {
 /// What an MQTT 5 client said it takes, and the MQTT 5 state it asked for; for a 3.1.1 client
 /// the values 3.1.1 implies.
 pub(crate) struct ClientTerms {
-    pub(crate) version: Version,
     /// The session expiry in force (capped by `limits.max_session_expiry_secs`).
     pub(crate) session_expiry: u32,
     /// The largest packet it takes.
@@ -156,7 +155,6 @@ pub(crate) async fn establish(
     }
     let keepalive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let client = ClientTerms {
-        version: connect.version,
         session_expiry,
         maximum_packet_size: connect.maximum_packet_size,
         topic_alias_maximum: connect.topic_alias_maximum.min(limits.max_topic_aliases),

@@ -426,6 +426,7 @@ impl Pump<'_> {
         if self.conn.pending_output() >= OUTPUT_HIGH {
             return false;
         }
+        let version = self.conn.version();
         let (session, conn, aliases) = (self.session, &mut *self.conn, &mut self.aliases);
         let terms = &session.client;
         let now = unix_millis();
@@ -458,7 +459,7 @@ impl Pump<'_> {
                         }
                         // The size of exactly what would go out, alias included.
                         let limit = terms.maximum_packet_size.map(|max| max as usize);
-                        if limit.is_some_and(|limit| publish_size(&publish, terms.version) > limit) {
+                        if limit.is_some_and(|limit| publish_size(&publish, version) > limit) {
                             too_large.push((pkid, delivery.qos));
                             return;
                         }
@@ -656,7 +657,7 @@ impl Pump<'_> {
         let topic = self.topic_of(&publish)?;
         let topic = &*topic;
         let ack = acknowledgement(publish.qos, publish.pkid);
-        let v5 = self.session.client.version == Version::V5;
+        let v5 = self.conn.version() == Version::V5;
         if v5 && publish.qos == QoS::AtLeastOnce {
             self.unacknowledged += 1;
             if self.unacknowledged > self.ctx.limits.max_inflight {

@@ -19,7 +19,6 @@ use crate::pump::pump;
 use crate::reason::{KickReason, RejectReason, SessionEnd, Violation};
 use crate::router::{Message, Publication, Router, WillHold};
 use crate::tls::PresentedCert;
-use crate::will::DelayedWill;
 
 /// How long the close waits for TLS close_notify to go out.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -64,21 +63,20 @@ async fn finish(
         attached,
         registration,
         will,
-        client,
         ..
     } = session;
     let mut conn = conn;
     // A will with a delay waits with the session, which a reconnect may resume first: decided
     // now, while this connection still owns the session, before anything can wait.
-    let will = will.filter(|_| end.fires_will());
-    let pending = Arc::new(DelayedWill::default());
-    let hold = match &will {
-        Some(will) if will.delay > 0 => attached.hold_will(&pending, will.delay),
-        Some(_) => WillHold::PublishNow,
-        None => WillHold::Cancelled,
-    };
+    let will = will.filter(|_| end.fires_will()).map(|will| {
+        let hold = match will.delay {
+            0 => WillHold::PublishNow,
+            delay => attached.hold_will(delay),
+        };
+        (will, hold)
+    });
     // An MQTT 5 client is told why, with the audit word as the reason string.
-    if let (Version::V5, Some(code)) = (client.version, disconnect_code(&end)) {
+    if let (Version::V5, Some(code)) = (conn.version(), disconnect_code(&end)) {
         let _ = conn.queue(&Outbound::Disconnect {
             code,
             reason: end.as_str(),
@@ -103,9 +101,9 @@ async fn finish(
             waiting.finish().await;
         }
     }
-    match (will, hold) {
-        (Some(will), WillHold::PublishNow) => ctx.router.publish(will_message(&will)).finish().await,
-        (Some(will), WillHold::Held(delay)) => {
+    match will {
+        Some((will, WillHold::PublishNow)) => ctx.router.publish(will_message(&will)).finish().await,
+        Some((will, WillHold::Held(delay, pending))) => {
             let router: Router = ctx.router.clone();
             tokio::spawn(async move {
                 if pending.wait(Duration::from_secs(u64::from(delay))).await {

@@ -69,7 +69,6 @@ use crate::kick::Kick;
 use crate::metrics::{DropReason, Metrics};
 use crate::store::{Recovered, Store, Ticket};
 use crate::topic::SubscriptionFilter;
-use crate::will::DelayedWill;
 use retained::RetainedStore;
 pub(crate) use session::Reporter;
 use session::{Detached, Offered, Policy, Session};
@@ -710,9 +709,9 @@ impl Attached {
     }
 
     /// Keeps the connection's will with the session while it waits out its delay of `delay`
-    /// seconds (see [`DelayedWill`] and [`WillHold`]).
-    pub fn hold_will(&self, will: &Arc<DelayedWill>, delay: u32) -> WillHold {
-        self.session.hold_will(self.generation, will, delay)
+    /// seconds (see [`crate::will::DelayedWill`] and [`WillHold`]).
+    pub fn hold_will(&self, delay: u32) -> WillHold {
+        self.session.hold_will(self.generation, delay)
     }
 
     /// A delivery handed out that cannot be sent to this client (larger than its Maximum

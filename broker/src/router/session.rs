@@ -291,11 +291,11 @@ impl Session {
         }
     }
 
-    /// Keeps `will`, of the connection `generation`, with the session while it waits out its
+    /// Keeps a will of the connection `generation` with the session while it waits out its
     /// delay of `delay` seconds: a connection that resumes the session cancels it, one that
     /// starts it afresh (or the session's end) has it published at once (MQTT 5 section
     /// 3.1.3.2.2). Decided under the session's lock, so a reconnect is seen either way.
-    pub(crate) fn hold_will(&self, generation: u64, will: &Arc<DelayedWill>, delay: u32) -> WillHold {
+    pub(crate) fn hold_will(&self, generation: u64, delay: u32) -> WillHold {
         let mut state = self.lock();
         if state.discarded {
             return WillHold::PublishNow;
@@ -308,10 +308,11 @@ impl Session {
         if delay == 0 {
             return WillHold::PublishNow;
         }
+        let will = Arc::new(DelayedWill::default());
         if let Some(earlier) = state.pending_will.replace(will.clone()) {
             earlier.publish_now();
         }
-        WillHold::Held(delay)
+        WillHold::Held(delay, will)
     }
 
     /// Ends the session if it is still detached and due at `deadline`: its filters, for the
@@ -920,11 +921,10 @@ pub(crate) enum Detached {
 }
 
 /// What becomes of a will that has a delay, when its connection ends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WillHold {
     /// The session holds it for this many seconds (the delay, or the session's expiry if
-    /// shorter).
-    Held(u32),
+    /// shorter), until the decision of the [`DelayedWill`].
+    Held(u32, Arc<DelayedWill>),
     /// Publish it now: no delay is left, or the session has ended.
     PublishNow,
     /// Never: a newer connection resumed the session.
